@@ -1,0 +1,105 @@
+"""Architecture knowledge as data: one JSON spec per family, validated, plus the lookup.
+
+Transforms never branch on `model_type`; they read an `ArchSpec` and the `Dims` of a config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from qkvconv.errors import UnsupportedArchitecture
+
+
+class ArchSpec(BaseModel):
+    """Where a family keeps its attention weights and how they are packed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    family: str
+    model_types: list[str]
+    layers: str  # module path of the decoder-layer list
+    attn_norm: str  # pre-attention norm, relative to a layer
+    norm_kind: Literal["rmsnorm", "layernorm"]
+    qkv_layout: Literal["separate", "fused_concat_conv1d", "fused_per_head"]
+    q_proj: str | None
+    k_proj: str | None
+    v_proj: str | None
+    o_proj: str
+    fused_qkv: str | None
+    qk_norm: list[str]  # per-head norms on q and k, where the model has them
+    positional: Literal["rope", "partial_rope", "learned"]
+    input_embeddings: list[str]
+    output_embedding: str
+    mlp_reads_attn_norm: bool  # GPT-J style shared norm: the MLP would need Θ⁻¹ too
+
+    def layer(self, i: int, module: str) -> str:
+        return f"{self.layers}.{i}.{module}"
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Attention sizes of one model, in HF vocabulary."""
+
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rotary_dim: int  # 0 without RoPE
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+@cache
+def all_specs() -> tuple[ArchSpec, ...]:
+    files = sorted(p for p in resources.files("qkvconv.archs").iterdir() if p.name.endswith(".json"))
+    return tuple(ArchSpec.model_validate(json.loads(p.read_text())) for p in files)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for s in all_specs() for t in s.model_types)
+
+
+def spec_for(model_type: str | None) -> ArchSpec:
+    for spec in all_specs():
+        if model_type in spec.model_types:
+            return spec
+    raise UnsupportedArchitecture(
+        f"unsupported architecture {model_type!r}; qkvconv supports: {', '.join(supported_model_types())}"
+    )
+
+
+def rotary_fraction(config) -> float:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    for key in ("partial_rotary_factor", "rotary_pct"):
+        if key in params:
+            return float(params[key])
+        if getattr(config, key, None) is not None:
+            return float(getattr(config, key))
+    return 1.0
+
+
+def dims_of(config, spec: ArchSpec) -> Dims:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rotary = 0 if spec.positional == "learned" else int(head_dim * rotary_fraction(config))
+    return Dims(
+        num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        rotary_dim=rotary,
+    )

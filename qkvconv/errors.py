@@ -1,0 +1,21 @@
+"""Errors qkvconv raises on bad input. The CLI prints their message as one red line and exits 1."""
+
+
+class QkvconvError(Exception):
+    """Base class: a problem with the user's input or request; the message says what to do next."""
+
+
+class CheckpointError(QkvconvError):
+    """A checkpoint is missing, corrupt, unsafe to load, or an output path is taken."""
+
+
+class UnsupportedArchitecture(QkvconvError):
+    """The model's architecture has no spec in qkvconv.archs."""
+
+
+class TransformError(QkvconvError):
+    """A transform cannot apply to this model (e.g. a singular or non-square W_Q)."""
+
+
+class VerificationError(QkvconvError):
+    """A conversion that claims exactness failed its own check against the original."""

@@ -1,0 +1,55 @@
+"""Provenance for every result and checkpoint qkvconv writes: versions, seeds, input hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("qkvconv", "torch", "transformers", "lm_eval", "safetensors", "accelerate", "gguf", "datasets")
+_HASHED_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json", ".model", ".txt")
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_path(path: str | Path) -> str:
+    """sha256 of a file, or of a checkpoint directory's weight/config files (names and contents, sorted)."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    if not p.is_dir():
+        return f"hub:{path}"  # a hub id: the revision is not known offline
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.iterdir() if x.is_file() and x.suffix in _HASHED_SUFFIXES):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def manifest(**extra) -> dict:
+    """A manifest block: library versions, command line, time, plus whatever the caller records."""
+    return {
+        "versions": library_versions(),
+        "argv": sys.argv,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
