@@ -1,0 +1,303 @@
+"""Read checkpoints (HF directory, sharded safetensors, GGUF, hub id) and write them atomically.
+
+Reading never modifies the input. Writing goes to a temporary sibling directory that is renamed into
+place only once complete, so an interrupted run leaves no half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from qkvconv.archs import ArchSpec, spec_for
+from qkvconv.errors import CheckpointError, QkvconvError
+from qkvconv.manifest import hash_path
+
+RECORD_FILE = "qkvconv.json"
+MODELING_FILE = "modeling_qkvconv.py"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint comes from. `path` is a directory, a .gguf file, or a hub id."""
+
+    kind: Literal["hf_dir", "gguf", "hub"]
+    path: str
+
+    @property
+    def label(self) -> str:
+        return Path(self.path).name if self.kind != "hub" else self.path
+
+
+@dataclass
+class Loaded:
+    """A model ready to use, with what qkvconv knows about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ArchSpec
+    source: Source
+    source_hash: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def _check_safetensors(path: Path) -> None:
+    """Fail clearly on a truncated or corrupt safetensors file, before transformers sees it."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({e}); re-download or re-export it") from None
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: header promises {8 + n + end} bytes, file has {size}; re-download it"
+        )
+
+
+def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; expected a Hugging Face model directory or a .gguf file")
+    tensors = sorted(path.glob("*.safetensors"))
+    pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
+    if not tensors and pickles and not allow_pickle:
+        raise CheckpointError(
+            f"{path} holds only pickled weights ({pickles[0].name}), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    if not tensors and not pickles:
+        raise CheckpointError(f"{path} has config.json but no weight files (*.safetensors)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{path} is missing shard {missing[0]} named in model.safetensors.index.json")
+    for t in tensors:
+        _check_safetensors(t)
+
+
+def resolve_source(src: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
+    """Classify and sanity-check `src` without loading weights."""
+    s = str(src)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        _check_hf_dir(p, allow_pickle)
+        return Source("hf_dir", str(p.resolve()))
+    if p.is_file():
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            return Source("gguf", str(p.resolve()))
+        if p.suffix == ".gguf":
+            raise CheckpointError(f"{p} is not a valid GGUF file (bad magic bytes); re-download it")
+        raise CheckpointError(f"{p} is a file but neither a GGUF file nor a model directory")
+    looks_like_hub_id = s.count("/") == 1 and not s.startswith((".", "/", "~")) and "\\" not in s
+    if looks_like_hub_id:
+        return Source("hub", s)
+    raise CheckpointError(f"{s}: no such file or directory (expected an HF model directory, a .gguf file or a hub id)")
+
+
+def _load_config(source: Source, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        if source.kind == "gguf":
+            p = Path(source.path)
+            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except QkvconvError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read the config of {source.path}: {first}") from None
+
+
+def qkvconv_block(config) -> dict | None:
+    """The qkvconv layout block of a converted checkpoint's config, or None for a stock model."""
+    block = getattr(config, "qkvconv", None)
+    return block if isinstance(block, dict) else None
+
+
+def load(
+    src: str | os.PathLike | Source,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    with_hash: bool = False,
+) -> Loaded:
+    """Load a stock or qkvconv-converted checkpoint as an eval-mode causal LM and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = src if isinstance(src, Source) else resolve_source(src, allow_pickle=allow_pickle)
+    config = _load_config(source, trust_remote_code)
+    block = qkvconv_block(config)
+    spec = spec_for(block["model_type"] if block else getattr(config, "model_type", None))
+    auto_map = getattr(config, "auto_map", None) or {}
+    if auto_map and not block and not trust_remote_code:
+        raise CheckpointError(
+            f"{source.path} ships its own modeling code (auto_map); pass --trust-remote-code if you trust it"
+        )
+    kwargs: dict = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        if source.kind == "gguf":
+            p = Path(source.path)
+            model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+            _drop_gguf_quantization(model)
+        else:
+            if block:  # our own modeling code, from the installed package (not the copy in the folder)
+                from qkvconv.modeling import modeling_qkvconv
+
+                cls = getattr(modeling_qkvconv, f"Qkvconv{block['base_class']}")
+                model = cls.from_pretrained(source.path, config=config, use_safetensors=not allow_pickle, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    source.path, config=config, use_safetensors=None if allow_pickle else True,
+                    trust_remote_code=trust_remote_code, **kwargs,
+                )
+            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except QkvconvError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load {source.path}: {first}") from None
+    model.to(device).eval()
+    return Loaded(model, tokenizer, spec, source, hash_path(source.path) if with_hash else None)
+
+
+def _drop_gguf_quantization(model) -> None:
+    """GGUF weights arrive dequantized (real fp32 tensors); the leftover quantization config only blocks saving."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def check_output(out: str | os.PathLike, *, force: bool, inputs: list[Source] = ()) -> Path:
+    """Refuse an existing output (unless force) and an output that is, or is inside, an input."""
+    out_p = Path(out).expanduser().resolve()
+    for src in inputs:
+        if src.kind == "hub":
+            continue
+        inp = Path(src.path).resolve()
+        inp_dir = inp if inp.is_dir() else inp.parent
+        if out_p == inp or out_p == inp_dir or inp_dir in out_p.parents and src.kind == "hf_dir":
+            raise CheckpointError(f"output {out_p} would overwrite or nest in the input {inp}; choose another path")
+    if out_p.exists() and not force:
+        raise CheckpointError(f"output {out_p} already exists; pass --force to replace it")
+    if out_p.exists() and not out_p.is_dir():
+        raise CheckpointError(f"output {out_p} exists and is not a directory")
+    return out_p
+
+
+def _shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in state_dict.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards
+
+
+def untie(state_dict: dict[str, torch.Tensor], config, spec: ArchSpec) -> dict[str, torch.Tensor]:
+    """Drop the output embedding when the config ties it to the input embedding (safetensors refuses shared storage)."""
+    if getattr(config, "tie_word_embeddings", False) and spec.output_embedding in state_dict:
+        return {k: v for k, v in state_dict.items() if k != spec.output_embedding}
+    return state_dict
+
+
+def write_checkpoint(
+    out: str | os.PathLike,
+    *,
+    state_dict: dict[str, torch.Tensor],
+    config,
+    tokenizer,
+    record: dict,
+    force: bool = False,
+    generation_config=None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write an HF directory (sharded safetensors, config, tokenizer, record) atomically at `out`."""
+    from safetensors.torch import save_file
+
+    out_p = check_output(out, force=force)
+    out_p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_p.parent / f".{out_p.name}.qkvconv-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        shards = _shards(tensors, max_shard_bytes)
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata=meta)
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config.save_pretrained(tmp)
+        if qkvconv_block(config):
+            src = Path(__file__).parent / "modeling" / MODELING_FILE
+            shutil.copyfile(src, tmp / MODELING_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
+        trash = None
+        if out_p.exists():
+            trash = out_p.parent / f".{out_p.name}.qkvconv-old-{os.getpid()}"
+            out_p.rename(trash)
+        tmp.rename(out_p)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_p
+
+
+def read_record(path: str | os.PathLike) -> dict | None:
+    f = Path(path) / RECORD_FILE
+    return json.loads(f.read_text()) if f.is_file() else None

@@ -1,0 +1,95 @@
+"""What `qkvconv inspect` reports: sizes, parameter counts, KV-cache bytes, W_Q conditioning, preflight."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from qkvconv.archs import dims_of
+from qkvconv.checkpoint import Loaded, qkvconv_block
+from qkvconv.transforms import wq_condition
+
+
+def _attention_prefixes(spec) -> tuple[str, str]:
+    attn = spec.o_proj.rsplit(".", 1)[0]  # e.g. "self_attn", "attn", "attention"
+    return f".{attn}.", f".{spec.attn_norm}.affine."
+
+
+def parameter_counts(model, spec) -> dict[str, int]:
+    """Unique parameters (tied weights counted once): total, non-embedding, attention."""
+    seen, total, emb, attn = set(), 0, 0, 0
+    embeddings = set(spec.input_embeddings) | {spec.output_embedding}
+    attn_parts = _attention_prefixes(spec)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if name in embeddings:
+            emb += p.numel()
+        elif any(part in f".{name}" for part in attn_parts):
+            attn += p.numel()
+    return {"total": total, "non_embedding": total - emb, "attention": attn}
+
+
+def kv_cache_bytes_per_token(config, spec, dtype: torch.dtype) -> int:
+    """Bytes the KV cache holds per generated token: keys and values of every layer."""
+    dims = dims_of(config, spec)
+    per_layer = 2 * dims.num_key_value_heads * dims.head_dim
+    return per_layer * dims.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+
+
+def _summary(xs: list[float]) -> dict:
+    finite = [x for x in xs if x == x]
+    if not finite:
+        return {"min": None, "median": None, "max": None, "per_layer": xs}
+    return {"min": min(finite), "median": statistics.median(finite), "max": max(finite), "per_layer": xs}
+
+
+def describe(loaded: Loaded) -> dict:
+    model, spec, config = loaded.model, loaded.spec, loaded.model.config
+    dims = dims_of(config, spec)
+    block = qkvconv_block(config)
+    sd = model.state_dict()
+    dtype = next(model.parameters()).dtype
+    identity_query = bool(block) and any(layer["query"] == "identity" for layer in block["layers"])
+    square = dims.q_size == dims.hidden_size
+    cond = _summary([1.0] * dims.num_hidden_layers if identity_query else wq_condition(sd, spec, dims))
+    attn_bias = any(
+        k.endswith(".bias") and any(p and f".{p}." in f".{k}" for p in (spec.q_proj, spec.k_proj, spec.fused_qkv))
+        for k in sd
+    )
+    if identity_query:
+        exact = {"applies": False, "why": "the query is already the identity"}
+    elif not square:
+        exact = {"applies": False, "why": f"W_Q is not square ({dims.hidden_size}×{dims.q_size})"}
+    elif cond["max"] is not None and cond["max"] >= 1e12:
+        exact = {"applies": False, "why": f"W_Q is singular in some layer (cond {cond['max']:.3g})"}
+    else:
+        exact = {"applies": True, "why": f"square W_Q, max cond {cond['max']:.3g}: fp32 error grows ~ eps·cond"}
+    drop = {"applies": square and not identity_query, "why": "lossy: needs finetuning to heal"}
+    return {
+        "source": loaded.source.path,
+        "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+        "family": spec.family,
+        "model_type": config.model_type,
+        "num_layers": dims.num_hidden_layers,
+        "hidden_size": dims.hidden_size,
+        "num_attention_heads": dims.num_attention_heads,
+        "num_key_value_heads": dims.num_key_value_heads,
+        "head_dim": dims.head_dim,
+        "norm": spec.norm_kind,
+        "positional": spec.positional,
+        "rotary_dim": dims.rotary_dim,
+        "attention_bias": attn_bias,
+        "qk_norm": any(f".{n}." in k for n in spec.qk_norm for k in sd),
+        "parallel_residual": bool(getattr(config, "use_parallel_residual", False)),
+        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_parameters": parameter_counts(model, spec),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config, spec, dtype),
+        "wq_condition": cond,
+        "qkvconv_layers": block["layers"] if block else None,
+        "transforms": {"absorb-query --mode exact": exact, "absorb-query --mode drop": drop},
+    }

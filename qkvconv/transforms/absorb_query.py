@@ -1,0 +1,167 @@
+"""absorb-query: make the query projection the identity (METHODS.md §1; arXiv 2510.23912, 2603.13381).
+
+Attention sees its input h only through h·W_Q, h·W_K, h·W_V, so for invertible Θ the change
+(h, W_Q, W_K, W_V) → (h·Θ, Θ⁻¹W_Q, Θ⁻¹W_K, Θ⁻¹W_V) leaves every layer output unchanged. With Θ = W_Q:
+
+    h' = Norm(x)·diag(γ)·W_Q + (β·W_Q + b_Q)      (folded into the pre-attention norm's affine)
+    q  = h'                                         (identity query)
+    W_K' = W_Q⁻¹·W_K,  b_K' = b_K − b_Q·W_Q⁻¹·W_K   (same for V)
+
+`exact` does this in float64 and casts once. `drop` removes W_Q outright (q = Norm(x), the norm stays
+diagonal) and refits W_K by least squares on calibration activations so that each head's logits stay
+close: a RoPE-commuting refit (a complex scale per rotary frequency) on rotary dims and a full
+linear map on the others. `drop` is lossy by design and meant to be healed by finetuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qkvconv.archs import ArchSpec, Dims
+from qkvconv.archs.layout import Proj, qkv_keys, read_qkv, write_kv
+from qkvconv.errors import TransformError
+
+SINGULAR_COND = 1e12  # beyond this W_Q⁻¹ in float64 has no correct digit worth casting to fp32
+
+
+@dataclass
+class AbsorbResult:
+    state_dict: dict[str, torch.Tensor]
+    layers: list[dict]  # per-layer layout block for the loader (modeling_qkvconv)
+    wq_condition: list[float]  # cond(W_Q) per layer
+
+
+def wq_condition(sd: dict, spec: ArchSpec, dims: Dims) -> list[float]:
+    """Condition number of each layer's W_Q (inf where singular, nan where not square)."""
+    out = []
+    for i in range(dims.num_hidden_layers):
+        q, _, _ = read_qkv(sd, spec, dims, i)
+        out.append(float(torch.linalg.cond(q.W)) if q.W.shape[0] == q.W.shape[1] else float("nan"))
+    return out
+
+
+def _check_square(dims: Dims) -> None:
+    if dims.q_size != dims.hidden_size:
+        raise TransformError(
+            f"W_Q is not square (hidden_size {dims.hidden_size} × heads·head_dim {dims.q_size}); "
+            "absorb-query needs num_attention_heads·head_dim == hidden_size"
+        )
+
+
+def _fold_norm(sd: dict, spec: ArchSpec, i: int, q: Proj, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Norm(x)·diag(γ)+β followed by ·W_Q+b_Q  →  Norm(x) with unit gain, then affine (M, c)."""
+    key = spec.layer(i, spec.attn_norm)
+    gamma = sd[f"{key}.weight"].double()  # (d,)
+    beta = sd.get(f"{key}.bias")
+    M = gamma[:, None] * q.W  # diag(γ)·W_Q, (d, d)
+    c = torch.zeros(M.shape[1], dtype=torch.float64)
+    if beta is not None:
+        c = c + beta.double() @ q.W
+    if q.b is not None:
+        c = c + q.b
+    out = {
+        f"{key}.norm.weight": torch.ones_like(gamma).to(dtype),
+        f"{key}.affine.weight": M.T.contiguous().to(dtype),  # nn.Linear stores (d_out, d_in)
+        f"{key}.affine.bias": c.to(dtype),
+    }
+    if beta is not None:
+        out[f"{key}.norm.bias"] = torch.zeros_like(beta, dtype=dtype)
+    return out
+
+
+def _absorb_layer(q: Proj, k: Proj, v: Proj, i: int) -> tuple[Proj, Proj, float]:
+    cond = float(torch.linalg.cond(q.W))
+    if not cond < SINGULAR_COND:
+        raise TransformError(f"W_Q of layer {i} is singular (condition number {cond:.3g}); it cannot be absorbed")
+    if q.b is not None and (k.b is None or v.b is None):
+        raise TransformError(f"layer {i} has a query bias but no key/value bias to carry it")
+    Wk = torch.linalg.solve(q.W, k.W)  # W_Q⁻¹·W_K, (d, G·dh)
+    Wv = torch.linalg.solve(q.W, v.W)
+    bk = None if k.b is None else (k.b - q.b @ Wk if q.b is not None else k.b)
+    bv = None if v.b is None else (v.b - q.b @ Wv if q.b is not None else v.b)
+    return Proj(Wk, bk), Proj(Wv, bv), cond
+
+
+def _rope_commuting_refit(new: torch.Tensor, old: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """T (dh, dh) with new·T ≈ old-equivalent keys: for rows q_new, q_old (n, dh), returns T such that
+    q_old·k ≈ q_new·(k·T) for every key k and every RoPE rotation.
+
+    Rotary dims (HF rotate_half layout: pair f with f + r/2) act as complex numbers z = x_f + i·x_{f+r/2};
+    RoPE multiplies z by e^{iθm}, so only a complex scale c_f per frequency commutes with it:
+    z_old ≈ c_f·z_new (least squares)  ⇒  z_k' = conj(c_f)·z_k. Other dims: q_old ≈ q_new·M  ⇒  k' = k·Mᵀ.
+    """
+    dh = new.shape[1]
+    T = torch.zeros(dh, dh, dtype=torch.float64)
+    half = rotary_dim // 2
+    if half:
+        zn = torch.complex(new[:, :half], new[:, half:rotary_dim])
+        zo = torch.complex(old[:, :half], old[:, half:rotary_dim])
+        c = (zn.conj() * zo).sum(0) / (zn.abs() ** 2).sum(0).clamp_min(1e-30)  # (r/2,)
+        f = torch.arange(half)
+        T[f, f] = c.real
+        T[f + half, f + half] = c.real
+        T[f + half, f] = c.imag
+        T[f, f + half] = -c.imag
+    if rotary_dim < dh:
+        M = torch.linalg.lstsq(new[:, rotary_dim:], old[:, rotary_dim:]).solution  # (dh-r, dh-r)
+        T[rotary_dim:, rotary_dim:] = M.T
+    return T
+
+
+def _drop_layer(q: Proj, k: Proj, h: torch.Tensor, dims: Dims) -> Proj:
+    """Refit W_K (per KV group) for q := h, on calibration attention inputs h (n, d)."""
+    H, G, dh = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
+    q_old = (h @ q.W + (q.b if q.b is not None else 0)).reshape(-1, H, dh)  # (n, H, dh)
+    q_new = h.reshape(-1, H, dh)  # q := h, split into heads
+    rep = H // G
+    Wk, bk = k.W.clone(), None if k.b is None else k.b.clone()
+    for g in range(G):
+        heads = slice(g * rep, (g + 1) * rep)
+        T = _rope_commuting_refit(q_new[:, heads].reshape(-1, dh), q_old[:, heads].reshape(-1, dh), dims.rotary_dim)
+        cols = slice(g * dh, (g + 1) * dh)
+        Wk[:, cols] = k.W[:, cols] @ T
+        if bk is not None:
+            bk[cols] = k.b[cols] @ T
+    return Proj(Wk, bk)
+
+
+def absorb_query(
+    state_dict: dict[str, torch.Tensor],
+    spec: ArchSpec,
+    dims: Dims,
+    *,
+    mode: str = "exact",
+    attn_inputs: list[torch.Tensor] | None = None,
+) -> AbsorbResult:
+    """Return a new state dict whose queries are the identity; the input dict is not modified.
+
+    attn_inputs: per layer, calibration inputs to attention (n, d), needed by mode="drop".
+    """
+    if mode not in ("exact", "drop"):
+        raise TransformError(f"unknown absorb-query mode {mode!r}; use exact or drop")
+    _check_square(dims)
+    if mode == "drop" and (attn_inputs is None or len(attn_inputs) != dims.num_hidden_layers):
+        raise TransformError("absorb-query --mode drop needs calibration attention inputs for every layer")
+    dtype = next(iter(state_dict.values())).dtype
+    out = dict(state_dict)
+    layers, conds = [], []
+    for i in range(dims.num_hidden_layers):
+        q, k, v = read_qkv(state_dict, spec, dims, i)
+        for key in qkv_keys(state_dict, spec, i):
+            del out[key]
+        if mode == "exact":
+            k2, v2, cond = _absorb_layer(q, k, v, i)
+            norm = spec.layer(i, spec.attn_norm)
+            for key in (f"{norm}.weight", f"{norm}.bias"):
+                out.pop(key, None)
+            out.update(_fold_norm(state_dict, spec, i, q, dtype))
+            layers.append({"query": "identity", "attn_input": "affine"})
+        else:
+            cond = float(torch.linalg.cond(q.W))
+            k2, v2 = _drop_layer(q, k, attn_inputs[i].double(), dims), v
+            layers.append({"query": "identity", "attn_input": "norm"})
+        out.update(write_kv(spec, i, k2, v2, dtype))
+        conds.append(cond)
+    return AbsorbResult(out, layers, conds)

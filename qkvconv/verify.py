@@ -1,0 +1,104 @@
+"""Equivalence checks: does a converted model compute what the original did?
+
+Calibration text is the user's own file, or sequences sampled from the original model itself (so no
+data has to ship with the package). Random token ids are not calibration: they exercise none of
+the directions real text does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from qkvconv.errors import QkvconvError
+
+
+@dataclass(frozen=True)
+class LogitError:
+    """How far a converted model's next-token logits are from the original's on the same tokens."""
+
+    max_abs: float  # max |Δlogit|
+    mean_abs: float  # mean |Δlogit|
+    max_rel: float  # max |Δlogit| / max |logit|
+    kl: float  # mean KL(p_original ‖ p_converted) per token, nats
+    top1_agreement: float  # fraction of positions whose argmax agrees
+    tokens: int
+    source: str  # what the calibration tokens were
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibration_ids(
+    model, tokenizer, *, calib: Path | None = None, num_seqs: int = 8, seq_len: int = 128, seed: int = 0
+) -> tuple[torch.Tensor, str]:
+    """(num_seqs, seq_len) token ids from `calib` text, else sampled from `model` itself."""
+    if calib is not None:
+        path = Path(calib)
+        if not path.is_file():
+            raise QkvconvError(f"calibration file {path} does not exist")
+        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt").input_ids[0]
+        need = num_seqs * seq_len
+        if ids.numel() < seq_len:
+            raise QkvconvError(f"calibration file {path} has {ids.numel()} tokens; need at least {seq_len}")
+        n = min(num_seqs, ids.numel() // seq_len)
+        starts = torch.linspace(0, ids.numel() - seq_len, n).long()  # spread windows over the whole file
+        windows = torch.stack([ids[s : s + seq_len] for s in starts])
+        return windows, f"file:{path.name} ({min(need, n * seq_len)} tokens)"
+    gen = torch.Generator().manual_seed(seed)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    ids = torch.full((num_seqs, 1), bos, dtype=torch.long, device=device)
+    with torch.no_grad():  # ancestral sampling at temperature 1, with our own generator (reproducible)
+        past = None
+        for _ in range(seq_len - 1):
+            out = model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            probs = torch.softmax(out.logits[:, -1].double().cpu(), -1)
+            nxt = torch.multinomial(probs, 1, generator=gen).to(device)
+            ids = torch.cat([ids, nxt], 1)
+    return ids.cpu(), f"sampled from the original model (seed {seed}, {num_seqs}×{seq_len} tokens)"
+
+
+@torch.no_grad()
+def logits_of(model, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    device = next(model.parameters()).device
+    parts = [model(ids[i : i + batch_size].to(device)).logits.cpu() for i in range(0, len(ids), batch_size)]
+    return torch.cat(parts)
+
+
+def compare_logits(ref: torch.Tensor, new: torch.Tensor, source: str) -> LogitError:
+    ref, new = ref.double(), new.double()
+    diff = (ref - new).abs()
+    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(new, -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
+    return LogitError(
+        max_abs=float(diff.max()),
+        mean_abs=float(diff.mean()),
+        max_rel=float(diff.max() / ref.abs().max().clamp_min(1e-30)),
+        kl=float(kl.clamp_min(0)),
+        top1_agreement=float((ref.argmax(-1) == new.argmax(-1)).double().mean()),
+        tokens=int(ref.shape[0] * ref.shape[1]),
+        source=source,
+    )
+
+
+@torch.no_grad()
+def attention_inputs(model, spec, ids: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """Per layer, the inputs the attention block sees (output of the pre-attention norm), (n_tokens, d)."""
+    layers = model.get_submodule(spec.layers)
+    store: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [
+        layer.get_submodule(spec.attn_norm).register_forward_hook(
+            lambda _m, _i, out, i=i: store[i].append(out.detach().reshape(-1, out.shape[-1]).cpu())
+        )
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        logits_of(model, ids, batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(s) for s in store]
