@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -166,7 +167,8 @@ def load(
     try:
         if source.kind == "gguf":
             p = Path(source.path)
-            model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, **kwargs)
+            with _tqdm_disabled():  # transformers' GGUF reader draws its own bar
+                model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
             _drop_gguf_quantization(model)
         else:
@@ -188,6 +190,19 @@ def load(
         raise CheckpointError(f"cannot load {source.path}: {first}") from None
     model.to(device).eval()
     return Loaded(model, tokenizer, spec, source, hash_path(source.path) if with_hash else None)
+
+
+@contextmanager
+def _tqdm_disabled():
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
 
 
 def _drop_gguf_quantization(model) -> None:

@@ -21,7 +21,7 @@ from qkvconv.errors import TransformError, VerificationError
 from qkvconv.manifest import manifest
 from qkvconv.modeling import FORMAT
 from qkvconv.transforms import absorb_query
-from qkvconv.verify import LogitError, attention_inputs, calibration_ids, compare_logits, logits_of
+from qkvconv.verify import LogitError, attention_inputs, calibration_ids, compare_model, logits_of
 
 # fp32 error of an exact absorption grows like eps·cond(W_Q)·|logit| (METHODS.md §1). The default
 # bound on max |Δlogit| is loose enough for cond ~1e6 at fp32 and tight enough to catch any algebra bug
@@ -133,7 +133,7 @@ def absorb_query_checkpoint(
         config = converted_config(loaded.config, spec, base_class_of(loaded), result.layers)
         new_model = build_converted(config, result.state_dict, dtype)
     with _timed(t, "verify", progress):
-        error = compare_logits(ref, logits_of(new_model, ids), calib_source)
+        error = compare_model(ref, new_model, ids, calib_source)
     bound = atol if atol is not None else DEFAULT_ATOL.get(dtype, 0.1)
     options = {"mode": mode, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
                "seed": seed, "dtype": str(dtype).removeprefix("torch."), "atol": bound if mode == "exact" else None}

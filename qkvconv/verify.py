@@ -69,20 +69,53 @@ def logits_of(model, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def compare_logits(ref: torch.Tensor, new: torch.Tensor, source: str) -> LogitError:
-    ref, new = ref.double(), new.double()
-    diff = (ref - new).abs()
-    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(new, -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
-    return LogitError(
-        max_abs=float(diff.max()),
-        mean_abs=float(diff.mean()),
-        max_rel=float(diff.max() / ref.abs().max().clamp_min(1e-30)),
-        kl=float(kl.clamp_min(0)),
-        top1_agreement=float((ref.argmax(-1) == new.argmax(-1)).double().mean()),
-        tokens=int(ref.shape[0] * ref.shape[1]),
-        source=source,
-    )
+class _Accumulator:
+    """Streams the LogitError statistics over batches, so no full (n, L, vocab) float64 tensor is held."""
+
+    def __init__(self) -> None:
+        self.max_abs = self.sum_abs = self.sum_kl = self.max_ref = 0.0
+        self.agree = self.count = self.elements = 0
+
+    def add(self, ref: torch.Tensor, new: torch.Tensor) -> None:
+        ref, new = ref.double(), new.double()
+        diff = (ref - new).abs()
+        lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(new, -1)
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.sum_abs += float(diff.sum())
+        self.max_ref = max(self.max_ref, float(ref.abs().max()))
+        self.sum_kl += float((lp.exp() * (lp - lq)).sum())
+        self.agree += int((ref.argmax(-1) == new.argmax(-1)).sum())
+        self.count += ref.shape[0] * ref.shape[1]
+        self.elements += diff.numel()
+
+    def result(self, source: str) -> LogitError:
+        return LogitError(
+            max_abs=self.max_abs,
+            mean_abs=self.sum_abs / self.elements,
+            max_rel=self.max_abs / max(self.max_ref, 1e-30),
+            kl=max(self.sum_kl / self.count, 0.0),
+            top1_agreement=self.agree / self.count,
+            tokens=self.count,
+            source=source,
+        )
+
+
+def compare_logits(ref: torch.Tensor, new: torch.Tensor, source: str, chunk: int = 2) -> LogitError:
+    """LogitError between two (n, L, vocab) logit tensors, computed in float64 chunk by chunk."""
+    acc = _Accumulator()
+    for i in range(0, ref.shape[0], chunk):
+        acc.add(ref[i : i + chunk], new[i : i + chunk])
+    return acc.result(source)
+
+
+@torch.no_grad()
+def compare_model(ref_logits: torch.Tensor, model, ids: torch.Tensor, source: str, batch_size: int = 2) -> LogitError:
+    """LogitError of `model` on `ids` against stored reference logits, streaming over batches."""
+    acc = _Accumulator()
+    device = next(model.parameters()).device
+    for i in range(0, len(ids), batch_size):
+        acc.add(ref_logits[i : i + batch_size], model(ids[i : i + batch_size].to(device)).logits.cpu())
+    return acc.result(source)
 
 
 @torch.no_grad()

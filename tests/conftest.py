@@ -24,3 +24,21 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = Path(os.environ.get("QKVCONV_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not d.is_dir():
+        pytest.skip(f"offline data folder {d} not found (set QKVCONV_DATA_DIR)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from qkvconv.defaults import default_checkpoint
+
+    try:
+        return default_checkpoint()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"real checkpoint unavailable: {e}")

@@ -1,0 +1,180 @@
+"""The `qkvconv` command line: parse, call the library, render with rich. No tensor code here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qkvconv.errors import QkvconvError
+
+app = typer.Typer(
+    name="qkvconv",
+    help="Rewrite the attention projections of transformer checkpoints, prove the rewrite, evaluate it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+# ------------------------------------------------------------------------------ shared option types
+Model = Annotated[str, typer.Argument(help="HF model directory, .gguf file, or hub id.", show_default=False)]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (refused if it exists).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights (they can run code).")]
+Calib = Annotated[
+    Optional[Path],
+    typer.Option("--calib", help="Calibration text file; default: text sampled from the original model."),
+]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for calibration sampling and evaluation.")]
+DataDir = Annotated[
+    Optional[Path],
+    typer.Option("--data-dir", envvar="QKVCONV_DATA_DIR", help="Offline data folder (lambada_openai/, wikitext-2-raw-v1/, ...)."),
+]
+Dtype = Annotated[str, typer.Option("--dtype", help="float32 | float64 | bfloat16 | float16.")]
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise QkvconvError(f"unknown dtype {name!r}; use one of float32, float64, bfloat16, float16")
+    return table[name]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def command(fn):
+    """Turn QkvconvError into one red line and exit 1 (full traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            _quiet_libraries()
+            return fn(*args, **kwargs)
+        except QkvconvError as e:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]: nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+# ------------------------------------------------------------------------------------------ inspect
+@app.command()
+@command
+def inspect(
+    model: Model,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Architecture, sizes, parameter counts, KV-cache bytes/token, W_Q conditioning, applicable transforms."""
+    from qkvconv.checkpoint import load
+    from qkvconv.describe import describe
+
+    with err.status("loading model"):
+        info = describe(load(model, allow_pickle=allow_pickle))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    t = Table(title=f"qkvconv inspect: {Path(info['source']).name}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for key in ("architecture", "family", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "norm", "positional", "rotary_dim", "attention_bias", "qk_norm", "parallel_residual",
+                "tied_embeddings", "dtype", "kv_cache_bytes_per_token"):
+        t.add_row(key, _fmt(info[key]))
+    n = info["num_parameters"]
+    t.add_row("parameters", f"{n['total']:,} total, {n['non_embedding']:,} non-embedding, {n['attention']:,} attention")
+    c = info["wq_condition"]
+    if c["min"] is not None:
+        t.add_row("cond(W_Q)", f"min {c['min']:.3g}  median {c['median']:.3g}  max {c['max']:.3g}")
+    if info["qkvconv_layers"]:
+        kinds = sorted({json.dumps(x, sort_keys=True) for x in info["qkvconv_layers"]})
+        t.add_row("qkvconv layers", "; ".join(kinds))
+    for name, verdict in info["transforms"].items():
+        mark = "[green]yes[/]" if verdict["applies"] else "[red]no[/]"
+        t.add_row(name, f"{mark}: {verdict['why']}")
+    out.print(t)
+
+
+# ------------------------------------------------------------------------------------- absorb-query
+@app.command("absorb-query")
+@command
+def absorb_query(
+    model: Model,
+    output: Output,
+    mode: Annotated[str, typer.Option("--mode", help="exact (basis change, lossless) or drop (remove W_Q, lossy).")] = "exact",
+    calib: Calib = None,
+    num_seqs: Annotated[int, typer.Option("--num-seqs", help="Calibration sequences.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration sequence length.")] = 128,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="exact: fail if max |Δlogit| exceeds this.")] = None,
+    dtype: Dtype = "float32",
+    seed: Seed = 0,
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Make the query projection the identity (METHODS.md §1), verify against the original, write OUTPUT."""
+    from qkvconv.convert import absorb_query_checkpoint
+
+    if mode not in ("exact", "drop"):
+        raise QkvconvError(f"--mode must be exact or drop, not {mode!r}")
+    with err.status("starting") as status:
+        report = absorb_query_checkpoint(
+            model, output, mode=mode, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
+            dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle,
+            progress=lambda step: status.update(f"{step}…"),
+        )
+    out.print(verification_table(report))
+    out.print(f"wrote [bold]{report.output}[/]")
+
+
+def verification_table(report) -> Table:
+    import statistics
+
+    e, cond = report.error, [c for c in report.wq_condition if c == c]
+    t = Table(title=f"{report.transform} --mode {report.options['mode']}: verification", title_justify="left")
+    for col in ("max |Δlogit|", "mean |Δlogit|", "max rel", "KL (nats/token)", "top-1 agree", "cond(W_Q) min/med/max"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.max_rel:.3g}", f"{e.kl:.3g}", f"{100 * e.top1_agreement:.2f}%",
+              f"{min(cond):.3g} / {statistics.median(cond):.3g} / {max(cond):.3g}")
+    verdict = f"bound: max |Δlogit| ≤ {report.atol:g} (passed)" if report.atol is not None else "lossy by design: finetune to heal"
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
+    t.caption = f"on {e.tokens} tokens, {e.source}; {verdict}; {timings}"
+    t.caption_justify = "left"
+    return t
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

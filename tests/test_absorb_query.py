@@ -1,0 +1,145 @@
+"""absorb-query: exactness on every family (fp64 and fp32), drop mode, loading without qkvconv."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import qkvconv
+from qkvconv.archs import dims_of
+from qkvconv.checkpoint import load
+from qkvconv.convert import DEFAULT_ATOL, absorb_query_checkpoint, base_class_of, build_converted, converted_config
+from qkvconv.errors import TransformError
+from qkvconv.manifest import hash_path
+from qkvconv.transforms import absorb_query
+from qkvconv.verify import attention_inputs, calibration_ids, compare_logits, logits_of
+
+
+def _convert(loaded, mode="exact", acts=None):
+    dims = dims_of(loaded.config, loaded.spec)
+    res = absorb_query(loaded.model.state_dict(), loaded.spec, dims, mode=mode, attn_inputs=acts)
+    config = converted_config(loaded.config, loaded.spec, base_class_of(loaded), res.layers)
+    return build_converted(config, res.state_dict, next(loaded.model.parameters()).dtype), res
+
+
+def test_exact_is_exact_in_float64(tiny_models, family):
+    loaded = load(tiny_models[family], dtype=torch.float64)
+    ids, src = calibration_ids(loaded.model, loaded.tokenizer, num_seqs=2, seq_len=48)
+    new, res = _convert(loaded)
+    err = compare_logits(logits_of(loaded.model, ids), logits_of(new, ids), src)
+    print(f"{family} fp64: max|Δ|={err.max_abs:.3g} rel={err.max_rel:.3g} cond={max(res.wq_condition):.3g}")
+    assert err.max_rel <= 1e-9
+    assert err.top1_agreement == 1.0
+
+
+def test_exact_in_float32_within_stated_bound(tiny_models, family, tmp_path):
+    report = absorb_query_checkpoint(tiny_models[family], tmp_path / "out", num_seqs=2, seq_len=48)
+    e = report.error
+    print(f"{family} fp32: max|Δ|={e.max_abs:.3g} KL={e.kl:.3g} cond={max(report.wq_condition):.3g}")
+    assert e.max_abs <= DEFAULT_ATOL[torch.float32]
+    assert e.top1_agreement == 1.0
+    # the converted checkpoint loads through qkvconv and reproduces the original logits
+    model, tok = qkvconv.load(tmp_path / "out")
+    orig, _ = qkvconv.load(tiny_models[family])
+    ids = tok("The quick brown fox", return_tensors="pt").input_ids
+    torch.testing.assert_close(model(ids).logits, orig(ids).logits, atol=1e-3, rtol=1e-3)
+    assert "q_proj" not in " ".join(k for k in model.state_dict() if ".q_proj." in k)
+
+
+def test_input_checkpoint_is_never_modified(tiny_models, tmp_path):
+    before = hash_path(tiny_models["llama"])
+    absorb_query_checkpoint(tiny_models["llama"], tmp_path / "out", num_seqs=1, seq_len=16)
+    assert hash_path(tiny_models["llama"]) == before
+
+
+def test_loads_in_plain_transformers_without_importing_qkvconv(tiny_models, tmp_path):
+    for family in ("llama", "gpt2", "gpt_neox"):
+        absorb_query_checkpoint(tiny_models[family], tmp_path / family, num_seqs=1, seq_len=16)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, transformers
+        for f in ("llama", "gpt2", "gpt_neox"):
+            m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/" + f, trust_remote_code=True)
+            o = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}.rsplit("/", 0)[0] and {{
+                "llama": {str(tiny_models["llama"])!r}, "gpt2": {str(tiny_models["gpt2"])!r},
+                "gpt_neox": {str(tiny_models["gpt_neox"])!r}}}[f])
+            ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+            assert (m(ids).logits - o(ids).logits).abs().max() < 1e-3
+            g = m.generate(ids, max_new_tokens=6, do_sample=False)
+            assert g.tolist() == o.generate(ids, max_new_tokens=6, do_sample=False).tolist(), f
+        assert "qkvconv" not in sys.modules
+        print("ok")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("ok")
+
+
+def test_drop_mode_refit_beats_naive_removal(tiny_models, family):
+    """drop is lossy; its least-squares key refit must still be closer than removing W_Q and doing nothing."""
+    loaded = load(tiny_models[family])
+    ids, src = calibration_ids(loaded.model, loaded.tokenizer, num_seqs=4, seq_len=64)
+    ref = logits_of(loaded.model, ids)
+    acts = attention_inputs(loaded.model, loaded.spec, ids)
+    refit, _ = _convert(loaded, "drop", acts)
+    # naive: the same layout, keys untouched (refit with identity maps)
+    dims = dims_of(loaded.config, loaded.spec)
+    naive_acts = [a[:, :] for a in acts]
+    naive_res = absorb_query(loaded.model.state_dict(), loaded.spec, dims, mode="drop", attn_inputs=naive_acts)
+    e_refit = compare_logits(ref, logits_of(refit, ids), src)
+    sd = dict(naive_res.state_dict)
+    from qkvconv.archs.layout import read_qkv, write_kv
+
+    orig_sd = loaded.model.state_dict()
+    for i in range(dims.num_hidden_layers):
+        _, k, v = read_qkv(orig_sd, loaded.spec, dims, i)
+        sd.update(write_kv(loaded.spec, i, k, v, torch.float32))
+    naive = build_converted(refit.config, sd, torch.float32)
+    e_naive = compare_logits(ref, logits_of(naive, ids), src)
+    print(f"{family} drop: KL refit {e_refit.kl:.4f} vs naive {e_naive.kl:.4f}; top-1 {e_refit.top1_agreement:.3f}")
+    assert e_refit.kl < e_naive.kl
+
+
+def test_non_square_wq_is_refused(tmp_path):
+    from common import build_tiny
+
+    import transformers
+
+    path = tmp_path / "ns"
+    build_tiny("llama", path)
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    cfg.head_dim = 8  # 4 heads × 8 = 32 ≠ hidden 64
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    with pytest.raises(TransformError, match="not square"):
+        absorb_query_checkpoint(path, tmp_path / "out", num_seqs=1, seq_len=8)
+    assert not (tmp_path / "out").exists()
+
+
+def test_singular_wq_is_refused(tiny_models):
+    loaded = load(tiny_models["llama"])
+    sd = dict(loaded.model.state_dict())
+    key = "model.layers.1.self_attn.q_proj.weight"
+    sd[key] = sd[key].clone()
+    sd[key][:, 5] = 0.0  # a zero input column: W_Q = weightᵀ has a zero row, rank d-1
+    with pytest.raises(TransformError, match="layer 1 is singular"):
+        absorb_query(sd, loaded.spec, dims_of(loaded.config, loaded.spec))
+
+
+@pytest.mark.slow
+def test_real_smollm2_exact(smollm2_gguf, shared_data, tmp_path):
+    """The real checkpoint: exact absorption on real text keeps ≥ 99.9% top-1 agreement."""
+    report = absorb_query_checkpoint(
+        smollm2_gguf, tmp_path / "noq", calib=shared_data / "wikitext-2-raw-v1" / "wiki.test.raw", num_seqs=8, seq_len=128
+    )
+    e = report.error
+    print(f"SmolLM2 fp32: max|Δ|={e.max_abs:.3g} mean={e.mean_abs:.3g} KL={e.kl:.3g} top1={e.top1_agreement:.4%} "
+          f"cond max={max(report.wq_condition):.3g}")
+    assert e.top1_agreement >= 0.999
+    model, _ = qkvconv.load(tmp_path / "noq")
+    assert not any(".q_proj." in k for k in model.state_dict())
