@@ -23,6 +23,8 @@ def format_value(value: float, stderr: float | None = None) -> str:
     """"0.292 ± 0.020"; the stderr gets the value's decimals."""
     if not math.isfinite(value):
         return str(value)
+    if abs(value) >= 1e5:  # a perplexity of an untrained model: 3 significant digits
+        return f"{value:.3g}" + (f" ± {stderr:.2g}" if stderr is not None and math.isfinite(stderr) else "")
     d = _decimals(value)
     text = f"{value:.{d}f}"
     if stderr is not None and math.isfinite(stderr):
@@ -34,6 +36,8 @@ def format_delta(delta: float, reference: float) -> str:
     """"+0.004" with the reference value's decimals."""
     if not math.isfinite(delta):
         return str(delta)
+    if abs(reference) >= 1e5 or abs(delta) >= 1e5:
+        return f"{delta:+.3g}"
     return f"{delta:+.{_decimals(reference)}f}"
 
 
