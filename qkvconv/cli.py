@@ -160,6 +160,99 @@ def absorb_query(
     out.print(f"wrote [bold]{report.output}[/]")
 
 
+# --------------------------------------------------------------------------------------------- eval
+def eval_entry(model: str, *, dtype, allow_pickle: bool, trust_remote_code: bool, name: str | None = None):
+    """An EvalEntry for a checkpoint; its size figures are filled in when the model is loaded."""
+    from qkvconv.checkpoint import load, resolve_source
+    from qkvconv.describe import kv_cache_bytes_per_token, parameter_counts
+    from qkvconv.evaluate import EvalEntry
+    from qkvconv.manifest import hash_path
+
+    source = resolve_source(model, allow_pickle=allow_pickle)
+    entry = EvalEntry(name=name or source.label, load=None, num_parameters=0, kv_cache_bytes_per_token=0,
+                      source_hash=hash_path(source.path))
+
+    def _load():
+        loaded = load(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        entry.num_parameters = parameter_counts(loaded.model, loaded.spec)["total"]
+        entry.kv_cache_bytes_per_token = kv_cache_bytes_per_token(loaded.config, loaded.spec, dtype)
+        return loaded.model, loaded.tokenizer
+
+    entry.load = _load
+    return entry
+
+
+Tasks = Annotated[str, typer.Option("--tasks", help="Comma-separated lm-eval task names.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N documents of each task.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="lm-eval batch size.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available).")]
+
+
+@app.command("eval")
+@command
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="Checkpoints to compare; deltas are against the first.")],
+    tasks: Tasks = "lambada_openai",
+    limit: Limit = None,
+    batch_size: BatchSize = 16,
+    device: Device = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results + manifest as JSON.")] = None,
+    include_path: Annotated[Optional[list[Path]], typer.Option("--include-path", help="Folder of extra lm-eval task YAMLs.")] = None,
+    data_dir: DataDir = None,
+    dtype: Dtype = "float32",
+    seed: Seed = 1234,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a checkpoint's own modeling code.")] = False,
+) -> None:
+    """Run lm-evaluation-harness on each model and print one before/after table."""
+    from qkvconv.evaluate import evaluate_models
+    from qkvconv.report import eval_table
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    entries = [eval_entry(m, dtype=_dtype(dtype), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+               for m in models]
+    _dedupe_names(entries)
+    report = evaluate_models(entries, tasks=task_list, limit=limit, batch_size=batch_size, device=device,
+                             data_dir=data_dir, include_path=include_path or [], output=output, seed=seed, console=err)
+    out.print(eval_table(report))
+
+
+def _dedupe_names(entries) -> None:
+    seen: dict[str, int] = {}
+    for e in entries:
+        seen[e.name] = seen.get(e.name, 0) + 1
+        if seen[e.name] > 1:
+            e.name = f"{e.name} ({seen[e.name]})"
+
+
+# --------------------------------------------------------------------------------------------- demo
+@app.command()
+@command
+def demo(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the converted checkpoint and results go.")] = Path("out/demo"),
+    limit: Limit = 500,
+    batch_size: BatchSize = 16,
+    data_dir: DataDir = None,
+) -> None:
+    """The main job on the default real checkpoint (SmolLM2-135M-Instruct GGUF): absorb-query --mode exact,
+    then LAMBADA on the original and the converted model, one table. Replaces its own earlier output."""
+    from qkvconv.convert import absorb_query_checkpoint
+    from qkvconv.defaults import default_checkpoint
+    from qkvconv.evaluate import evaluate_models
+    from qkvconv.report import eval_table
+
+    src = default_checkpoint()
+    converted = workdir / "smollm2-135m-noq"
+    with err.status("absorb-query --mode exact") as status:
+        report = absorb_query_checkpoint(src, converted, force=True, progress=lambda s: status.update(f"absorb-query: {s}…"))
+    out.print(verification_table(report))
+    entries = [eval_entry(str(src), dtype=_dtype("float32"), allow_pickle=False, trust_remote_code=False, name="SmolLM2-135M (GGUF)"),
+               eval_entry(str(converted), dtype=_dtype("float32"), allow_pickle=False, trust_remote_code=False, name="absorb-query exact")]
+    results = evaluate_models(entries, tasks=["lambada_openai"], limit=limit, batch_size=batch_size, device=None,
+                              data_dir=data_dir, output=workdir / "results.json", console=err)
+    out.print(eval_table(results))
+
+
 def verification_table(report) -> Table:
     import statistics
 

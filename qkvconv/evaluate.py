@@ -203,6 +203,8 @@ class _DropExpected(logging.Filter):
         "Passed an already-initialized model through `pretrained`",
         "Custom kwargs can be passed to `--metadata`",
         _GENERATED_PREFIX,  # "Task 'x' from <generated dir> overrides existing task": the local copy, on purpose
+        "is defined, but aggregation is not. using default",  # lm-eval's own wikitext YAML relies on defaults
+        "is defined, but higher_is_better is not. using default",
     )
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -10,6 +10,8 @@ Config block (config.json, key "qkvconv"):
     {"format": 1, "base_class": "LlamaForCausalLM",
      "paths": {"layers": ..., "attn_norm": ..., "q_proj": ..., "fused_qkv": ..., "qkv_layout": ...},
      "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "norm"}, ...]}
+    optional per-layer keys: "query_mlp": {"size", "rank", "act"} (QueryMLP on the q projection),
+    "preproj": {"size", "inner", "expansion", "skip"} (PreProj on attn_norm, content skip on paths["attn"])
 """
 
 from __future__ import annotations
@@ -62,6 +64,92 @@ class IdentityQueryFused(nn.Module):
         return torch.cat([x.reshape(heads), k.reshape(heads), v.reshape(heads)], dim=-1).flatten(-2)
 
 
+# ------------------------------------------------------------------ residual modules (attach-query-mlp, attach-preproj)
+# They hang off an existing module as a child plus a forward hook, so the stock weight names (q_proj.weight,
+# input_layernorm.weight, ...) stay where every other transform and tool expects them.
+_ACTIVATIONS = {"gelu": nn.functional.gelu, "silu": nn.functional.silu, "relu": nn.functional.relu}
+
+
+class QueryMLP(nn.Module):
+    """Nonlinear residual query q = X + f(X), f(X) = LayerNorm(act(RMSNorm(X)·W1)·W2), no biases
+    (arXiv 2603.13381), applied to the query part of a projection's output, before q_norm and RoPE.
+
+    layout says where the query sits in that output: "separate" (all of it), "fused_concat_conv1d"
+    ([q | k | v]) or "fused_per_head" (per head [q_h | k_h | v_h]). Zero output-norm gain: f = 0 at start.
+    """
+
+    def __init__(self, size: int, rank: int, act: str, layout: str, num_heads: int):
+        super().__init__()
+        self.act, self.layout, self.num_heads = act, layout, num_heads
+        self.norm = nn.RMSNorm(size, eps=1e-6)
+        self.up = nn.Linear(size, rank, bias=False)  # W1 (d_q → R)
+        self.down = nn.Linear(rank, size, bias=False)  # W2 (R → d_q)
+        self.out_norm = nn.LayerNorm(size, bias=False)
+
+    def f(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_norm(self.down(_ACTIVATIONS[self.act](self.up(self.norm(x)))))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """Projection output y with its query part X replaced by X + f(X)."""
+        if self.layout == "separate":
+            return y + self.f(y)
+        size = self.norm.normalized_shape[0]
+        if self.layout == "fused_concat_conv1d":
+            q, rest = y.split([size, y.shape[-1] - size], dim=-1)
+            return torch.cat([q + self.f(q), rest], dim=-1)
+        heads = y.unflatten(-1, (self.num_heads, -1))  # (..., H, 3·dh)
+        dh = size // self.num_heads
+        q = heads[..., :dh].flatten(-2)  # (..., H·dh)
+        q = (q + self.f(q)).unflatten(-1, (self.num_heads, dh))
+        return torch.cat([q, heads[..., dh:]], dim=-1).flatten(-2)
+
+
+class PreProj(nn.Module):
+    """Pre-projection MLP branch g(x̂) = W_down·SiLU(W_up·x̂), no biases (arXiv 2604.10791); x̃ = x̂ + g(x̂)."""
+
+    def __init__(self, hidden_size: int, inner: int):
+        super().__init__()
+        self.up = nn.Linear(hidden_size, inner, bias=False)
+        self.down = nn.Linear(inner, hidden_size, bias=False)  # zero at start: x̃ = x̂
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.silu(self.up(x)))
+
+
+def _query_mlp_hook(module, args, output):
+    return module.query_mlp(output)
+
+
+def _preproj_hook(module, args, output):
+    return output + module.preproj(output)  # x̃ = x̂ + W_down·SiLU(W_up·x̂)
+
+
+def _content_skip_hook(module, args, kwargs, output):
+    x = args[0] if args else kwargs["hidden_states"]  # the attention input, x̃
+    skip = module.content_skip(x)  # W_skip·x̃
+    if isinstance(output, tuple):
+        return (output[0] + skip, *output[1:])
+    return output + skip
+
+
+def attach_residual_modules(layer: nn.Module, spec: dict, paths: dict, num_heads: int) -> None:
+    """Add the layer's query MLP / pre-projection MLP / content skip, where `spec` asks for them."""
+    if "query_mlp" in spec:
+        m = spec["query_mlp"]
+        target = layer.get_submodule(paths["q_proj"] if paths["qkv_layout"] == "separate" else paths["fused_qkv"])
+        target.query_mlp = QueryMLP(m["size"], m["rank"], m.get("act", "gelu"), paths["qkv_layout"], num_heads)
+        target.register_forward_hook(_query_mlp_hook)
+    if "preproj" in spec:
+        m = spec["preproj"]
+        norm = layer.get_submodule(paths["attn_norm"])
+        norm.preproj = PreProj(m["size"], m["inner"])
+        norm.register_forward_hook(_preproj_hook)
+        if m.get("skip", False):
+            attn = layer.get_submodule(paths["attn"])
+            attn.content_skip = nn.Linear(m["size"], m["size"], bias=False)
+            attn.register_forward_hook(_content_skip_hook, with_kwargs=True)
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -88,6 +176,7 @@ def apply_qkvconv_layout(model: nn.Module, block: dict) -> None:
                     paths["fused_qkv"],
                     IdentityQueryFused(d, cfg.num_attention_heads, paths["qkv_layout"], bias),
                 )
+        attach_residual_modules(layer, spec, paths, cfg.num_attention_heads)
 
 
 def _make_class(base_name: str) -> type:

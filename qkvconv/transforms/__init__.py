@@ -1,5 +1,6 @@
 """Transforms: pure functions from a state dict (and arch spec) to a new state dict and layout block."""
 
 from qkvconv.transforms.absorb_query import AbsorbResult, absorb_query, wq_condition
+from qkvconv.transforms.attach import AttachResult, added_module_prefixes, attach_preproj, attach_query_mlp
 
-__all__ = ["AbsorbResult", "absorb_query", "wq_condition"]
+__all__ = ["AbsorbResult", "absorb_query", "wq_condition", "AttachResult", "added_module_prefixes", "attach_preproj", "attach_query_mlp"]

@@ -1,0 +1,139 @@
+"""attach-query-mlp and attach-preproj: add zero-started residual MLPs to attention (METHODS.md §2, §5).
+
+Both add a residual branch whose last factor starts at zero, so the converted model computes exactly
+what the original did until it is finetuned:
+
+    query MLP (arXiv 2603.13381):  q = X + f(X),  f(X) = LayerNorm_γ(GELU(RMSNorm(X)·W1)·W2),  γ = 0
+        X is the query in query coordinates before q_norm and RoPE: h·W_Q + b_Q, or h' after absorb-query.
+    pre-projection MLP (arXiv 2604.10791):  x̃ = x̂ + W_down·SiLU(W_up·x̂),  W_down = 0
+        between the pre-attention norm and Q/K/V; content skip: attention output += W_skip·x̃,  W_skip = 0.
+
+Weights of the original model keep their names; the new ones live under `<q module>.query_mlp.*`,
+`<attn_norm>.preproj.*` and `<attention>.content_skip.*` (see modeling_qkvconv.attach_residual_modules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qkvconv.archs import ArchSpec, Dims
+from qkvconv.errors import TransformError
+
+ACTIVATIONS = ("gelu", "silu", "relu")
+
+
+@dataclass
+class AttachResult:
+    state_dict: dict[str, torch.Tensor]
+    layers: list[dict]  # per-layer layout block for the loader (modeling_qkvconv)
+    added: dict[str, int]  # new parameters by module kind
+
+
+def stock_layers(dims: Dims) -> list[dict]:
+    """The layout block of an unconverted model: every layer as it came."""
+    return [{"query": "projection", "attn_input": "norm"} for _ in range(dims.num_hidden_layers)]
+
+
+def attention_module(spec: ArchSpec) -> str:
+    """The attention block relative to a layer (the parent of the output projection), e.g. "self_attn"."""
+    return spec.o_proj.rsplit(".", 1)[0]
+
+
+def query_module(spec: ArchSpec) -> str:
+    """The module whose output holds the query (the q projection, or the fused QKV projection)."""
+    return spec.q_proj if spec.qkv_layout == "separate" else spec.fused_qkv
+
+
+def _normal(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * fan_in**-0.5
+
+
+def _check_layers(layers: list[dict], dims: Dims, key: str, command: str) -> None:
+    if len(layers) != dims.num_hidden_layers:
+        raise TransformError(f"layout block has {len(layers)} layers, the model {dims.num_hidden_layers}")
+    if any(key in layer for layer in layers):
+        raise TransformError(f"the model already has a {key.replace('_', ' ')}; {command} applies once")
+
+
+def attach_query_mlp(
+    state_dict: dict[str, torch.Tensor],
+    spec: ArchSpec,
+    dims: Dims,
+    layers: list[dict],
+    *,
+    rank: int | None = None,
+    act: str = "gelu",
+    seed: int = 0,
+) -> AttachResult:
+    """Add a zero-started query MLP to every layer; the input dict and `layers` are not modified.
+
+    rank: R, default d_q/2 with d_q = heads·head_dim (the query size; = d where W_Q is square).
+    """
+    _check_layers(layers, dims, "query_mlp", "attach-query-mlp")
+    if act not in ACTIVATIONS:
+        raise TransformError(f"unknown activation {act!r}; use one of {', '.join(ACTIVATIONS)}")
+    size = dims.q_size
+    rank = size // 2 if rank is None else rank
+    if not 1 <= rank <= 4 * size:
+        raise TransformError(f"--rank must be between 1 and {4 * size} for query size {size}, not {rank}")
+    dtype = next(iter(state_dict.values())).dtype
+    gen = torch.Generator().manual_seed(seed)
+    out, new_layers = dict(state_dict), []
+    for i, layer in enumerate(layers):
+        key = f"{spec.layer(i, query_module(spec))}.query_mlp"
+        out[f"{key}.norm.weight"] = torch.ones(size, dtype=dtype)  # RMSNorm gain
+        out[f"{key}.up.weight"] = _normal((rank, size), size, gen).to(dtype)  # W1ᵀ, (R, d_q)
+        out[f"{key}.down.weight"] = _normal((size, rank), rank, gen).to(dtype)  # W2ᵀ, (d_q, R)
+        out[f"{key}.out_norm.weight"] = torch.zeros(size, dtype=dtype)  # LayerNorm gain 0: f(X) = 0
+        new_layers.append({**layer, "query_mlp": {"size": size, "rank": rank, "act": act}})
+    per_layer = 2 * size * rank + 2 * size
+    return AttachResult(out, new_layers, {"query_mlp": per_layer * dims.num_hidden_layers})
+
+
+def attach_preproj(
+    state_dict: dict[str, torch.Tensor],
+    spec: ArchSpec,
+    dims: Dims,
+    layers: list[dict],
+    *,
+    expansion: float = 1.25,
+    skip: bool = True,
+    seed: int = 0,
+) -> AttachResult:
+    """Add a zero-started pre-projection MLP (and content skip) to every layer; inputs are not modified."""
+    _check_layers(layers, dims, "preproj", "attach-preproj")
+    if spec.mlp_reads_attn_norm:
+        raise TransformError(f"{spec.family}: the MLP reads the attention norm too; a pre-projection MLP would change it")
+    if not 0 < expansion <= 16:
+        raise TransformError(f"--expansion must be in (0, 16], not {expansion}")
+    d = dims.hidden_size
+    inner = max(1, round(expansion * d))
+    dtype = next(iter(state_dict.values())).dtype
+    gen = torch.Generator().manual_seed(seed)
+    out, new_layers = dict(state_dict), []
+    for i, layer in enumerate(layers):
+        key = f"{spec.layer(i, spec.attn_norm)}.preproj"
+        out[f"{key}.up.weight"] = _normal((inner, d), d, gen).to(dtype)  # W_up, (E, d)
+        out[f"{key}.down.weight"] = torch.zeros(d, inner, dtype=dtype)  # W_down = 0: x̃ = x̂
+        if skip:
+            out[f"{spec.layer(i, attention_module(spec))}.content_skip.weight"] = torch.zeros(d, d, dtype=dtype)  # W_skip = 0
+        new_layers.append({**layer, "preproj": {"size": d, "inner": inner, "expansion": expansion, "skip": skip}})
+    added = {"preproj": 2 * d * inner * dims.num_hidden_layers}
+    if skip:
+        added["content_skip"] = d * d * dims.num_hidden_layers
+    return AttachResult(out, new_layers, added)
+
+
+def added_module_prefixes(layers: list[dict], spec: ArchSpec) -> list[str]:
+    """State-dict prefixes of the modules qkvconv added (what `finetune --train new` trains)."""
+    prefixes = []
+    for i, layer in enumerate(layers):
+        if "query_mlp" in layer:
+            prefixes.append(f"{spec.layer(i, query_module(spec))}.query_mlp.")
+        if "preproj" in layer:
+            prefixes.append(f"{spec.layer(i, spec.attn_norm)}.preproj.")
+            if layer["preproj"].get("skip"):
+                prefixes.append(f"{spec.layer(i, attention_module(spec))}.content_skip.")
+    return prefixes
