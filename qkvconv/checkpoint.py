@@ -194,15 +194,22 @@ def load(
 
 @contextmanager
 def _tqdm_disabled():
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    """Silence the bar transformers' GGUF reader draws with its own tqdm (qkvconv shows its own status)."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - other transformers layouts
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+        if original is not None:
+            gguf_utils.tqdm = original
 
 
 def _drop_gguf_quantization(model) -> None:

@@ -59,14 +59,14 @@ def test_input_checkpoint_is_never_modified(tiny_models, tmp_path):
 def test_loads_in_plain_transformers_without_importing_qkvconv(tiny_models, tmp_path):
     for family in ("llama", "gpt2", "gpt_neox"):
         absorb_query_checkpoint(tiny_models[family], tmp_path / family, num_seqs=1, seq_len=16)
+    originals = {f: str(tiny_models[f]) for f in ("llama", "gpt2", "gpt_neox")}
     script = textwrap.dedent(
         f"""
         import sys, torch, transformers
-        for f in ("llama", "gpt2", "gpt_neox"):
+        originals = {originals!r}
+        for f, original in originals.items():
             m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/" + f, trust_remote_code=True)
-            o = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}.rsplit("/", 0)[0] and {{
-                "llama": {str(tiny_models["llama"])!r}, "gpt2": {str(tiny_models["gpt2"])!r},
-                "gpt_neox": {str(tiny_models["gpt_neox"])!r}}}[f])
+            o = transformers.AutoModelForCausalLM.from_pretrained(original)
             ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
             assert (m(ids).logits - o(ids).logits).abs().max() < 1e-3
             g = m.generate(ids, max_new_tokens=6, do_sample=False)
@@ -89,8 +89,7 @@ def test_drop_mode_refit_beats_naive_removal(tiny_models, family):
     refit, _ = _convert(loaded, "drop", acts)
     # naive: the same layout, keys untouched (refit with identity maps)
     dims = dims_of(loaded.config, loaded.spec)
-    naive_acts = [a[:, :] for a in acts]
-    naive_res = absorb_query(loaded.model.state_dict(), loaded.spec, dims, mode="drop", attn_inputs=naive_acts)
+    naive_res = absorb_query(loaded.model.state_dict(), loaded.spec, dims, mode="drop", attn_inputs=acts)
     e_refit = compare_logits(ref, logits_of(refit, ids), src)
     sd = dict(naive_res.state_dict)
     from qkvconv.archs.layout import read_qkv, write_kv
