@@ -123,6 +123,8 @@ def inspect(
     if info["qkvconv_layers"]:
         kinds = sorted({json.dumps(x, sort_keys=True) for x in info["qkvconv_layers"]})
         t.add_row("qkvconv layers", "; ".join(kinds))
+    if info.get("attached_parameters"):
+        t.add_row("attached modules", ", ".join(f"{k} {v:,}" for k, v in info["attached_parameters"].items()))
     for name, verdict in info["transforms"].items():
         mark = "[green]yes[/]" if verdict["applies"] else "[red]no[/]"
         t.add_row(name, f"{mark}: {verdict['why']}")
@@ -261,12 +263,177 @@ def verification_table(report) -> Table:
     for col in ("max |Δlogit|", "mean |Δlogit|", "max rel", "KL (nats/token)", "top-1 agree", "cond(W_Q) min/med/max"):
         t.add_column(col, justify="right")
     t.add_row(f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.max_rel:.3g}", f"{e.kl:.3g}", f"{100 * e.top1_agreement:.2f}%",
-              f"{min(cond):.3g} / {statistics.median(cond):.3g} / {max(cond):.3g}")
+              f"{min(cond):.3g} / {statistics.median(cond):.3g} / {max(cond):.3g}" if cond else "n/a")
     verdict = f"bound: max |Δlogit| ≤ {report.atol:g} (passed)" if report.atol is not None else "lossy by design: finetune to heal"
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
     t.caption = f"on {e.tokens} tokens, {e.source}; {verdict}; {timings}"
     t.caption_justify = "left"
     return t
+
+
+# -------------------------------------------------- attach-query-mlp, attach-preproj, finetune (issue #4)
+CalibSeqs = Annotated[int, typer.Option("--num-seqs", help="Sequences sampled from the original model to verify on.")]
+CalibLen = Annotated[int, typer.Option("--seq-len", help="Length of the verification sequences.")]
+AttachAtol = Annotated[Optional[float], typer.Option("--atol", help="Fail if max |Δlogit| at step 0 exceeds this (default 1e-5).")]
+
+
+def _attach_table(report) -> Table:
+    e = report.error
+    t = Table(title=f"{report.transform}: verification at step 0", title_justify="left")
+    for col in ("max |Δlogit|", "mean |Δlogit|", "KL (nats/token)", "top-1 agree", "added parameters"):
+        t.add_column(col, justify="right")
+    added = ", ".join(f"{k} {v:,}" for k, v in report.added.items())
+    t.add_row(f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.kl:.3g}", f"{100 * e.top1_agreement:.2f}%", added)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
+    t.caption = f"on {e.tokens} tokens, {e.source}; bound: max |Δlogit| ≤ {report.atol:g} (passed); {timings}"
+    t.caption_justify = "left"
+    return t
+
+
+@app.command("attach-query-mlp")
+@command
+def attach_query_mlp(
+    model: Model,
+    output: Output,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="Hidden width R of f (default: query size / 2).")] = None,
+    act: Annotated[str, typer.Option("--act", help="Activation inside f: gelu | silu | relu.")] = "gelu",
+    num_seqs: CalibSeqs = 4,
+    seq_len: CalibLen = 64,
+    atol: AttachAtol = None,
+    dtype: Dtype = "float32",
+    seed: Seed = 0,
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Add a zero-started nonlinear residual query q = X + f(X) (METHODS.md §2), verify, write OUTPUT."""
+    from qkvconv.convert import attach_query_mlp_checkpoint
+
+    with err.status("starting") as status:
+        report = attach_query_mlp_checkpoint(
+            model, output, rank=rank, act=act, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
+            dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle, progress=lambda s: status.update(f"{s}…"),
+        )
+    out.print(_attach_table(report))
+    out.print(f"wrote [bold]{report.output}[/]")
+
+
+@app.command("attach-preproj")
+@command
+def attach_preproj(
+    model: Model,
+    output: Output,
+    expansion: Annotated[float, typer.Option("--expansion", help="Hidden width of the pre-projection MLP / hidden size.")] = 1.25,
+    skip: Annotated[bool, typer.Option("--skip/--no-skip", help="Add the content skip W_skip·x̃ to the attention output.")] = True,
+    num_seqs: CalibSeqs = 4,
+    seq_len: CalibLen = 64,
+    atol: AttachAtol = None,
+    dtype: Dtype = "float32",
+    seed: Seed = 0,
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Add a zero-started pre-projection MLP (+ content skip) before Q/K/V (METHODS.md §5), verify, write OUTPUT."""
+    from qkvconv.convert import attach_preproj_checkpoint
+
+    with err.status("starting") as status:
+        report = attach_preproj_checkpoint(
+            model, output, expansion=expansion, skip=skip, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
+            dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle, progress=lambda s: status.update(f"{s}…"),
+        )
+    out.print(_attach_table(report))
+    out.print(f"wrote [bold]{report.output}[/]")
+
+
+@app.command("finetune")
+@command
+def finetune_cmd(
+    model: Model,
+    output: Output,
+    data: Annotated[str, typer.Option("--data", help="Text/JSONL file (field \"text\"), a folder of them, or an HF dataset name.")],
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Held-out text (default: the first --eval-seqs windows of --data).")] = None,
+    train: Annotated[str, typer.Option("--train", help="new (only modules qkvconv added) | attention | all.")] = "new",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", help="Training tokens (instead of --steps).")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per packed window.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per micro-batch (per process).")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW; linear warmup, cosine decay to 0).")] = 1e-4,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="Warmup steps (default 5% of steps).")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip the gradient norm (0: off).")] = 1.0,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 (fp32 master weights, bf16 autocast).")] = "fp32",
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate the held-out loss every N steps.")] = 50,
+    eval_seqs: Annotated[int, typer.Option("--eval-seqs", help="Held-out windows.")] = 16,
+    save_every: Annotated[int, typer.Option("--save-every", help="Save a resumable state every N steps (0: never).")] = 100,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="State, logs and plot (default OUTPUT.run).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from its last saved state.")] = False,
+    control: Annotated[bool, typer.Option("--control", help="Finetune the model MODEL was converted from instead (a fair control).")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation order, data order and dropout.")] = 0,
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Finetune a (converted) checkpoint on text; write a qkvconv checkpoint, loss curves and a plot.
+
+    Multi-GPU: torchrun --nproc-per-node N -m qkvconv.cli finetune ... (or accelerate launch -m qkvconv.cli ...).
+    """
+    from qkvconv.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        data=data, eval_data=eval_data, train=train, steps=steps, tokens=tokens, seq_len=seq_len,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm or None, seed=seed, precision=precision, eval_every=eval_every,
+        eval_seqs=eval_seqs, save_every=save_every,
+    )
+    result = finetune(model, output, cfg, run_dir=run_dir, resume=resume, control=control, device=device,
+                      force=force, allow_pickle=allow_pickle, show_progress=True)
+    t = Table(title=f"finetune --train {train}: held-out loss", title_justify="left")
+    for col in ("step", "tokens", "loss", "ppl"):
+        t.add_column(col, justify="right")
+    for row in result.eval_curve:
+        t.add_row(str(row["step"]), f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.3g}")
+    t.caption = (f"{result.trainable_parameters:,} trainable parameters; {result.tokens_per_s:,.0f} tokens/s; "
+                 f"curves: {result.run_dir / 'curves.png'}")
+    t.caption_justify = "left"
+    out.print(t)
+    if result.output is not None:
+        out.print(f"wrote [bold]{result.output}[/]")
+
+
+# ----------------------------------------------------------------------------------- share-kv (issue #3)
+@app.command("share-kv")
+@command
+def share_kv(
+    model: Model,
+    output: Output,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="k=v | q=k | q=k=v (one shared projection).")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option("--kv-heads", help="Pool key/value heads to N (N divides the query heads).")] = None,
+    init: Annotated[str, typer.Option("--init", help="key | value | mean (data-free) or calibrated (data-aware).")] = "key",
+    export: Annotated[Optional[str], typer.Option("--export", help="stock: the plain architecture, no remote code (no K=V cache saving).")] = None,
+    calib: Calib = None,
+    num_seqs: Annotated[int, typer.Option("--num-seqs", help="Calibration sequences.")] = 16,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration sequence length.")] = 128,
+    dtype: Dtype = "float32",
+    seed: Seed = 0,
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Share projections (K=V, Q=K, Q=K=V) and/or pool KV heads (METHODS.md §3), report the damage, write OUTPUT."""
+    from qkvconv.convert import share_kv_checkpoint
+
+    with err.status("starting") as status:
+        report = share_kv_checkpoint(
+            model, output, mode=mode, kv_heads=kv_heads, init=init, export=export, calib=calib, num_seqs=num_seqs,
+            seq_len=seq_len, seed=seed, dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle,
+            progress=lambda step: status.update(f"{step}…"),
+        )
+    out.print(verification_table(report))
+    kv = report.options["kv_cache_bytes_per_token"]
+    out.print(f"KV cache: {kv['before']:,} → {kv['after']:,} bytes/token ({kv['after'] / kv['before']:.1%})")
+    if export == "stock" and report.options["mode"] in ("k=v", "q=k=v"):
+        out.print("[yellow]--export stock duplicates the shared weights: the stock cache stores K and V, "
+                  "so there is no K=V cache saving[/]")
+    out.print(f"wrote [bold]{report.output}[/]")
 
 
 if __name__ == "__main__":  # pragma: no cover

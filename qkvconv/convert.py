@@ -20,7 +20,8 @@ from qkvconv.checkpoint import Loaded, check_output, load, qkvconv_block, read_r
 from qkvconv.errors import TransformError, VerificationError
 from qkvconv.manifest import manifest
 from qkvconv.modeling import FORMAT
-from qkvconv.transforms import absorb_query
+from qkvconv.transforms import absorb_query, attach_preproj, attach_query_mlp
+from qkvconv.transforms.attach import stock_layers
 from qkvconv.verify import LogitError, attention_inputs, calibration_ids, compare_model, logits_of
 
 # fp32 error of an exact absorption grows like eps·cond(W_Q)·|logit| (METHODS.md §1). The default
@@ -40,6 +41,7 @@ class Report:
     wq_condition: list[float]
     timings: dict[str, float] = field(default_factory=dict)
     atol: float | None = None
+    added: dict[str, int] = field(default_factory=dict)  # new parameters by module kind (attach-*)
 
 
 Progress = Callable[[str], None]
@@ -67,6 +69,9 @@ def converted_config(config, spec: ArchSpec, base_class: str, layers: list[dict]
             "q_proj": spec.q_proj,
             "fused_qkv": spec.fused_qkv,
             "qkv_layout": spec.qkv_layout,
+            "attn": spec.o_proj.rsplit(".", 1)[0],  # the attention block, relative to a layer
+            "o_proj": spec.o_proj,
+            "qk_norm": spec.qk_norm,
         },
         "layers": layers,
     }
@@ -155,6 +160,251 @@ def absorb_query_checkpoint(
                 "timings_s": t,
             }
             record = {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=seed)}
+            report.output = write_checkpoint(
+                output,
+                state_dict=untie(result.state_dict, config, spec),
+                config=config,
+                tokenizer=loaded.tokenizer,
+                generation_config=getattr(loaded.model, "generation_config", None),
+                record=record,
+                force=force,
+            )
+    return report
+
+
+# ------------------------------------------------------------------------ attach-query-mlp / attach-preproj
+# Zero-started residual branches add exact zeros, so the converted logits equal the original ones bit for bit;
+# the bound only leaves room for a different kernel path.
+ATTACH_ATOL = 1e-5
+
+
+def _attach_checkpoint(
+    model: str | Path,
+    output: str | Path | None,
+    name: str,
+    attach: Callable,
+    options: dict,
+    *,
+    num_seqs: int,
+    seq_len: int,
+    seed: int,
+    atol: float | None,
+    dtype: torch.dtype,
+    force: bool,
+    allow_pickle: bool,
+    progress: Progress | None,
+) -> Report:
+    """Shared pipeline of the attach commands: load, calibrate, attach, verify exactness, write."""
+    t: dict[str, float] = {}
+    source = resolve_source(model, allow_pickle=allow_pickle)
+    if output is not None:
+        check_output(output, force=force, inputs=[source])
+    with _timed(t, "load", progress):
+        loaded = load(source, dtype=dtype, allow_pickle=allow_pickle, with_hash=True)
+    spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
+    block = qkvconv_block(loaded.config)
+    layers = copy.deepcopy(block["layers"]) if block else stock_layers(dims)
+    with _timed(t, "calibrate", progress):
+        ids, calib_source = calibration_ids(loaded.model, loaded.tokenizer, num_seqs=num_seqs, seq_len=seq_len, seed=seed)
+        ref = logits_of(loaded.model, ids)
+    with _timed(t, "transform", progress):
+        result = attach(loaded.model.state_dict(), spec, dims, layers)
+        config = converted_config(loaded.config, spec, base_class_of(loaded), result.layers)
+        new_model = build_converted(config, result.state_dict, dtype)
+    with _timed(t, "verify", progress):
+        error = compare_model(ref, new_model, ids, calib_source)
+    bound = ATTACH_ATOL if atol is None else atol
+    options = {**options, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed,
+               "dtype": str(dtype).removeprefix("torch."), "atol": bound}
+    report = Report(None, name, options, error, [], t, bound, added=result.added)
+    if not error.max_abs <= bound:
+        raise VerificationError(
+            f"{name} is not exact at step 0: max |Δlogit| {error.max_abs:.3g} exceeds --atol {bound:g}; nothing written"
+        )
+    if output is not None:
+        with _timed(t, "save", progress):
+            history = (read_record(source.path) or {}).get("history", []) if source.kind == "hf_dir" else []
+            entry = {
+                "transform": name,
+                "options": options,
+                "source": {"path": source.path, "kind": source.kind, "sha256": loaded.source_hash},
+                "verification": error.as_dict(),
+                "added_parameters": result.added,
+                "timings_s": t,
+            }
+            record = {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=seed)}
+            report.output = write_checkpoint(
+                output,
+                state_dict=untie(result.state_dict, config, spec),
+                config=config,
+                tokenizer=loaded.tokenizer,
+                generation_config=getattr(loaded.model, "generation_config", None),
+                record=record,
+                force=force,
+            )
+    return report
+
+
+def attach_query_mlp_checkpoint(
+    model: str | Path,
+    output: str | Path | None,
+    *,
+    rank: int | None = None,
+    act: str = "gelu",
+    num_seqs: int = 4,
+    seq_len: int = 64,
+    seed: int = 0,
+    atol: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Add a zero-started nonlinear residual query (METHODS.md §2), verify exactness, write `output`."""
+
+    def attach(sd, spec, dims, layers):
+        return attach_query_mlp(sd, spec, dims, layers, rank=rank, act=act, seed=seed)
+
+    return _attach_checkpoint(
+        model, output, "attach-query-mlp", attach, {"rank": rank, "act": act}, num_seqs=num_seqs, seq_len=seq_len,
+        seed=seed, atol=atol, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress,
+    )
+
+
+def attach_preproj_checkpoint(
+    model: str | Path,
+    output: str | Path | None,
+    *,
+    expansion: float = 1.25,
+    skip: bool = True,
+    num_seqs: int = 4,
+    seq_len: int = 64,
+    seed: int = 0,
+    atol: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Add a zero-started pre-projection MLP and content skip (METHODS.md §5), verify exactness, write `output`."""
+
+    def attach(sd, spec, dims, layers):
+        return attach_preproj(sd, spec, dims, layers, expansion=expansion, skip=skip, seed=seed)
+
+    return _attach_checkpoint(
+        model, output, "attach-preproj", attach, {"expansion": expansion, "skip": skip}, num_seqs=num_seqs,
+        seq_len=seq_len, seed=seed, atol=atol, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress,
+    )
+
+
+# ------------------------------------------------------------------------------------------- share-kv
+def _rope_table(model, seq_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """cos, sin (seq_len, rotary_dim) of the model's own rotary embedding, None without RoPE."""
+    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
+    if rotary is None:
+        return None, None
+    x = torch.zeros(1, dtype=torch.float32)
+    cos, sin = rotary(x, torch.arange(seq_len)[None])
+    return cos[0].double(), sin[0].double()
+
+
+def stock_config(config, kv_heads: int):
+    """A copy of `config` for the stock architecture with `kv_heads` key/value heads where the family has that
+    setting; returns (config, heads actually written): families without it get pooled heads repeated."""
+    new = copy.deepcopy(config)
+    for key in ("qkvconv", "auto_map"):
+        if hasattr(new, key):
+            delattr(new, key)
+    if hasattr(new, "num_key_value_heads"):
+        new.num_key_value_heads = kv_heads
+        return new, kv_heads
+    return new, config.num_attention_heads
+
+
+def share_kv_checkpoint(
+    model: str | Path,
+    output: str | Path | None,
+    *,
+    mode: str | None = "k=v",
+    kv_heads: int | None = None,
+    init: str = "key",
+    export: str | None = None,
+    calib: Path | None = None,
+    num_seqs: int = 16,
+    seq_len: int = 128,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """share-kv on a checkpoint (lossy: reported, never refused), written to `output` unless it is None.
+
+    export="stock" writes the stock architecture (K=V as duplicated weights, pooled heads as num_key_value_heads):
+    loads without remote code, but a K=V cache is then not shared.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from qkvconv.describe import kv_cache_bytes_per_token
+    from qkvconv.transforms.share_kv import Calibration, check_share_options, share_kv
+
+    if export not in (None, "stock"):
+        raise TransformError(f"unknown --export {export!r}; the only export is stock")
+    t: dict[str, float] = {}
+    source = resolve_source(model, allow_pickle=allow_pickle)
+    if output is not None:
+        check_output(output, force=force, inputs=[source])
+    with _timed(t, "load", progress):
+        loaded = load(source, dtype=dtype, allow_pickle=allow_pickle, with_hash=True)
+    if qkvconv_block(loaded.config):
+        raise TransformError(f"{source.path} is already a qkvconv-converted checkpoint; share-kv needs a stock one")
+    spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
+    N = check_share_options(mode, kv_heads, init, dims)  # fail before the slow calibration
+    with _timed(t, "calibrate", progress):
+        ids, calib_source = calibration_ids(
+            loaded.model, loaded.tokenizer, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed
+        )
+        ref = logits_of(loaded.model, ids)
+        calibration = None
+        if init == "calibrated":
+            cos, sin = _rope_table(loaded.model, ids.shape[1])
+            eps = float(getattr(loaded.config, "rms_norm_eps", 1e-6) or 1e-6)
+            calibration = Calibration(attention_inputs(loaded.model, spec, ids), ids.shape[1], cos, sin, eps)
+    with _timed(t, "transform", progress):
+        stock_heads = None
+        if export == "stock":
+            config, stock_heads = stock_config(loaded.config, N)
+        result = share_kv(loaded.model.state_dict(), spec, dims, mode=mode, kv_heads=kv_heads, init=init,
+                          calibration=calibration, stock_kv_heads=stock_heads)
+        if export == "stock":
+            new_model = AutoModelForCausalLM.from_config(config).to(dtype)
+            new_model.load_state_dict(result.state_dict, strict=not getattr(config, "tie_word_embeddings", False))
+            new_model.eval()
+        else:
+            config = converted_config(loaded.config, spec, base_class_of(loaded), result.layers)
+            new_model = build_converted(config, result.state_dict, dtype)
+    with _timed(t, "verify", progress):
+        error = compare_model(ref, new_model, ids, calib_source)
+    before = kv_cache_bytes_per_token(loaded.config, spec, dtype)
+    after = kv_cache_bytes_per_token(new_model.config, spec, dtype) if export == "stock" else \
+        kv_cache_bytes_per_token(config, spec, dtype)
+    options = {"mode": mode or "none", "kv_heads": N, "init": init, "export": export,
+               "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed,
+               "dtype": str(dtype).removeprefix("torch."),
+               "kv_cache_bytes_per_token": {"before": before, "after": after}}
+    report = Report(None, "share-kv", options, error, [], t, None)
+    report.fit = result.fit
+    if output is not None:
+        with _timed(t, "save", progress):
+            entry = {
+                "transform": "share-kv",
+                "options": options,
+                "source": {"path": source.path, "kind": source.kind, "sha256": loaded.source_hash},
+                "verification": error.as_dict(),
+                "calibrated_fit": result.fit,
+                "timings_s": t,
+            }
+            record = {"qkvconv_version": __version__, "history": [entry], "manifest": manifest(seed=seed)}
             report.output = write_checkpoint(
                 output,
                 state_dict=untie(result.state_dict, config, spec),

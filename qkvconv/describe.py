@@ -13,7 +13,7 @@ from qkvconv.transforms import wq_condition
 
 def _attention_prefixes(spec) -> tuple[str, str]:
     attn = spec.o_proj.rsplit(".", 1)[0]  # e.g. "self_attn", "attn", "attention"
-    return f".{attn}.", f".{spec.attn_norm}.affine."
+    return f".{attn}.", f".{spec.attn_norm}.affine.", f".{spec.attn_norm}.preproj."
 
 
 def parameter_counts(model, spec) -> dict[str, int]:
@@ -33,11 +33,44 @@ def parameter_counts(model, spec) -> dict[str, int]:
     return {"total": total, "non_embedding": total - emb, "attention": attn}
 
 
+def attached_parameters(model) -> dict[str, int]:
+    """Parameters of the residual modules qkvconv attached (query_mlp, preproj, content_skip), by kind."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        for kind in ("query_mlp", "preproj", "content_skip"):
+            if f".{kind}." in f".{name}":
+                counts[kind] = counts.get(kind, 0) + p.numel()
+    return counts
+
+
 def kv_cache_bytes_per_token(config, spec, dtype: torch.dtype) -> int:
-    """Bytes the KV cache holds per generated token: keys and values of every layer."""
+    """Bytes the KV cache holds per generated token: keys and values of every layer, by each layer's mode
+    (share-kv: a K=V layer stores one tensor, "kv_heads" pooled heads)."""
     dims = dims_of(config, spec)
-    per_layer = 2 * dims.num_key_value_heads * dims.head_dim
-    return per_layer * dims.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+    block = qkvconv_block(config)
+    modes = block["layers"] if block else [{}] * dims.num_hidden_layers
+    per_token = sum(
+        (1 if m.get("kv") == "shared" else 2) * m.get("kv_heads", dims.num_key_value_heads) * dims.head_dim
+        for m in modes
+    )
+    return per_token * torch.empty((), dtype=dtype).element_size()
+
+
+def layer_modes(config) -> list[str] | None:
+    """Each layer's attention mode in words (qkvconv checkpoints), e.g. "k=v, kv_heads 1"."""
+    block = qkvconv_block(config)
+    if not block:
+        return None
+    out = []
+    for m in block["layers"]:
+        shared = [x for x, on in (("q=k", m.get("qk") == "shared"), ("k=v", m.get("kv") == "shared")) if on]
+        words = ["q=k=v" if len(shared) == 2 else (shared[0] if shared else "qkv")]
+        if "kv_heads" in m:
+            words.append(f"kv_heads {m['kv_heads']}")
+        if m.get("query") == "identity":
+            words.append("identity query")
+        out.append(", ".join(words))
+    return out
 
 
 def _summary(xs: list[float]) -> dict:
@@ -55,12 +88,18 @@ def describe(loaded: Loaded) -> dict:
     dtype = next(model.parameters()).dtype
     identity_query = bool(block) and any(layer["query"] == "identity" for layer in block["layers"])
     square = dims.q_size == dims.hidden_size
-    cond = _summary([1.0] * dims.num_hidden_layers if identity_query else wq_condition(sd, spec, dims))
+    shared = bool(block) and any({"kv", "qk", "kv_heads"} & set(layer) for layer in block["layers"])
+    if shared:  # share-kv layers keep no stock q/k/v weights to read
+        cond = _summary([float("nan")] * dims.num_hidden_layers)
+    else:
+        cond = _summary([1.0] * dims.num_hidden_layers if identity_query else wq_condition(sd, spec, dims))
     attn_bias = any(
         k.endswith(".bias") and any(p and f".{p}." in f".{k}" for p in (spec.q_proj, spec.k_proj, spec.fused_qkv))
         for k in sd
     )
-    if identity_query:
+    if shared:
+        exact = {"applies": False, "why": "share-kv layers: absorb-query needs stock projections"}
+    elif identity_query:
         exact = {"applies": False, "why": "the query is already the identity"}
     elif not square:
         exact = {"applies": False, "why": f"W_Q is not square ({dims.hidden_size}×{dims.q_size})"}
@@ -68,7 +107,7 @@ def describe(loaded: Loaded) -> dict:
         exact = {"applies": False, "why": f"W_Q is singular in some layer (cond {cond['max']:.3g})"}
     else:
         exact = {"applies": True, "why": f"square W_Q, max cond {cond['max']:.3g}: fp32 error grows ~ eps·cond"}
-    drop = {"applies": square and not identity_query, "why": "lossy: needs finetuning to heal"}
+    drop = {"applies": square and not identity_query and not shared, "why": "lossy: needs finetuning to heal"}
     return {
         "source": loaded.source.path,
         "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
@@ -91,5 +130,7 @@ def describe(loaded: Loaded) -> dict:
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config, spec, dtype),
         "wq_condition": cond,
         "qkvconv_layers": block["layers"] if block else None,
+        "attached_parameters": attached_parameters(model),
+        "layer_modes": layer_modes(config),
         "transforms": {"absorb-query --mode exact": exact, "absorb-query --mode drop": drop},
     }

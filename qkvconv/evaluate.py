@@ -104,6 +104,7 @@ def resolve_tasks(tasks: Sequence[str], data_dir: Path | None, include_path: Seq
     `include_path` YAMLs come last, so a user's own task of the same name wins. Returns
     `(task_manager, names)`; the generated YAMLs live as long as the task manager.
     """
+    import lm_eval.tasks as lm_eval_tasks
     from lm_eval.tasks import TaskManager
 
     names = [n.strip() for spec in tasks for n in str(spec).split(",") if n.strip()]
@@ -131,15 +132,21 @@ def resolve_tasks(tasks: Sequence[str], data_dir: Path | None, include_path: Seq
     with _quiet_lm_eval():
         manager = TaskManager(include_path=[str(p) for p in paths + include] or None)
     manager._qkvconv_generated = generated  # removed when the manager is garbage-collected
+    builtin = Path(lm_eval_tasks.__file__).parent
     for task in local:
         entry = manager.task_index.get(task)
         where = getattr(entry, "yaml_path", None) or (entry.get("yaml_path") if isinstance(entry, dict) else None)
-        if generated is None or not str(where).startswith(generated.name):
+        if where is None or Path(where).resolve().is_relative_to(builtin.resolve()):
             raise QkvconvError(
                 f"this lm-eval version did not let the local copy of '{task}' replace its own task; "
                 "install lm-eval>=0.4.13 or leave out --data-dir"
             )
 
+    return manager, expand_task_names(manager, names)
+
+
+def expand_task_names(manager, names: Sequence[str]) -> list[str]:
+    """`names` checked against `manager`'s index, globs expanded, duplicates dropped; QkvconvError if unknown."""
     resolved: list[str] = []
     for name in names:
         if name in manager.all_tasks:
@@ -153,7 +160,7 @@ def resolve_tasks(tasks: Sequence[str], data_dir: Path | None, include_path: Seq
         if not found:
             raise QkvconvError(_unknown_task_message(name, manager.all_tasks))
         resolved += [f for f in found if f not in resolved]
-    return manager, resolved
+    return resolved
 
 
 def _unknown_task_message(name: str, known: Sequence[str]) -> str:

@@ -52,6 +52,12 @@ def format_count(n: int) -> str:
     return str(n)
 
 
+# column headers only; JSON keeps lm-eval's names
+SHORT_METRIC_NAMES = {
+    "perplexity": "ppl", "word_perplexity": "word ppl", "byte_perplexity": "byte ppl", "bits_per_byte": "bits/byte",
+}
+
+
 def _relative(new: float, old: float) -> str:
     return f"{(new - old) / old:+.1%}" if old else "n/a"
 
@@ -66,6 +72,7 @@ def eval_table(report: EvalReport, *, metrics: Sequence[str] | None = None, titl
     """One row per model; per (task, metric) "value ± stderr", and from the second row on a second
     line with the delta against the first row (green better, red worse). `metrics` keeps only those
     metric names (e.g. ["acc", "perplexity", "word_perplexity"])."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
@@ -74,12 +81,15 @@ def eval_table(report: EvalReport, *, metrics: Sequence[str] | None = None, titl
     caption = [f"limit {settings.get('limit') or 'none'} · seed {settings.get('seed')} · "
                f"batch {settings.get('batch_size')} · {settings.get('device')}"]
     caption += [f"{task}: {source}" for task, source in report.sources.items()]
-    table = Table(title=title or "lm-eval", caption="\n".join(caption), caption_justify="left")
+    table = Table(
+        title=title or "lm-eval", caption="\n".join(caption), caption_justify="left", box=box.SIMPLE_HEAD,
+        pad_edge=False, show_lines=True,  # with SIMPLE_HEAD a blank line between rows: cells have 2 lines
+    )
     table.add_column("Model", overflow="fold")
     table.add_column("Params", justify="right")
-    table.add_column("KV B/token", justify="right")
+    table.add_column("KV B/tok", justify="right")
     for task, metric in columns:
-        table.add_column(f"{task}\n{metric}", justify="right")
+        table.add_column(f"{task}\n{SHORT_METRIC_NAMES.get(metric, metric)}", justify="right", overflow="fold")
 
     first = report.rows[0] if report.rows else None
     for i, row in enumerate(report.rows):

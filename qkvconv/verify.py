@@ -47,18 +47,15 @@ def calibration_ids(
         starts = torch.linspace(0, ids.numel() - seq_len, n).long()  # spread windows over the whole file
         windows = torch.stack([ids[s : s + seq_len] for s in starts])
         return windows, f"file:{path.name} ({min(need, n * seq_len)} tokens)"
-    gen = torch.Generator().manual_seed(seed)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    ids = torch.full((num_seqs, 1), bos, dtype=torch.long, device=device)
-    with torch.no_grad():  # ancestral sampling at temperature 1, with our own generator (reproducible)
-        past = None
-        for _ in range(seq_len - 1):
-            out = model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            probs = torch.softmax(out.logits[:, -1].double().cpu(), -1)
-            nxt = torch.multinomial(probs, 1, generator=gen).to(device)
-            ids = torch.cat([ids, nxt], 1)
+    start = torch.full((num_seqs, 1), bos, dtype=torch.long, device=device)
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # ancestral sampling at temperature 1, reproducible, global RNG untouched
+        ids = model.generate(
+            start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=tokenizer.eos_token_id,
+        )
     return ids.cpu(), f"sampled from the original model (seed {seed}, {num_seqs}×{seq_len} tokens)"
 
 

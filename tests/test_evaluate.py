@@ -110,7 +110,7 @@ def test_evaluate_models_on_local_tasks(tiny_models, tiny_data_dir, tmp_path):
     console = Console(record=True, width=120)
     console.print(eval_table(report))
     text = console.export_text()
-    assert "llama" in text and "gpt2" in text and "word_perplexity" in text and "±" in text
+    assert "llama" in text and "gpt2" in text and "word ppl" in text and "±" in text
     assert max(len(line) for line in text.splitlines()) <= 120
 
 
@@ -143,7 +143,7 @@ def test_split_wikitext_documents_keeps_whitespace():
     docs = split_wikitext_documents(WIKI)
     assert len(docs) == 2  # "= = History = =" is a section, not an article
     assert docs[0].startswith(" = Alpha Tower = \n \n Alpha Tower")
-    assert docs[0].endswith("architect @-@ engineer . \n \n")
+    assert docs[0].endswith("architect @-@ engineer . \n ")  # the blank " " line before the next article
     assert docs[1] == " = Beta River = \n \n The Beta River is a river . It is 12 @,@ 000 m long . \n \n"
 
 
@@ -162,15 +162,41 @@ def test_wikitext2_raw_splits_into_hub_documents(split, documents):
     assert "\n".join(docs) == text[len(" \n"):]  # nothing dropped but the leading blank line
 
 
-def test_resolve_tasks_user_yaml_glob_and_unknown(tmp_path, tiny_data_dir):
-    from qkvconv.evaluate import resolve_tasks
+def test_resolve_tasks_local_user_yaml_glob_and_unknown(tmp_path, tiny_data_dir):
+    from qkvconv.evaluate import expand_task_names, resolve_tasks
 
-    (tmp_path / "my_task.yaml").write_text(
+    user = tmp_path / "user_tasks"
+    user.mkdir()
+    (user / "my_task.yaml").write_text(
         "task: my_task\ndataset_path: json\noutput_type: loglikelihood\ntest_split: train\n"
         "doc_to_text: '{{text}}'\ndoc_to_target: ' x'\nmetric_list:\n  - metric: acc\n"
     )
-    # names resolve in order; the error names the first unknown one, so my_task and the glob were found
-    with pytest.raises(QkvconvError, match=r"unknown lm-eval task 'lambada_opnai' \(did you mean lambada_openai"):
-        resolve_tasks(["my_task,lambada_open*", "lambada_opnai"], tiny_data_dir, [tmp_path])
+    (user / "my_wikitext.yaml").write_text(  # a user's own task of a local task's name wins
+        "task: wikitext\ndataset_path: json\noutput_type: loglikelihood_rolling\ntest_split: train\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n"
+    )
+    manager, names = resolve_tasks(["my_task,lambada_open*", "hellaswag", "my_task"], tiny_data_dir, [user])
+    assert names[0] == "my_task" and "lambada_openai" in names and names[-1] == "hellaswag"
+    assert len(names) == len(set(names))
+    where = {t: Path(manager.task_index[t].yaml_path) for t in ("lambada_openai", "wikitext", "my_task", "hellaswag")}
+    assert where["lambada_openai"].parent.name.startswith("qkvconv-tasks-")  # the generated local copy
+    assert where["wikitext"] == user / "my_wikitext.yaml"
+    assert where["my_task"] == user / "my_task.yaml"
+    assert "lm_eval" in where["hellaswag"].parts  # untouched lm-eval task (needs the hub to run)
+    assert str((tiny_data_dir / "lambada_openai" / "lambada_test.jsonl").resolve()) in where["lambada_openai"].read_text()
+
+    with pytest.raises(QkvconvError, match=r"^unknown lm-eval task 'lambada_opnai' \(did you mean lambada_openai"):
+        expand_task_names(manager, ["lambada_opnai"])
+    with pytest.raises(QkvconvError, match="unknown lm-eval task 'nope_\\*'"):
+        expand_task_names(manager, ["nope_*"])
+
+
+def test_resolve_tasks_rejects_bad_paths(tmp_path):
+    from qkvconv.evaluate import resolve_tasks
+
     with pytest.raises(QkvconvError, match="not a directory"):
         resolve_tasks(["wikitext"], None, [tmp_path / "missing"])
+    with pytest.raises(QkvconvError, match="data dir .* does not exist"):
+        resolve_tasks(["wikitext"], tmp_path / "missing", [])
+    with pytest.raises(QkvconvError, match="no tasks given"):
+        resolve_tasks([" , "], None, [])

@@ -9,7 +9,8 @@ layout) comes from the config block, never from `model_type`.
 Config block (config.json, key "qkvconv"):
     {"format": 1, "base_class": "LlamaForCausalLM",
      "paths": {"layers": ..., "attn_norm": ..., "q_proj": ..., "fused_qkv": ..., "qkv_layout": ...},
-     "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "norm"}, ...]}
+     "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "norm",
+                 optional share-kv keys: "kv": "shared", "qk": "shared", "kv_heads": N}, ...]}
     optional per-layer keys: "query_mlp": {"size", "rank", "act"} (QueryMLP on the q projection),
     "preproj": {"size", "inner", "expansion", "skip"} (PreProj on attn_norm, content skip on paths["attn"])
 """
@@ -150,6 +151,115 @@ def attach_residual_modules(layer: nn.Module, spec: dict, paths: dict, num_heads
             attn.register_forward_hook(_content_skip_hook, with_kwargs=True)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (HF rotate_half layout) on the first cos.shape[-1] dims of each head; x: (B, n, T, dh), cos: (1, T, r)."""
+    r = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    return torch.cat([x_rot * cos + _rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+class SharedProjectionAttention(nn.Module):
+    """Attention with shared projections and/or pooled KV heads (share-kv, METHODS.md §3).
+
+    Layer keys: "kv": "shared" (k=v), "qk": "shared" (q=k), both (q=k=v), "kv_heads": N (N | H).
+      S = h·W_S + b_S with N heads (s_proj). k=v: keys = RoPE(k_norm(S)), values = S; the cache stores S ONCE,
+      pre-RoPE, in the key slot (the value slot holds a zero-width tensor) and keys are rotated when read.
+      q=k: queries = RoPE(q_norm(S)), S head g serving query heads g·H/N … (g+1)·H/N − 1; keys = RoPE(k_norm(S)).
+    RoPE is applied at absolute cache indices to queries and keys alike: logits only see the difference.
+    """
+
+    def __init__(self, old: nn.Module, config, layer_idx: int, spec: dict, rotary, qkv_bias: bool, o_bias: bool,
+                 q_norm: nn.Module | None, k_norm: nn.Module | None):
+        super().__init__()
+        d, H = config.hidden_size, config.num_attention_heads
+        dh = getattr(config, "head_dim", None) or d // H
+        N = spec.get("kv_heads") or getattr(config, "num_key_value_heads", None) or H
+        self.config, self.layer_idx, self.head_dim = config, layer_idx, dh
+        self.num_heads, self.kv_heads, self.num_key_value_groups = H, N, H // N
+        self.kv_shared, self.qk_shared = spec.get("kv") == "shared", spec.get("qk") == "shared"
+        self.scaling = getattr(old, "scaling", dh**-0.5)
+        self.sliding_window = getattr(old, "sliding_window", None)
+        self.is_causal, self.attention_dropout = True, 0.0
+        self._rotary = [rotary]  # the model's rotary embedding (a list: not a submodule), None without RoPE
+        if not self.qk_shared:
+            self.q_proj = nn.Linear(d, H * dh, bias=qkv_bias)
+        if self.kv_shared or self.qk_shared:
+            self.s_proj = nn.Linear(d, N * dh, bias=qkv_bias)
+        if not (self.kv_shared or self.qk_shared):
+            self.k_proj = nn.Linear(d, N * dh, bias=qkv_bias)
+        if not self.kv_shared:
+            self.v_proj = nn.Linear(d, N * dh, bias=qkv_bias)
+        self.o_proj = nn.Linear(H * dh, d, bias=o_bias)
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
+
+    def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        if self._rotary[0] is None:
+            return x
+        pos = torch.arange(start, start + x.shape[-2], device=x.device)[None]
+        cos, sin = self._rotary[0](x, pos)
+        return _rope(x, cos, sin)
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, layer_past=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        for k in ("position_embeddings", "position_ids", "use_cache", "output_attentions"):
+            kwargs.pop(k, None)
+        cache = past_key_values if past_key_values is not None else layer_past
+        B, T, _ = hidden_states.shape
+
+        def heads(x):  # (B, T, n·dh) -> (B, n, T, dh)
+            return x.view(B, T, -1, self.head_dim).transpose(1, 2)
+
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        s = heads(self.s_proj(hidden_states)) if hasattr(self, "s_proj") else None
+        q = s if self.qk_shared else heads(self.q_proj(hidden_states))
+        q = self.q_norm(q)
+        if self.qk_shared:
+            q = q.repeat_interleave(self.num_key_value_groups, dim=1)  # (B, H, T, dh)
+        q = self._rotate(q, past)
+        if self.kv_shared:  # cache S once, pre-RoPE; keys = RoPE(k_norm(S)) over the whole past
+            s_all = cache.update(s, s[..., :0], self.layer_idx)[0] if cache is not None else s
+            k_all, v_all = self._rotate(self.k_norm(s_all), 0), s_all
+        else:
+            k = s if self.qk_shared else heads(self.k_proj(hidden_states))
+            k = self._rotate(self.k_norm(k), past)
+            v = heads(self.v_proj(hidden_states))
+            k_all, v_all = cache.update(k, v, self.layer_idx) if cache is not None else (k, v)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attend(self, q, k_all, v_all, attention_mask, dropout=0.0, scaling=self.scaling,
+                              sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(out.reshape(B, T, -1).contiguous()), weights
+
+
+def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dict, paths: dict) -> None:
+    """Replace layer i's attention block with SharedProjectionAttention (share-kv layer keys)."""
+    old = layer.get_submodule(paths["attn"])
+    qkv = layer.get_submodule(paths["q_proj"] if paths["qkv_layout"] == "separate" else paths["fused_qkv"])
+    o = layer.get_submodule(paths["o_proj"])
+    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
+    norms = [layer.get_submodule(p) if _has_module(layer, p) else None for p in paths.get("qk_norm") or []]
+    q_norm, k_norm = (norms + [None, None])[:2]
+    new = SharedProjectionAttention(old, model.config, i, spec, rotary, getattr(qkv, "bias", None) is not None,
+                                    getattr(o, "bias", None) is not None, q_norm, k_norm)
+    _set_module(layer, paths["attn"], new)
+
+
+def _has_module(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -162,7 +272,9 @@ def apply_qkvconv_layout(model: nn.Module, block: dict) -> None:
     paths, cfg = block["paths"], model.config
     layers = model.get_submodule(paths["layers"])
     d = cfg.hidden_size
-    for layer, spec in zip(layers, block["layers"], strict=True):
+    for i, (layer, spec) in enumerate(zip(layers, block["layers"], strict=True)):
+        if "kv" in spec or "qk" in spec or "kv_heads" in spec:
+            _swap_shared_attention(model, layer, i, spec, paths)
         if spec["attn_input"] == "affine":
             _set_module(layer, paths["attn_norm"], AffineNorm(layer.get_submodule(paths["attn_norm"]), d))
         if spec["query"] == "identity":

@@ -1,0 +1,150 @@
+"""finetune: lowers the held-out loss for every --train setting, resumes exactly, writes a qkvconv checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import qkvconv
+from qkvconv.cli import app
+from qkvconv.convert import absorb_query_checkpoint, attach_preproj_checkpoint, attach_query_mlp_checkpoint
+from qkvconv.errors import CheckpointError, QkvconvError
+from qkvconv.finetune import FinetuneConfig, finetune, iter_texts
+
+runner = CliRunner()
+WORDS = "the cat sat on a mat and the dog ran to the park while small birds sang in tall green trees".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(800)))
+    return path
+
+
+def cfg(corpus, **kw) -> FinetuneConfig:
+    base = dict(data=str(corpus), steps=8, seq_len=32, batch_size=4, lr=1e-2, eval_every=4, eval_seqs=4, save_every=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "family,attach,train",
+    [("llama", "query_mlp", "new"), ("qwen3", "preproj", "new"), ("gpt_neox", None, "attention"), ("gpt2", None, "all")],
+)
+def test_finetune_lowers_held_out_loss(tiny_models, corpus, tmp_path, family, attach, train):
+    src = tiny_models[family]
+    if attach == "query_mlp":
+        attach_query_mlp_checkpoint(src, tmp_path / "conv", num_seqs=1, seq_len=16)
+        src = tmp_path / "conv"
+    elif attach == "preproj":
+        attach_preproj_checkpoint(src, tmp_path / "conv", num_seqs=1, seq_len=16)
+        src = tmp_path / "conv"
+    res = finetune(src, tmp_path / "ft", cfg(corpus, train=train))
+    print(f"{family} --train {train}: held-out {res.first_eval:.4f} -> {res.last_eval:.4f} "
+          f"({res.trainable_parameters:,} trainable)")
+    assert res.last_eval < res.first_eval
+    # only the selected parameters moved
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
+    moved = {k for k in after if k in before and not torch.equal(before[k], after[k])}
+    if train == "new":
+        assert moved and all(any(m in k for m in ('.query_mlp.', '.preproj.', '.content_skip.')) for k in moved)
+    elif train == "attention":
+        assert moved and all(".attention." in k for k in moved)
+    record = json.loads((tmp_path / "ft" / "qkvconv.json").read_text())
+    assert record["history"][-1]["transform"] == "finetune" and record["history"][-1]["eval"]
+    assert (tmp_path / "ft.run" / "curves.png").stat().st_size > 0
+    assert len((tmp_path / "ft.run" / "train.jsonl").read_text().splitlines()) == 8
+
+
+def test_resume_equals_uninterrupted(tiny_models, corpus, tmp_path):
+    """gpt2 has dropout: an exact resume needs the RNG state and the data position as well as the weights."""
+    src = tiny_models["gpt2"]
+    c = cfg(corpus, train="attention", steps=6, save_every=2, lr=3e-3)
+    full = finetune(src, tmp_path / "full", c)
+
+    def kill(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(src, tmp_path / "part", c, on_step=kill)
+    assert not (tmp_path / "part").exists() and (tmp_path / "part.run" / "state.pt").is_file()
+    resumed = finetune(src, tmp_path / "part", c, resume=True)
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert [r["loss"] for r in resumed.train_curve] == pytest.approx([r["loss"] for r in full.train_curve], abs=1e-6)
+    assert not (tmp_path / "part.run" / "state.pt").exists()  # finished: nothing to resume
+
+
+def test_finetune_heals_absorb_drop(tiny_models, corpus, tmp_path):
+    absorb_query_checkpoint(tiny_models["llama"], tmp_path / "drop", mode="drop", num_seqs=2, seq_len=32)
+    with pytest.raises(QkvconvError, match="no modules added by qkvconv"):
+        finetune(tmp_path / "drop", tmp_path / "x", cfg(corpus, train="new"))
+    res = finetune(tmp_path / "drop", tmp_path / "healed", cfg(corpus, train="attention", lr=3e-3))
+    print(f"absorb drop --train attention: held-out {res.first_eval:.4f} -> {res.last_eval:.4f}")
+    assert res.last_eval < res.first_eval
+    model, _ = qkvconv.load(tmp_path / "healed")  # still an identity-query checkpoint
+    assert not any(".q_proj." in k for k in model.state_dict())
+    # the control: same data, schedule and seed on the model it was converted from
+    ctrl = finetune(tmp_path / "healed", None, cfg(corpus, train="attention", lr=3e-3), run_dir=tmp_path / "ctrl",
+                    control=True)
+    assert ctrl.eval_curve[0]["loss"] != res.first_eval
+
+
+def test_data_sources(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "d" / "b.txt").write_text("three\nfour\n")
+    pieces = list(iter_texts(str(tmp_path / "d")))
+    assert [t for t, _ in pieces if t] == ["one", "two", "three\nfour\n"]
+    with pytest.raises(QkvconvError, match="no such file"):
+        list(iter_texts(str(tmp_path / "missing.txt")))
+    (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
+    with pytest.raises(QkvconvError, match="text"):
+        list(iter_texts(str(tmp_path / "bad.jsonl")))
+
+
+def test_cli_finetune_and_bad_input(tiny_models, corpus, tmp_path):
+    env = {"COLUMNS": "200"}
+    args = ["--data", str(corpus), "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--eval-every", "3",
+            "--eval-seqs", "2", "--train", "all", "--device", "cpu"]
+    r = runner.invoke(app, ["finetune", str(tiny_models["qwen2"]), "-o", str(tmp_path / "ft"), *args], env=env)
+    assert r.exit_code == 0, r.output
+    assert "finetune --train all" in r.stdout and "wrote" in r.stdout
+    info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "ft"), "--json"], env=env).stdout)
+    assert info["family"] == "llama"
+    for bad, message in [
+        (["finetune", str(tiny_models["qwen2"]), "-o", str(tmp_path / "ft"), *args], "already exists"),
+        (["finetune", str(tiny_models["qwen2"]), "-o", str(tmp_path / "n"), *args[2:], "--data", str(tmp_path / "no.txt")],
+         "no such file"),
+        (["finetune", str(tiny_models["qwen2"]), "-o", str(tmp_path / "r"), *args, "--resume"], "no checkpoint"),
+        (["finetune", str(tiny_models["qwen2"]), "-o", str(tmp_path / "s"), "--data", str(corpus)], "--steps or --tokens"),
+    ]:
+        r = runner.invoke(app, bad, env=env)
+        assert r.exit_code == 1, r.output
+        lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
+    assert not (tmp_path / "n").exists() and not (tmp_path / "r").exists()
+
+
+def test_resume_refuses_different_options(tiny_models, corpus, tmp_path):
+    c = cfg(corpus, train="all", steps=4, save_every=2)
+
+    def kill(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_models["llama"], tmp_path / "o", c, on_step=kill)
+    with pytest.raises(QkvconvError, match="differs from the saved one in lr"):
+        finetune(tiny_models["llama"], tmp_path / "o", cfg(corpus, train="all", steps=4, save_every=2, lr=1.0), resume=True)
+    with pytest.raises(CheckpointError, match="unfinished run"):
+        finetune(tiny_models["llama"], tmp_path / "o", c)

@@ -1,0 +1,181 @@
+"""share-kv: every mode on every family converts, loads, generates with a real shared cache whose bytes match the
+arithmetic; cached and uncached greedy decoding agree; stock export; calibrated init beats the data-free one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import qkvconv
+from qkvconv.archs import dims_of, spec_for
+from qkvconv.cli import app
+from qkvconv.convert import share_kv_checkpoint
+from qkvconv.describe import kv_cache_bytes_per_token
+from qkvconv.errors import TransformError
+from qkvconv.transforms.share_kv import kv_cache_ratio
+
+CASES = [("k=v", None), ("q=k", None), ("q=k=v", None), (None, 1), ("k=v", 1)]
+FAST = dict(num_seqs=2, seq_len=32)
+
+
+def _cache_bytes(cache) -> int:
+    """Bytes of the tensors the cache object actually holds."""
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def _check_cached_equals_uncached(model, ids: torch.Tensor, n_new: int, per_token: int) -> None:
+    """Greedy generate() with the shared cache vs. the same tied attention recomputed over the full sequence with
+    use_cache=False: same step logits, same tokens (up to exact ties), and the cache holds exactly the arithmetic."""
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                         do_sample=False, return_dict_in_generate=True, output_logits=True)
+    held = ids.shape[1] + n_new - 1  # the last token is sampled, never fed back
+    assert gen.past_key_values.get_seq_length() == held
+    assert _cache_bytes(gen.past_key_values) == held * per_token  # measured bytes equal the arithmetic
+    cached = torch.stack(gen.logits, 1)  # (1, n_new, vocab)
+    uncached = model(gen.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
+    uncached[..., model.generation_config.eos_token_id] = float("-inf")  # min_new_tokens suppresses EOS
+    top2 = uncached.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-4
+    assert (uncached.argmax(-1) == gen.sequences[:, ids.shape[1] :])[clear].all()
+
+
+def test_converts_loads_generates_with_a_shared_cache(tiny_models, family, tmp_path):
+    orig, tok = qkvconv.load(tiny_models[family])
+    spec = spec_for(orig.config.model_type)
+    dims = dims_of(orig.config, spec)
+    base = kv_cache_bytes_per_token(orig.config, spec, torch.float32)
+    ids = tok(["The quick brown fox"], return_tensors="pt").input_ids
+    for mode, kv_heads in CASES:
+        out = tmp_path / f"{mode}-{kv_heads}"
+        report = share_kv_checkpoint(tiny_models[family], out, mode=mode, kv_heads=kv_heads, **FAST)
+        assert 0 < report.error.kl < float("inf") and report.atol is None  # lossy: reported, not refused
+        model, _ = qkvconv.load(out)
+        N = kv_heads or dims.num_key_value_heads
+        per_token = kv_cache_bytes_per_token(model.config, spec, torch.float32)
+        assert per_token == base * kv_cache_ratio(mode, N, dims) == report.options["kv_cache_bytes_per_token"]["after"]
+        _check_cached_equals_uncached(model, ids, 6, per_token)
+
+
+def test_plain_transformers_with_remote_code(tiny_models, tmp_path):
+    cases = {"llama": ("k=v", 1), "qwen3": ("q=k=v", None), "gpt2": ("k=v", None), "gpt_neox": ("q=k", None)}
+    for family, (mode, kvh) in cases.items():
+        share_kv_checkpoint(tiny_models[family], tmp_path / family, mode=mode, kv_heads=kvh, **FAST)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, transformers
+        for f in {list(cases)!r}:
+            m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/" + f, trust_remote_code=True)
+            ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+            g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                           do_sample=False)
+            full = m(g, use_cache=False).logits[:, ids.shape[1] - 1 : -1]  # no cache: recomputed attention
+            full[..., m.generation_config.eos_token_id] = float("-inf")  # min_new_tokens suppresses EOS
+            assert (full.argmax(-1) == g[:, ids.shape[1] :]).all(), f
+        assert "qkvconv" not in sys.modules
+        print("ok")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("ok")
+
+
+EXPORTS = {"llama": ("k=v", 1), "qwen2": ("q=k", None), "qwen3": ("q=k=v", None), "gpt2": (None, 1),
+           "gpt_neox": ("k=v", None)}
+
+
+@pytest.mark.parametrize("family_", list(EXPORTS))
+def test_export_stock_equals_remote_code_model(tiny_models, tmp_path, family_):
+    import transformers
+
+    mode, kvh = EXPORTS[family_]
+    a, b = tmp_path / "remote", tmp_path / "stock"
+    share_kv_checkpoint(tiny_models[family_], a, mode=mode, kv_heads=kvh, **FAST)
+    share_kv_checkpoint(tiny_models[family_], b, mode=mode, kv_heads=kvh, export="stock", **FAST)
+    config = json.loads((b / "config.json").read_text())
+    assert "qkvconv" not in config and "auto_map" not in config and not (b / "modeling_qkvconv.py").exists()
+    stock = transformers.AutoModelForCausalLM.from_pretrained(b)  # no remote code
+    remote, _ = qkvconv.load(a)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    torch.testing.assert_close(stock(ids).logits, remote(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_calibrated_beats_data_free(tiny_models, family):
+    for mode, kvh in (("k=v", 1), ("q=k", None)):
+        key = share_kv_checkpoint(tiny_models[family], None, mode=mode, kv_heads=kvh, init="key", num_seqs=4,
+                                  seq_len=32)
+        cal = share_kv_checkpoint(tiny_models[family], None, mode=mode, kv_heads=kvh, init="calibrated",
+                                  num_seqs=4, seq_len=32)
+        print(f"{family} {mode} kv_heads={kvh}: KL key {key.error.kl:.4f}, calibrated {cal.error.kl:.4f}")
+        assert cal.error.kl < key.error.kl
+
+
+def test_data_free_inits(tiny_models):
+    kls = {init: share_kv_checkpoint(tiny_models["qwen2"], None, mode="k=v", init=init, **FAST).error.kl
+           for init in ("key", "value", "mean")}
+    assert len(set(kls.values())) == 3  # three different projections
+    with pytest.raises(TransformError, match="--init value"):
+        share_kv_checkpoint(tiny_models["qwen2"], None, mode="q=k", init="value", **FAST)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def _one_error_line(result) -> str:
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def test_cli_share_kv_and_inspect(tiny_models, tmp_path):
+    out = tmp_path / "kv"
+    result = _run("share-kv", tiny_models["llama"], "-o", out, "--mode", "k=v", "--kv-heads", "1", "--init",
+                  "calibrated", "--num-seqs", "2", "--seq-len", "32")
+    assert result.exit_code == 0, result.output
+    assert "KL (nats/token)" in result.stdout and "512 → 128 bytes/token" in result.stdout
+    info = json.loads(_run("inspect", out, "--json").stdout)
+    assert info["kv_cache_bytes_per_token"] == 128 and info["layer_modes"] == ["k=v, kv_heads 1"] * 2
+    table = _run("inspect", out)
+    assert table.exit_code == 0, table.output
+    record = json.loads((out / "qkvconv.json").read_text())["history"][-1]
+    assert record["transform"] == "share-kv" and len(record["calibrated_fit"]) == 2
+
+
+def test_cli_export_stock_says_no_cache_saving(tiny_models, tmp_path):
+    result = _run("share-kv", tiny_models["gpt2"], "-o", tmp_path / "s", "--mode", "k=v", "--export", "stock",
+                  "--num-seqs", "1", "--seq-len", "16")
+    assert result.exit_code == 0, result.output
+    assert "no K=V cache saving" in result.stdout
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--kv-heads", "3"], "must divide the 4 query heads"),
+    (["--kv-heads", "4"], "exceeds the model's 2 key/value heads"),
+    (["--mode", "k=q"], "unknown --mode"),
+    ([], "nothing to do"),
+    (["--mode", "k=v", "--export", "onnx"], "unknown --export"),
+])
+def test_cli_bad_options_refused_nothing_written(tiny_models, tmp_path, args, msg):
+    out = tmp_path / "bad"
+    result = _run("share-kv", tiny_models["llama"], "-o", out, *args, "--num-seqs", "1", "--seq-len", "16")
+    assert result.exit_code == 1
+    assert msg in _one_error_line(result)
+    assert not out.exists()
