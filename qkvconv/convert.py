@@ -80,12 +80,23 @@ def converted_config(config, spec: ArchSpec, base_class: str, layers: list[dict]
     return new
 
 
+@contextmanager
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:  # pragma: no cover - transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        yield
+
+
 def build_converted(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
     """Instantiate the converted architecture and load `state_dict` into it (strict)."""
     from qkvconv.modeling import modeling_qkvconv
 
     cls = getattr(modeling_qkvconv, f"Qkvconv{config.qkvconv['base_class']}")
-    model = cls(config).to(dtype)
+    with _no_init_weights():  # every weight is overwritten below; skip the random init
+        model = cls(config).to(dtype)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [m for m in missing if not (tied and m.endswith(("lm_head.weight", "embed_out.weight")))]
