@@ -307,6 +307,7 @@ def write_checkpoint(
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
+        _respect_umask(tmp)
         trash = None
         if out_p.exists():
             trash = out_p.parent / f".{out_p.name}.qkvconv-old-{os.getpid()}"
@@ -318,6 +319,16 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_p
+
+
+def _respect_umask(directory: Path) -> None:
+    """safetensors writes through a private temp file (mode 0600); give every file the usual mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def read_record(path: str | os.PathLike) -> dict | None:
