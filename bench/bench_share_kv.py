@@ -11,6 +11,7 @@ zero-shot: no finetuning, so these are the damage figures a healing finetune sta
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import tempfile
 import time
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--num-seqs", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--data-dir", type=Path, default=Path("/work/shared/data"))
+    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("QKVCONV_DATA_DIR", "../shared/data")))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     src = args.model or str(default_checkpoint())

@@ -112,6 +112,32 @@ def base_class_of(loaded: Loaded) -> str:
     return block["base_class"] if block else type(loaded.model).__name__
 
 
+def _write_result(
+    output, *, transform: str, options: dict, source, loaded: Loaded, error: LogitError, extra: dict,
+    timings: dict, state_dict, config, spec: ArchSpec, seed: int, force: bool,
+) -> Path:
+    """Append this conversion to the source's history and write the checkpoint atomically."""
+    history = (read_record(source.path) or {}).get("history", []) if source.kind == "hf_dir" else []
+    entry = {
+        "transform": transform,
+        "options": options,
+        "source": {"path": source.path, "kind": source.kind, "sha256": loaded.source_hash},
+        "verification": error.as_dict(),
+        **extra,
+        "timings_s": timings,
+    }
+    record = {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=seed)}
+    return write_checkpoint(
+        output,
+        state_dict=untie(state_dict, config, spec),
+        config=config,
+        tokenizer=loaded.tokenizer,
+        generation_config=getattr(loaded.model, "generation_config", None),
+        record=record,
+        force=force,
+    )
+
+
 def absorb_query_checkpoint(
     model: str | Path,
     output: str | Path | None,
@@ -161,23 +187,9 @@ def absorb_query_checkpoint(
         )
     if output is not None:
         with _timed(t, "save", progress):
-            history = (read_record(source.path) or {}).get("history", []) if source.kind == "hf_dir" else []
-            entry = {
-                "transform": "absorb-query",
-                "options": options,
-                "source": {"path": source.path, "kind": source.kind, "sha256": loaded.source_hash},
-                "verification": error.as_dict(),
-                "wq_condition": result.wq_condition,
-                "timings_s": t,
-            }
-            record = {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=seed)}
-            report.output = write_checkpoint(
-                output,
-                state_dict=untie(result.state_dict, config, spec),
-                config=config,
-                tokenizer=loaded.tokenizer,
-                generation_config=getattr(loaded.model, "generation_config", None),
-                record=record,
+            report.output = _write_result(
+                output, transform="absorb-query", options=options, source=source, loaded=loaded, error=error,
+                extra={"wq_condition": result.wq_condition}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
                 force=force,
             )
     return report
@@ -234,23 +246,9 @@ def _attach_checkpoint(
         )
     if output is not None:
         with _timed(t, "save", progress):
-            history = (read_record(source.path) or {}).get("history", []) if source.kind == "hf_dir" else []
-            entry = {
-                "transform": name,
-                "options": options,
-                "source": {"path": source.path, "kind": source.kind, "sha256": loaded.source_hash},
-                "verification": error.as_dict(),
-                "added_parameters": result.added,
-                "timings_s": t,
-            }
-            record = {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=seed)}
-            report.output = write_checkpoint(
-                output,
-                state_dict=untie(result.state_dict, config, spec),
-                config=config,
-                tokenizer=loaded.tokenizer,
-                generation_config=getattr(loaded.model, "generation_config", None),
-                record=record,
+            report.output = _write_result(
+                output, transform=name, options=options, source=source, loaded=loaded, error=error,
+                extra={"added_parameters": result.added}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
                 force=force,
             )
     return report
@@ -407,22 +405,9 @@ def share_kv_checkpoint(
     report.fit = result.fit
     if output is not None:
         with _timed(t, "save", progress):
-            entry = {
-                "transform": "share-kv",
-                "options": options,
-                "source": {"path": source.path, "kind": source.kind, "sha256": loaded.source_hash},
-                "verification": error.as_dict(),
-                "calibrated_fit": result.fit,
-                "timings_s": t,
-            }
-            record = {"qkvconv_version": __version__, "history": [entry], "manifest": manifest(seed=seed)}
-            report.output = write_checkpoint(
-                output,
-                state_dict=untie(result.state_dict, config, spec),
-                config=config,
-                tokenizer=loaded.tokenizer,
-                generation_config=getattr(loaded.model, "generation_config", None),
-                record=record,
+            report.output = _write_result(
+                output, transform="share-kv", options=options, source=source, loaded=loaded, error=error,
+                extra={"calibrated_fit": result.fit}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
                 force=force,
             )
     return report
