@@ -142,3 +142,20 @@ def test_real_smollm2_exact(smollm2_gguf, shared_data, tmp_path):
     assert e.top1_agreement >= 0.999
     model, _ = qkvconv.load(tmp_path / "noq")
     assert not any(".q_proj." in k for k in model.state_dict())
+
+
+@pytest.mark.slow
+def test_real_smollm2_exact_keeps_lambada(smollm2_gguf, shared_data, tmp_path):
+    """LAMBADA (first 100 passages, lm-eval, local data) of the absorbed SmolLM2 equals the original's within 0.4 points."""
+    from qkvconv.evaluate import run_lm_eval
+
+    absorb_query_checkpoint(smollm2_gguf, tmp_path / "noq", num_seqs=2, seq_len=64)
+    accs = []
+    for path in (smollm2_gguf, tmp_path / "noq"):
+        model, tok = qkvconv.load(path)
+        res = run_lm_eval(model, tok, ["lambada_openai"], limit=100, batch_size=16, device="cpu", data_dir=shared_data,
+                          bootstrap_iters=0)
+        accs.append(res["results"]["lambada_openai"]["acc,none"])
+        del model
+    print(f"SmolLM2 LAMBADA (100): original {accs[0]:.3f}, absorbed {accs[1]:.3f}")
+    assert abs(accs[0] - accs[1]) <= 0.004
