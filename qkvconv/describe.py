@@ -107,7 +107,10 @@ def describe(loaded: Loaded) -> dict:
         exact = {"applies": False, "why": f"W_Q is singular in some layer (cond {cond['max']:.3g})"}
     else:
         exact = {"applies": True, "why": f"square W_Q, max cond {cond['max']:.3g}: fp32 error grows ~ eps·cond"}
-    drop = {"applies": square and not identity_query and not shared, "why": "lossy: needs finetuning to heal"}
+    if exact["applies"] or (square and not identity_query and not shared):
+        drop = {"applies": True, "why": "lossy: needs finetuning to heal"}
+    else:
+        drop = {"applies": False, "why": exact["why"]}
     return {
         "source": loaded.source.path,
         "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],

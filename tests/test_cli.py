@@ -182,3 +182,11 @@ def test_bad_mode(tiny_models, tmp_path):
     result = run("absorb-query", tiny_models["llama"], "-o", tmp_path / "o", "--mode", "sideways")
     assert result.exit_code != 0
     assert "--mode" in one_error_line(result)
+
+
+def test_inspect_says_why_a_transform_does_not_apply(tiny_models, tmp_path):
+    out = tmp_path / "noq"
+    assert run("absorb-query", tiny_models["llama"], "-o", out, "--num-seqs", "1", "--seq-len", "16").exit_code == 0
+    verdicts = json.loads(run("inspect", out, "--json").stdout)["transforms"]
+    assert not verdicts["absorb-query --mode drop"]["applies"]
+    assert "already the identity" in verdicts["absorb-query --mode drop"]["why"]
