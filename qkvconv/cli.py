@@ -171,8 +171,6 @@ def eval_entry(model: str, *, dtype, allow_pickle: bool, trust_remote_code: bool
     from qkvconv.manifest import hash_path
 
     source = resolve_source(model, allow_pickle=allow_pickle)
-    entry = EvalEntry(name=name or source.label, load=None, num_parameters=0, kv_cache_bytes_per_token=0,
-                      source_hash=hash_path(source.path))
 
     def _load():
         loaded = load(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -180,7 +178,8 @@ def eval_entry(model: str, *, dtype, allow_pickle: bool, trust_remote_code: bool
         entry.kv_cache_bytes_per_token = kv_cache_bytes_per_token(loaded.config, loaded.spec, dtype)
         return loaded.model, loaded.tokenizer
 
-    entry.load = _load
+    entry = EvalEntry(name=name or source.label, load=_load, num_parameters=0, kv_cache_bytes_per_token=0,
+                      source_hash=hash_path(source.path))
     return entry
 
 

@@ -112,6 +112,16 @@ def base_class_of(loaded: Loaded) -> str:
     return block["base_class"] if block else type(loaded.model).__name__
 
 
+def _open(model, output, timings: dict, *, dtype, force: bool, allow_pickle: bool, progress: Progress | None):
+    """Check the input and refuse a taken output before the slow load, then load (timed)."""
+    source = resolve_source(model, allow_pickle=allow_pickle)
+    if output is not None:
+        check_output(output, force=force, inputs=[source])
+    with _timed(timings, "load", progress):
+        loaded = load(source, dtype=dtype, allow_pickle=allow_pickle, with_hash=True)
+    return source, loaded
+
+
 def _write_result(
     output, *, transform: str, options: dict, source, loaded: Loaded, error: LogitError, extra: dict,
     timings: dict, state_dict, config, spec: ArchSpec, seed: int, force: bool,
@@ -155,11 +165,7 @@ def absorb_query_checkpoint(
 ) -> Report:
     """absorb-query on a checkpoint, verified against the original; writes `output` unless it is None."""
     t: dict[str, float] = {}
-    source = resolve_source(model, allow_pickle=allow_pickle)
-    if output is not None:
-        check_output(output, force=force, inputs=[source])
-    with _timed(t, "load", progress):
-        loaded = load(source, dtype=dtype, allow_pickle=allow_pickle, with_hash=True)
+    source, loaded = _open(model, output, t, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress)
     block = qkvconv_block(loaded.config)
     if block and any(layer["query"] == "identity" for layer in block["layers"]):
         raise TransformError(f"{source.path} already has an identity query; nothing to absorb")
@@ -219,11 +225,7 @@ def _attach_checkpoint(
 ) -> Report:
     """Shared pipeline of the attach commands: load, calibrate, attach, verify exactness, write."""
     t: dict[str, float] = {}
-    source = resolve_source(model, allow_pickle=allow_pickle)
-    if output is not None:
-        check_output(output, force=force, inputs=[source])
-    with _timed(t, "load", progress):
-        loaded = load(source, dtype=dtype, allow_pickle=allow_pickle, with_hash=True)
+    source, loaded = _open(model, output, t, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress)
     spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
     block = qkvconv_block(loaded.config)
     layers = copy.deepcopy(block["layers"]) if block else stock_layers(dims)
@@ -360,11 +362,7 @@ def share_kv_checkpoint(
     if export not in (None, "stock"):
         raise TransformError(f"unknown --export {export!r}; the only export is stock")
     t: dict[str, float] = {}
-    source = resolve_source(model, allow_pickle=allow_pickle)
-    if output is not None:
-        check_output(output, force=force, inputs=[source])
-    with _timed(t, "load", progress):
-        loaded = load(source, dtype=dtype, allow_pickle=allow_pickle, with_hash=True)
+    source, loaded = _open(model, output, t, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress)
     if qkvconv_block(loaded.config):
         raise TransformError(f"{source.path} is already a qkvconv-converted checkpoint; share-kv needs a stock one")
     spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
