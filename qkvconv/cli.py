@@ -195,6 +195,8 @@ def eval_(
     models: Annotated[list[str], typer.Argument(help="Checkpoints to compare; deltas are against the first.")],
     tasks: Tasks = "lambada_openai",
     limit: Limit = None,
+    task_limit: Annotated[Optional[list[str]], typer.Option(
+        "--task-limit", help="TASK=N: a task's own limit (repeatable), e.g. wikitext=10 next to --limit 500.")] = None,
     batch_size: BatchSize = 16,
     device: Device = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results + manifest as JSON.")] = None,
@@ -214,8 +216,20 @@ def eval_(
                for m in models]
     _dedupe_names(entries)
     report = evaluate_models(entries, tasks=task_list, limit=limit, batch_size=batch_size, device=device,
-                             data_dir=data_dir, include_path=include_path or [], output=output, seed=seed, console=err)
+                             data_dir=data_dir, include_path=include_path or [], output=output, seed=seed, console=err,
+                             task_limits=_task_limits(task_limit or []))
     out.print(eval_table(report))
+
+
+def _task_limits(specs: list[str]) -> dict[str, int]:
+    """["wikitext=10", ...] -> {"wikitext": 10}; QkvconvError on anything else."""
+    limits = {}
+    for spec in specs:
+        task, _, n = spec.partition("=")
+        if not task.strip() or not n.strip().isdigit() or int(n) < 1:
+            raise QkvconvError(f"--task-limit {spec!r}: expected TASK=N with N a positive integer, e.g. wikitext=10")
+        limits[task.strip()] = int(n)
+    return limits
 
 
 def _dedupe_names(entries) -> None:

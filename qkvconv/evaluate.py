@@ -55,6 +55,7 @@ class LocalTask:
 
 LOCAL_TASKS: dict[str, LocalTask] = {
     "lambada_openai": LocalTask("lambada_openai.yaml", {"test": "lambada_openai/lambada_test.jsonl"}),
+    "gutenberg_en": LocalTask("gutenberg_en.yaml", {"test": "gutenberg_en/gutenberg_en_valid.txt"}),
     "wikitext": LocalTask(
         "wikitext.yaml",
         {
@@ -268,18 +269,43 @@ def _jsonable(obj: Any) -> Any:
 
 def _evaluate_loaded(
     model, tokenizer, task_manager, names: list[str], *, limit: int | None, batch_size: int, device: str,
-    seed: int, bootstrap_iters: int,
+    seed: int, bootstrap_iters: int, task_limits: dict[str, int] | None = None,
 ) -> dict:
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise QkvconvError(f"batch size must be a positive integer, got {batch_size!r}")
-    if limit is not None and limit <= 0:
-        raise QkvconvError(f"limit must be positive (or omitted for the full task), got {limit!r}")
+    for what, value in [("limit", limit)] + [(f"limit of {t}", v) for t, v in (task_limits or {}).items()]:
+        if value is not None and value <= 0:
+            raise QkvconvError(f"{what} must be positive (or omitted for the full task), got {value!r}")
     if getattr(model, "hf_device_map", None) is None:  # models dispatched by accelerate stay where they are
         model = model.to(device)
     model.eval()
+    groups: dict[int | None, list[str]] = {}
+    for name in names:  # tasks with their own limit run in their own lm-eval call, merged below
+        groups.setdefault((task_limits or {}).get(name, limit), []).append(name)
+    merged: dict | None = None
+    for group_limit, group in groups.items():
+        results = _simple_evaluate(model, tokenizer, task_manager, group, limit=group_limit, batch_size=batch_size,
+                                   device=device, seed=seed, bootstrap_iters=bootstrap_iters)
+        merged = results if merged is None else _merge_results(merged, results)
+    merged["data_sources"] = task_sources(merged)
+    return merged
+
+
+def _merge_results(a: dict, b: dict) -> dict:
+    """lm-eval results of two calls on disjoint tasks as one: per-task tables joined, the first call's config."""
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "config":
+            out[key] = {**out[key], **value}
+        else:
+            out.setdefault(key, value)
+    return out
+
+
+def _simple_evaluate(model, tokenizer, task_manager, names, *, limit, batch_size, device, seed, bootstrap_iters) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
     with _quiet_lm_eval():
         # a model object is used as is: HFLM ignores `device` and `dtype` for it, but `batch_size` is
         # what its loglikelihood and loglikelihood_rolling loops batch requests by
@@ -301,9 +327,7 @@ def _evaluate_loaded(
         )
     if results is None:  # only non-zero distributed ranks get None
         raise QkvconvError("lm-eval returned no results (non-zero rank of a distributed run)")
-    results = dict(results)
-    results["data_sources"] = task_sources(results)
-    return results
+    return dict(results)
 
 
 def run_lm_eval(
@@ -443,6 +467,7 @@ def evaluate_models(
     seed: int = DEFAULT_SEED,
     bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
     console: Console | None = None,
+    task_limits: dict[str, int] | None = None,
 ) -> EvalReport:
     """Evaluate each entry on `tasks` (one load each, freed after); write JSON to `output` if given."""
     from rich.console import Console
@@ -458,6 +483,9 @@ def evaluate_models(
     console = console or Console(stderr=True)
     device = pick_device(device)
     task_manager, task_names = resolve_tasks(tasks, data_dir, include_path)
+    task_limits = dict(task_limits or {})
+    if unknown := sorted(set(task_limits) - set(task_names)):
+        raise QkvconvError(f"--task-limit names {', '.join(unknown)}, not among the tasks ({', '.join(task_names)})")
 
     rows: list[EvalRow] = []
     all_results: list[dict] = []
@@ -469,12 +497,13 @@ def evaluate_models(
         t1 = time.perf_counter()
         console.print(
             f"{tag}: loaded in {t1 - t0:.1f} s; lm-eval {', '.join(task_names)} "
-            f"(limit {limit if limit is not None else 'none'}, batch {batch_size}, {device})"
+            f"(limit {limit if limit is not None else 'none'}"
+            f"{''.join(f', {t} {n}' for t, n in task_limits.items())}, batch {batch_size}, {device})"
         )
         try:
             results = _evaluate_loaded(
                 model, tokenizer, task_manager, task_names, limit=limit, batch_size=batch_size, device=device,
-                seed=seed, bootstrap_iters=bootstrap_iters,
+                seed=seed, bootstrap_iters=bootstrap_iters, task_limits=task_limits,
             )
         finally:
             del model, tokenizer
@@ -500,7 +529,7 @@ def evaluate_models(
         versions.update(res.get("versions") or {})
         data_files += [f for f in _data_files(res) if f not in data_files]
     settings = {
-        "tasks": task_names, "limit": limit, "seed": seed, "batch_size": batch_size, "device": device,
+        "tasks": task_names, "limit": limit, "task_limits": task_limits, "seed": seed, "batch_size": batch_size, "device": device,
         "bootstrap_iters": bootstrap_iters, "data_dir": str(data_dir) if data_dir is not None else None,
         "include_path": [str(p) for p in include_path or ()],
     }

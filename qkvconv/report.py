@@ -78,7 +78,8 @@ def eval_table(report: EvalReport, *, metrics: Sequence[str] | None = None, titl
 
     columns = [(t, m) for t, m in report.columns() if metrics is None or m in metrics]
     settings = report.settings
-    caption = [f"limit {settings.get('limit') or 'none'} · seed {settings.get('seed')} · "
+    own = "".join(f" ({t}: {n})" for t, n in (settings.get("task_limits") or {}).items())
+    caption = [f"limit {settings.get('limit') or 'none'}{own} · seed {settings.get('seed')} · "
                f"batch {settings.get('batch_size')} · {settings.get('device')}"]
     caption += [f"{task}: {source}" for task, source in report.sources.items()]
     table = Table(

@@ -41,6 +41,10 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     )
     (root / "wikitext-2-raw-v1").mkdir()
     (root / "wikitext-2-raw-v1" / "wiki.test.raw").write_text(WIKI, encoding="utf-8")
+    (root / "gutenberg_en").mkdir()
+    (root / "gutenberg_en" / "gutenberg_en_valid.txt").write_text(
+        "CHAPTER I\n\nThe old man sat by the fire.\nHe was tired.\n\n\nA second book begins here.\n", encoding="utf-8"
+    )
     return root
 
 
@@ -74,15 +78,16 @@ def test_evaluate_models_on_local_tasks(tiny_models, tiny_data_dir, tmp_path):
     entries = [_entry("llama", tiny_models["llama"]), _entry("gpt2", tiny_models["gpt2"])]
     out = tmp_path / "eval.json"
     report = evaluate_models(
-        entries, tasks=["lambada_openai", "wikitext"], limit=4, batch_size=2, device="cpu",
+        entries, tasks=["lambada_openai", "wikitext", "gutenberg_en"], limit=4, batch_size=2, device="cpu",
         data_dir=tiny_data_dir, include_path=[], output=out, seed=1234, bootstrap_iters=50,
-        console=Console(stderr=True, quiet=True),
+        console=Console(stderr=True, quiet=True), task_limits={"wikitext": 1},
     )
 
-    assert report.tasks == ["lambada_openai", "wikitext"]
+    assert report.tasks == ["lambada_openai", "wikitext", "gutenberg_en"]
     assert report.sources == {
         "lambada_openai": f"local:{(tiny_data_dir / 'lambada_openai' / 'lambada_test.jsonl').resolve()}",
         "wikitext": f"local:{(tiny_data_dir / 'wikitext-2-raw-v1' / 'wiki.test.raw').resolve()}",
+        "gutenberg_en": f"local:{(tiny_data_dir / 'gutenberg_en' / 'gutenberg_en_valid.txt').resolve()}",
     }
     for row in report.rows:
         for task, metric in [("lambada_openai", "acc"), ("lambada_openai", "perplexity"), ("wikitext", "word_perplexity")]:
@@ -92,17 +97,20 @@ def test_evaluate_models_on_local_tasks(tiny_models, tiny_data_dir, tmp_path):
         assert row.metric("lambada_openai", "acc").stderr is not None
     for results in report.results:
         assert results["n-samples"]["lambada_openai"]["effective"] == 4
-        assert results["n-samples"]["wikitext"]["effective"] == 2  # both articles of the raw file
+        assert results["n-samples"]["wikitext"]["effective"] == 1  # its own limit (the raw file has 2 articles)
+        assert results["n-samples"]["gutenberg_en"]["effective"] == 1  # one piece: the file has < 1,000 words
+        assert math.isfinite(results["results"]["gutenberg_en"]["word_perplexity,none"])
         assert results["config"]["batch_size"] == 2
 
     data = json.loads(out.read_text())
     manifest = data["manifest"]
     for key in ("versions", "argv", "created", "task_versions", "limit", "seed", "batch_size", "device", "inputs"):
         assert key in manifest, key
-    assert manifest["task_versions"] == {"lambada_openai": 1.0, "wikitext": 2.0}
+    assert manifest["task_versions"] == {"lambada_openai": 1.0, "wikitext": 2.0, "gutenberg_en": 1.0}
+    assert manifest["task_limits"] == {"wikitext": 1}
     assert (manifest["limit"], manifest["seed"], manifest["batch_size"]) == (4, 1234, 2)
     assert manifest["inputs"]["models"] == {"llama": "test", "gpt2": "test"}
-    assert len(manifest["inputs"]["data"]) == 2
+    assert len(manifest["inputs"]["data"]) == 3
     assert [m["name"] for m in data["models"]] == ["llama", "gpt2"]
     assert "acc" in data["models"][1]["delta_vs_first"]["lambada_openai"]
     assert "acc,none" in data["models"][0]["lm_eval"]["results"]["lambada_openai"]
@@ -131,6 +139,8 @@ def test_local_task_yamls_mirror_lm_eval():
 
     theirs = {"lambada_openai": "lambada/lambada_openai.yaml", "wikitext": "wikitext/wikitext.yaml"}
     for task, spec in LOCAL_TASKS.items():
+        if task not in theirs:  # qkvconv's own task (gutenberg_en), no lm-eval original
+            continue
         ours = load_yaml(TASK_TEMPLATES / spec.template)
         reference = load_yaml(Path(lm_eval.tasks.__file__).parent / theirs[task])
         assert normal(ours) == normal(reference), task
@@ -200,3 +210,28 @@ def test_resolve_tasks_rejects_bad_paths(tmp_path):
         resolve_tasks(["wikitext"], tmp_path / "missing", [])
     with pytest.raises(QkvconvError, match="no tasks given"):
         resolve_tasks([" , "], None, [])
+
+
+def test_split_gutenberg_documents_takes_pieces_across_the_file():
+    from qkvconv.tasks.local_data import split_gutenberg_documents
+
+    paras = [f"Paragraph {i} " + "word " * 40 for i in range(100)]  # 42 words each
+    docs = split_gutenberg_documents("\n\n".join(paras), n_docs=5, min_words=100)
+    assert len(docs) == 5
+    assert all(len(d.split()) >= 100 for d in docs)
+    assert docs[0].startswith("Paragraph 0 ") and "Paragraph 0 " not in docs[1]
+    assert any(f"Paragraph {i} " in docs[-1] for i in range(75, 100))  # the end of the file is covered
+    assert split_gutenberg_documents("short text", n_docs=5, min_words=100) == ["short text"]
+
+
+def test_task_limit_errors(tiny_models, tiny_data_dir):
+    from qkvconv.cli import _task_limits
+    from qkvconv.evaluate import evaluate_models
+
+    assert _task_limits(["wikitext=10", "lambada_openai=3"]) == {"wikitext": 10, "lambada_openai": 3}
+    for bad in ("wikitext", "wikitext=0", "=3", "wikitext=x"):
+        with pytest.raises(QkvconvError, match="TASK=N"):
+            _task_limits([bad])
+    with pytest.raises(QkvconvError, match="not among the tasks"):
+        evaluate_models([_entry("llama", tiny_models["llama"])], tasks=["lambada_openai"], limit=2, batch_size=1,
+                        device="cpu", data_dir=tiny_data_dir, task_limits={"wikitext": 1})

@@ -74,3 +74,47 @@ def wikitext(data_files: dict[str, str], **_metadata):
         splits[split] = datasets.Dataset.from_dict({"page": pages}, features=features)
     splits.setdefault("train", datasets.Dataset.from_dict({"page": []}, features=features))
     return datasets.DatasetDict(splits)
+
+
+GUTENBERG_DOCS = 40
+GUTENBERG_DOC_WORDS = 1_000
+
+
+def split_gutenberg_documents(text: str, n_docs: int = GUTENBERG_DOCS, min_words: int = GUTENBERG_DOC_WORDS) -> list[str]:
+    """`n_docs` pieces of held-out Gutenberg text, taken evenly across the file.
+
+    The text is cut at paragraph breaks (blank lines) into consecutive pieces of at least `min_words`
+    words each (paragraphs kept whole and verbatim, joined by a blank line); then `n_docs` pieces
+    at evenly spaced indices are kept, so every held-out book contributes.
+    """
+    pieces: list[str] = []
+    current: list[str] = []
+    words = 0
+    for para in text.split("\n\n"):
+        if not para.strip():
+            continue
+        current.append(para.strip("\n"))
+        words += len(para.split())
+        if words >= min_words:
+            pieces.append("\n\n".join(current))
+            current, words = [], 0
+    if not pieces:
+        return ["\n\n".join(current)] if current else []
+    if len(pieces) <= n_docs:
+        return pieces
+    step = len(pieces) / n_docs
+    return [pieces[int(i * step)] for i in range(n_docs)]
+
+
+def gutenberg_en(data_files: dict[str, str], **_metadata):
+    """qkvconv's gutenberg_en task: one row {"page"} per held-out piece (split_gutenberg_documents)."""
+    import datasets
+
+    features = datasets.Features({"page": datasets.Value("string")})
+    splits = {
+        split: datasets.Dataset.from_dict(
+            {"page": split_gutenberg_documents(Path(path).read_text(encoding="utf-8"))}, features=features
+        )
+        for split, path in data_files.items()
+    }
+    return datasets.DatasetDict(splits)

@@ -286,7 +286,8 @@ def _data_free(L: _Layer, mode: str | None, init: str, H: int, G: int, N: int, d
     return {"s": S, "o": L.o}
 
 
-def _calibrated(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int) -> tuple[dict, dict]:
+def _calibrated(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
+                target: torch.Tensor | None = None) -> tuple[dict, dict]:
     H, G, dh, r = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim, dims.rotary_dim
     eps, scale = c.eps, dh**-0.5
     h = c.h
@@ -303,7 +304,7 @@ def _calibrated(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int) -> t
     # the original layer's attention output y
     q0 = c.rope(c.heads(_rms_norm(_act(h, L.q).reshape(len(h), H, dh), L.q_norm, eps).reshape(len(h), -1)))
     k0 = c.rope(c.heads(keys_of(L.k).reshape(len(h), -1)))
-    y = _act(c.attend(q0, k0, c.heads(_act(h, L.v)), scale), L.o)  # (B·L, d)
+    y = _act(c.attend(q0, k0, c.heads(_act(h, L.v)), scale), L.o) if target is None else target.double()  # (B·L, d)
     K = _pool(L.k, H, G, N, dh, align_key) if G > N else L.k
     V = _pool(L.v, H, G, N, dh, align_value) if G > N else L.v
     Qbar = _pool(L.q, H, H, N, dh)

