@@ -341,8 +341,8 @@ def share_kv_checkpoint(
     init: str = "key",
     export: str | None = None,
     calib: Path | None = None,
-    num_seqs: int = 16,
-    seq_len: int = 128,
+    num_seqs: int | None = None,
+    seq_len: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     force: bool = False,
@@ -350,6 +350,9 @@ def share_kv_checkpoint(
     progress: Progress | None = None,
 ) -> Report:
     """share-kv on a checkpoint (lossy: reported, never refused), written to `output` unless it is None.
+
+    Calibration: num_seqs×seq_len tokens (default 16×128; 40×256 for init="calibrated", which fits on
+    4 of every 5 sequences and reports the error on the 5th).
 
     export="stock" writes the stock architecture (K=V as duplicated weights, pooled heads as num_key_value_heads):
     loads without remote code, but a K=V cache is then not shared.
@@ -367,16 +370,25 @@ def share_kv_checkpoint(
         raise TransformError(f"{source.path} is already a qkvconv-converted checkpoint; share-kv needs a stock one")
     spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
     N = check_share_options(mode, kv_heads, init, dims)  # fail before the slow calibration
+    num_seqs = num_seqs or (40 if init == "calibrated" else 16)
+    seq_len = seq_len or (256 if init == "calibrated" else 128)
     with _timed(t, "calibrate", progress):
         ids, calib_source = calibration_ids(
             loaded.model, loaded.tokenizer, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed
         )
-        ref = logits_of(loaded.model, ids)
         calibration = None
         if init == "calibrated":
-            cos, sin = _rope_table(loaded.model, ids.shape[1])
+            # fit on 4 of every 5 windows, verify on the 5th: the reported error is out of sample
+            if len(ids) < 2:
+                raise TransformError(f"--init calibrated needs at least 2 calibration sequences (got {len(ids)})")
+            held = torch.arange(len(ids)) % 5 == 4
+            held[-1] |= not held.any()
+            fit_ids, ids = ids[~held], ids[held]
+            calib_source += f"; verified on the {len(ids)} held-out sequences, fitted on the other {len(fit_ids)}"
+            cos, sin = _rope_table(loaded.model, fit_ids.shape[1])
             eps = float(getattr(loaded.config, "rms_norm_eps", 1e-6) or 1e-6)
-            calibration = Calibration(attention_inputs(loaded.model, spec, ids), ids.shape[1], cos, sin, eps)
+            calibration = Calibration(attention_inputs(loaded.model, spec, fit_ids), fit_ids.shape[1], cos, sin, eps)
+        ref = logits_of(loaded.model, ids)
     with _timed(t, "transform", progress):
         stock_heads = None
         if export == "stock":

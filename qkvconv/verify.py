@@ -39,6 +39,8 @@ def calibration_ids(
         path = Path(calib)
         if not path.is_file():
             raise QkvconvError(f"calibration file {path} does not exist")
+        if path.stat().st_size > _WHOLE_FILE_BYTES:
+            return _file_windows(path, tokenizer, num_seqs, seq_len)
         ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt").input_ids[0]
         need = num_seqs * seq_len
         if ids.numel() < seq_len:
@@ -57,6 +59,35 @@ def calibration_ids(
             max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=tokenizer.eos_token_id,
         )
     return ids.cpu(), f"sampled from the original model (seed {seed}, {num_seqs}×{seq_len} tokens)"
+
+
+_WHOLE_FILE_BYTES = 4 << 20  # files up to this are tokenized whole; larger ones are read in windows
+
+
+def _file_windows(path: Path, tokenizer, num_seqs: int, seq_len: int) -> tuple[torch.Tensor, str]:
+    """`num_seqs` windows of `seq_len` tokens read at evenly spaced byte offsets of a large text file.
+
+    Only the bytes needed are read and tokenized (a 65 MB corpus is not tokenized whole): each window
+    starts after the first whitespace at its offset, so no window begins mid-word or mid-character.
+    """
+    size = path.stat().st_size
+    windows = []
+    with open(path, "rb") as f:
+        for i in range(num_seqs):
+            want = 8 * seq_len  # bytes; doubled until the piece holds seq_len tokens
+            while True:
+                start = int(i * max(size - want, 0) / max(num_seqs - 1, 1))
+                f.seek(start)
+                text = f.read(want).decode("utf-8", errors="ignore")
+                cut = next((j for j, ch in enumerate(text) if ch.isspace()), 0) if start else 0
+                ids = tokenizer(text[cut:], add_special_tokens=False).input_ids
+                if len(ids) >= seq_len or want >= size:
+                    break
+                want *= 2
+            if len(ids) < seq_len:
+                raise QkvconvError(f"calibration file {path} has too few tokens for {seq_len}-token windows")
+            windows.append(torch.tensor(ids[:seq_len]))
+    return torch.stack(windows), f"file:{path.name} ({num_seqs}×{seq_len} tokens at spread offsets)"
 
 
 @torch.no_grad()

@@ -115,10 +115,12 @@ def test_export_stock_equals_remote_code_model(tiny_models, tmp_path, family_):
 
 def test_calibrated_beats_data_free(tiny_models, family):
     for mode, kvh in (("k=v", 1), ("q=k", None)):
-        key = share_kv_checkpoint(tiny_models[family], None, mode=mode, kv_heads=kvh, init="key", num_seqs=4,
+        key = share_kv_checkpoint(tiny_models[family], None, mode=mode, kv_heads=kvh, init="key", num_seqs=10,
                                   seq_len=32)
+        # calibrated fits on 8 of the same 10 sequences and reports its error on the other 2
         cal = share_kv_checkpoint(tiny_models[family], None, mode=mode, kv_heads=kvh, init="calibrated",
-                                  num_seqs=4, seq_len=32)
+                                  num_seqs=10, seq_len=32)
+        assert cal.error.tokens == 2 * 32 and "held-out" in cal.error.source
         print(f"{family} {mode} kv_heads={kvh}: KL key {key.error.kl:.4f}, calibrated {cal.error.kl:.4f}")
         assert cal.error.kl < key.error.kl
 
@@ -179,3 +181,22 @@ def test_cli_bad_options_refused_nothing_written(tiny_models, tmp_path, args, ms
     assert result.exit_code == 1
     assert msg in _one_error_line(result)
     assert not out.exists()
+
+
+def test_large_calibration_file_is_read_in_windows(tiny_models, tmp_path, monkeypatch):
+    """A corpus over _WHOLE_FILE_BYTES is not tokenized whole: windows come from spread byte offsets."""
+    import transformers
+
+    from qkvconv import verify
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_models["llama"])
+    text = "".join(f"line {i:05d} of the calibration corpus, with ünïcode.\n" for i in range(4000))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(verify, "_WHOLE_FILE_BYTES", 10_000)
+    ids, source = verify.calibration_ids(None, tok, calib=path, num_seqs=5, seq_len=40)
+    assert ids.shape == (5, 40) and "spread offsets" in source
+    decoded = [tok.decode(row) for row in ids]
+    assert decoded[0].startswith("line 00000")
+    assert "0399" in decoded[-1]  # the last window is at the end of the file (lines 03990-03999)
+    assert len(set(decoded)) == 5
