@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import sys
 from functools import lru_cache
 import time
 from contextlib import nullcontext
@@ -516,7 +517,8 @@ def finetune(
         title = f"{Path(source.path).name}: --train {cfg.train}, {result.tokens:,} tokens, seed {cfg.seed}"
         plot_curves(train_rows, eval_rows, run_dir / "curves.png", title)
         if output is not None:
-            result.output = _write(output, loaded, net, spec, source, cfg, result, data_what, control, force)
+            result.output = _write(output, loaded, net, spec, source, cfg, result, data_what, control, force,
+                                   {"processes": dist.world, "device": str(dev)})
             state_path.unlink(missing_ok=True)  # finished: nothing left to resume
     dist.barrier()
     if dist.world > 1:
@@ -524,7 +526,7 @@ def finetune(
     return result
 
 
-def _write(output, loaded, net, spec, source, cfg, result, data_what, control, force) -> Path:
+def _write(output, loaded, net, spec, source, cfg, result, data_what, control, force, where: dict) -> Path:
     net.eval()
     history = (read_record(source.path) or {}).get("history", []) if source.kind == "hf_dir" else []
     entry = {
@@ -536,6 +538,10 @@ def _write(output, loaded, net, spec, source, cfg, result, data_what, control, f
         "trainable_parameters": result.trainable_parameters,
         "eval": result.eval_curve,
         "run_dir": str(result.run_dir),
+        **where,
+        "tokens_per_s": result.tokens_per_s,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_gpu_bytes": result.peak_memory_bytes,
     }
     record = {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=cfg.seed)}
     state_dict = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -543,6 +549,16 @@ def _write(output, loaded, net, spec, source, cfg, result, data_what, control, f
         output, state_dict=untie(state_dict, net.config, spec), config=net.config, tokenizer=loaded.tokenizer,
         generation_config=getattr(net, "generation_config", None), record=record, force=force,
     )
+
+
+def _peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process so far (None where the platform has no `resource`)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _progress(enabled: bool, steps: int, start: int):
