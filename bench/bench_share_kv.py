@@ -1,7 +1,10 @@
 """share-kv on SmolLM2: measured KV-cache bytes, decode speed and zero-shot LAMBADA per mode and init (run by hand).
 
-    python bench/bench_share_kv.py [MODEL] [--tokens 1024] [--limit 500] [--inits key,calibrated]
-                                   [--variants base,k=v,q=k,q=k=v,kv1,k=v+kv1] [--json OUT]
+    python bench/bench_share_kv.py [MODEL] [--tokens 1024] [--limit 500] [--inits calibrated,key,value,mean]
+                                   [--variants base,k=v,q=k,q=k=v,kv1,k=v+kv1] [--calib FILE] [--keep DIR] [--json OUT]
+
+--init calibrated fits on --calib (default: the Gutenberg train split of the data dir, never the evaluation text)
+and reports its logit error on held-out calibration sequences. --keep DIR keeps every converted checkpoint.
 
 Cache bytes are the tensors the cache object actually holds after generating --tokens tokens; decode tokens/s is
 greedy generate() on this CPU in the same run (ratio to base). LAMBADA (lambada_openai, --limit examples) is
@@ -52,14 +55,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--inits", default="key,calibrated")
+    ap.add_argument("--inits", default="calibrated,key,value,mean")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--num-seqs", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--num-seqs", type=int, default=None, help="calibration sequences (share-kv's default)")
+    ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("QKVCONV_DATA_DIR", "../shared/data")))
+    ap.add_argument("--calib", type=Path, default=None)
+    ap.add_argument("--keep", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     src = args.model or str(default_checkpoint())
+    calib = args.calib or args.data_dir / "gutenberg_en" / "gutenberg_en_train.txt"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -71,11 +77,14 @@ def main() -> None:
         for name in args.variants.split(","):
             mode, kvh = VARIANTS[name]
             for init in ["-"] if name == "base" else args.inits.split(","):
+                if init == "value" and mode == "q=k" or init in ("value", "mean") and mode is None:
+                    continue  # no such init for this variant (q=k keeps V; pooling alone has one data-free init)
                 row = {"variant": name, "init": init}
                 path = stock
                 if name != "base":
-                    path = tmp / f"{name}-{init}"
-                    rep = share_kv_checkpoint(stock, path, mode=mode, kv_heads=kvh, init=init,
+                    path = (args.keep or tmp) / f"{name}-{init}"
+                    rep = share_kv_checkpoint(stock, path, mode=mode, kv_heads=kvh, init=init, force=True,
+                                              calib=calib if init == "calibrated" else None,
                                               num_seqs=args.num_seqs, seq_len=args.seq_len)
                     row |= {"kl": rep.error.kl, "top1": rep.error.top1_agreement,
                             "convert_s": sum(rep.timings.values())}
