@@ -423,6 +423,7 @@ def share_kv(
     kv_heads: Annotated[Optional[int], typer.Option("--kv-heads", help="Pool key/value heads to N (N divides the query heads).")] = None,
     init: Annotated[str, typer.Option("--init", help="key | value | mean (data-free) or calibrated (data-aware).")] = "key",
     export: Annotated[Optional[str], typer.Option("--export", help="stock: the plain architecture, no remote code (no K=V cache saving).")] = None,
+    pos2d: Annotated[Optional[int], typer.Option("--pos2d", help="q=k: add the learned asymmetric 2D positional term with P channels (multiple of 4), zero-started.")] = None,
     calib: Calib = None,
     num_seqs: Annotated[Optional[int], typer.Option("--num-seqs", help="Calibration sequences (default 16; 40 for --init calibrated, 1 in 5 held out).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Calibration sequence length (default 128; 256 for --init calibrated).")] = None,
@@ -438,7 +439,7 @@ def share_kv(
         report = share_kv_checkpoint(
             model, output, mode=mode, kv_heads=kv_heads, init=init, export=export, calib=calib, num_seqs=num_seqs,
             seq_len=seq_len, seed=seed, dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle,
-            progress=lambda step: status.update(f"{step}…"),
+            progress=lambda step: status.update(f"{step}…"), pos2d=pos2d,
         )
     out.print(verification_table(report))
     kv = report.options["kv_cache_bytes_per_token"]

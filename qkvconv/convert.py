@@ -348,6 +348,7 @@ def share_kv_checkpoint(
     force: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    pos2d: int | None = None,
 ) -> Report:
     """share-kv on a checkpoint (lossy: reported, never refused), written to `output` unless it is None.
 
@@ -369,7 +370,7 @@ def share_kv_checkpoint(
     if qkvconv_block(loaded.config):
         raise TransformError(f"{source.path} is already a qkvconv-converted checkpoint; share-kv needs a stock one")
     spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
-    N = check_share_options(mode, kv_heads, init, dims)  # fail before the slow calibration
+    N = check_share_options(mode, kv_heads, init, dims, pos2d)  # fail before the slow calibration
     num_seqs = num_seqs or (40 if init == "calibrated" else 16)
     seq_len = seq_len or (256 if init == "calibrated" else 128)
     with _timed(t, "calibrate", progress):
@@ -394,7 +395,7 @@ def share_kv_checkpoint(
         if export == "stock":
             config, stock_heads = stock_config(loaded.config, N)
         result = share_kv(loaded.model.state_dict(), spec, dims, mode=mode, kv_heads=kv_heads, init=init,
-                          calibration=calibration, stock_kv_heads=stock_heads)
+                          calibration=calibration, stock_kv_heads=stock_heads, pos2d=pos2d)
         if export == "stock":
             new_model = AutoModelForCausalLM.from_config(config).to(dtype)
             new_model.load_state_dict(result.state_dict, strict=not getattr(config, "tie_word_embeddings", False))
@@ -407,7 +408,7 @@ def share_kv_checkpoint(
     before = kv_cache_bytes_per_token(loaded.config, spec, dtype)
     after = kv_cache_bytes_per_token(new_model.config, spec, dtype) if export == "stock" else \
         kv_cache_bytes_per_token(config, spec, dtype)
-    options = {"mode": mode or "none", "kv_heads": N, "init": init, "export": export,
+    options = {"mode": mode or "none", "kv_heads": N, "init": init, "export": export, "pos2d": pos2d,
                "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed,
                "dtype": str(dtype).removeprefix("torch."),
                "kv_cache_bytes_per_token": {"before": before, "after": after}}

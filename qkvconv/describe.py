@@ -67,6 +67,8 @@ def layer_modes(config) -> list[str] | None:
         words = ["q=k=v" if len(shared) == 2 else (shared[0] if shared else "qkv")]
         if "kv_heads" in m:
             words.append(f"kv_heads {m['kv_heads']}")
+        if "pos2d" in m:
+            words.append(f"pos2d {m['pos2d']['channels']}")
         if m.get("query") == "identity":
             words.append("identity query")
         out.append(", ".join(words))

@@ -189,3 +189,16 @@ def test_torchrun_ddp_equals_single_process_accumulation(tiny_models, corpus, tm
     assert [r["processes"] for r in records] == [2, 1] and all(r["peak_rss_bytes"] > 0 for r in records)
     ddp_curve = [json.loads(x)["loss"] for x in (tmp_path / "ddp.run" / "train.jsonl").read_text().splitlines()]
     assert ddp_curve == pytest.approx([r["loss"] for r in single.train_curve], abs=1e-5)
+
+
+def test_train_new_trains_only_the_pos2d_term(tiny_models, corpus, tmp_path):
+    from qkvconv.convert import share_kv_checkpoint
+
+    share_kv_checkpoint(tiny_models["llama"], tmp_path / "qk", mode="q=k", pos2d=8, num_seqs=2, seq_len=32)
+    res = finetune(tmp_path / "qk", tmp_path / "ft", cfg(corpus, train="new", lr=3e-2))
+    print(f"q=k pos2d --train new: held-out {res.first_eval:.4f} -> {res.last_eval:.4f} "
+          f"({res.trainable_parameters} trainable)")
+    before, after = load_file(tmp_path / "qk" / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
+    moved = {k for k in after if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith(".pos2d.weight") for k in moved)
+    assert res.last_eval != res.first_eval  # the term is live (on random tiny weights it need not help)

@@ -174,6 +174,9 @@ def test_cli_export_stock_says_no_cache_saving(tiny_models, tmp_path):
     (["--mode", "k=q"], "unknown --mode"),
     ([], "nothing to do"),
     (["--mode", "k=v", "--export", "onnx"], "unknown --export"),
+    (["--mode", "k=v", "--pos2d", "8"], "needs --mode q=k or q=k=v"),
+    (["--mode", "q=k", "--pos2d", "6"], "multiple of 4"),
+    (["--mode", "q=k", "--pos2d", "8", "--export", "stock"], "no stock equivalent"),
 ])
 def test_cli_bad_options_refused_nothing_written(tiny_models, tmp_path, args, msg):
     out = tmp_path / "bad"
@@ -200,3 +203,28 @@ def test_large_calibration_file_is_read_in_windows(tiny_models, tmp_path, monkey
     assert decoded[0].startswith("line 00000")
     assert "0399" in decoded[-1]  # the last window is at the end of the file (lines 03990-03999)
     assert len(set(decoded)) == 5
+
+
+@pytest.mark.parametrize("family_", ["llama", "gpt2", "gpt_neox"])
+def test_pos2d_starts_at_zero_then_breaks_symmetry(tiny_models, tmp_path, family_):
+    """q=k with --pos2d: identical to plain q=k as converted; with learned (here random) weights the logits move,
+    eager and SDPA agree (the term rides on the attention mask), and cached generation equals uncached."""
+    src = tiny_models[family_]
+    share_kv_checkpoint(src, tmp_path / "qk", mode="q=k", **FAST)
+    share_kv_checkpoint(src, tmp_path / "pos", mode="q=k", pos2d=8, **FAST)
+    plain, tok = qkvconv.load(tmp_path / "qk")
+    pos, _ = qkvconv.load(tmp_path / "pos")
+    ids = tok(["The quick brown fox jumps"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(pos(ids).logits, plain(ids).logits, atol=0, rtol=0)
+        weights = [p for n, p in pos.named_parameters() if n.endswith("pos2d.weight")]
+        assert len(weights) == pos.config.num_hidden_layers and all(w.shape[1] == 8 for w in weights)
+        for w in weights:
+            w.normal_(0, 2.0)
+        moved = pos(ids).logits
+        assert (moved - plain(ids).logits).abs().max() > 1e-3
+        eager, _ = qkvconv.load(tmp_path / "pos", attn_implementation="eager")
+        eager.load_state_dict(pos.state_dict())
+        torch.testing.assert_close(eager(ids).logits, moved, atol=1e-5, rtol=1e-5)
+    per_token = kv_cache_bytes_per_token(pos.config, spec_for(pos.config.model_type), torch.float32)
+    _check_cached_equals_uncached(pos, ids, 6, per_token)

@@ -10,7 +10,8 @@ Config block (config.json, key "qkvconv"):
     {"format": 1, "base_class": "LlamaForCausalLM",
      "paths": {"layers": ..., "attn_norm": ..., "q_proj": ..., "fused_qkv": ..., "qkv_layout": ...},
      "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "norm",
-                 optional share-kv keys: "kv": "shared", "qk": "shared", "kv_heads": N}, ...]}
+                 optional share-kv keys: "kv": "shared", "qk": "shared", "kv_heads": N,
+                 "pos2d": {"channels": p} (q=k only)}, ...]}
     optional per-layer keys: "query_mlp": {"size", "rank", "act"} (QueryMLP on the q projection),
     "preproj": {"size", "inner", "expansion", "skip"} (PreProj on attn_norm, content skip on paths["attn"])
 """
@@ -164,6 +165,47 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([x_rot * cos + _rotate_half(x_rot) * sin, x_pass], dim=-1)
 
 
+class Pos2D(nn.Module):
+    """Learned asymmetric 2D positional term on the logits of symmetric (q=k) attention (METHODS.md §4,
+    arXiv 2305.19129): S'(i, j) = S(i, j) + Σ_c u_{h,c}·PE2D_c(i, j), per head h, u starting at zero.
+
+    PE2D is the fixed 2D sinusoidal encoding of (i, j) with p channels: p/4 frequencies ω_k = 10000^(−k/(p/4)),
+    channels sin(iω_k), cos(iω_k), sin(jω_k), cos(jω_k). (The paper's Linear_{p→1}(S + PE2D) with its weights
+    summing to 1, so S passes unchanged and the term starts at zero.) The row channels (i) add the same amount
+    to every logit of a softmax row and cancel there, so only the column part g(j) = Σ u·PE2D_j is computed:
+    the same attention, without a (T, S) table.
+    """
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        if channels < 4 or channels % 4:
+            raise ValueError(f"pos2d channels must be a positive multiple of 4, got {channels}")
+        self.channels = channels
+        self.weight = nn.Parameter(torch.zeros(num_heads, channels))  # u: (H, p); row channels first, then column
+
+    def key_bias(self, start: int, length: int, device, dtype) -> torch.Tensor:
+        """g(j) for key positions start … start+length−1: (1, H, 1, length)."""
+        k = self.channels // 4
+        freq = 10000.0 ** (-torch.arange(k, device=device, dtype=torch.float32) / k)
+        ang = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None] * freq  # (S, k)
+        pe = torch.cat([ang.sin(), ang.cos()], -1)  # (S, p/2): the column channels
+        g = pe @ self.weight[:, self.channels // 2 :].float().T  # (S, H)
+        return g.T[None, :, None, :].to(dtype)
+
+
+def _with_bias(mask, bias: torch.Tensor, q_len: int, past: int, dtype) -> torch.Tensor:
+    """An additive float mask (B|1, H, T, S): the causal mask (or the given one) plus `bias`."""
+    S = bias.shape[-1]
+    if mask is None:  # the SDPA path passes none and relies on is_causal: build the causal mask here
+        rows = torch.arange(past, past + q_len, device=bias.device)[:, None]
+        mask = torch.arange(S, device=bias.device)[None] > rows
+    if mask.dtype == torch.bool:  # True = attend in HF boolean masks (our causal one above: True = blocked)
+        blocked = mask if mask.ndim == 2 else ~mask
+        mask = torch.zeros(blocked.shape, dtype=dtype, device=bias.device).masked_fill(blocked, torch.finfo(dtype).min)
+    mask = mask[None, None] if mask.ndim == 2 else mask
+    return mask[..., :S].to(dtype) + bias
+
+
 class SharedProjectionAttention(nn.Module):
     """Attention with shared projections and/or pooled KV heads (share-kv, METHODS.md §3).
 
@@ -198,6 +240,8 @@ class SharedProjectionAttention(nn.Module):
         self.o_proj = nn.Linear(H * dh, d, bias=o_bias)
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
+        if spec.get("pos2d"):
+            self.pos2d = Pos2D(spec["pos2d"]["channels"], H)
 
     def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         if self._rotary[0] is None:
@@ -233,6 +277,9 @@ class SharedProjectionAttention(nn.Module):
             k = self._rotate(self.k_norm(k), past)
             v = heads(self.v_proj(hidden_states))
             k_all, v_all = cache.update(k, v, self.layer_idx) if cache is not None else (k, v)
+        if hasattr(self, "pos2d"):
+            bias = self.pos2d.key_bias(0, k_all.shape[-2], q.device, q.dtype)
+            attention_mask = _with_bias(attention_mask, bias, T, past, q.dtype)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(self, q, k_all, v_all, attention_mask, dropout=0.0, scaling=self.scaling,
                               sliding_window=self.sliding_window, **kwargs)

@@ -136,4 +136,6 @@ def added_module_prefixes(layers: list[dict], spec: ArchSpec) -> list[str]:
             prefixes.append(f"{spec.layer(i, spec.attn_norm)}.preproj.")
             if layer["preproj"].get("skip"):
                 prefixes.append(f"{spec.layer(i, attention_module(spec))}.content_skip.")
+        if "pos2d" in layer:
+            prefixes.append(f"{spec.layer(i, attention_module(spec))}.pos2d.")
     return prefixes

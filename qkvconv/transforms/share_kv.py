@@ -3,7 +3,8 @@
 One shared projection S = h·W_S + b_S with N heads replaces two or three of W_Q, W_K, W_V:
 
     k=v:    keys = RoPE(k_norm(S)), values = S            (the cache holds S once: −50%)
-    q=k:    queries = keys = RoPE(norm(S)), S head g serves query heads g·H/N … (symmetric logits)
+    q=k:    queries = keys = RoPE(norm(S)), S head g serves query heads g·H/N … (symmetric logits);
+            pos2d=p adds the learned asymmetric 2D positional term of arXiv 2305.19129, zero-started
     q=k=v:  all three from S
     --kv-heads N pools G → N key/value heads (N | H, N ≤ G): cache × N/G.
 
@@ -79,9 +80,13 @@ class _Layer:
     k_norm: torch.Tensor | None
 
 
-def check_share_options(mode: str | None, kv_heads: int | None, init: str, dims: Dims) -> int:
+def check_share_options(mode: str | None, kv_heads: int | None, init: str, dims: Dims, pos2d: int | None = None) -> int:
     """Validate the request; returns the number of key/value heads after the transform."""
     H, G = dims.num_attention_heads, dims.num_key_value_heads
+    if pos2d is not None and mode not in ("q=k", "q=k=v"):
+        raise TransformError("--pos2d is the asymmetric term of symmetric attention: it needs --mode q=k or q=k=v")
+    if pos2d is not None and (pos2d < 4 or pos2d % 4):
+        raise TransformError(f"--pos2d {pos2d}: the number of channels must be a positive multiple of 4 (e.g. 16)")
     if mode is not None and mode not in MODES:
         raise TransformError(f"unknown --mode {mode!r}; use one of {', '.join(MODES)}")
     if init not in INITS:
@@ -417,13 +422,16 @@ def share_kv(
     init: str = "key",
     calibration: Calibration | None = None,
     stock_kv_heads: int | None = None,
+    pos2d: int | None = None,
 ) -> ShareResult:
     """Return a new state dict with shared projections / pooled heads; the input dict is not modified.
 
     stock_kv_heads: None writes the qkvconv layout (SharedProjectionAttention, a real shared cache); an int writes
     the stock architecture's weight names with that many key/value heads (N, or H where pooling is inexpressible).
     """
-    N = check_share_options(mode, kv_heads, init, dims)
+    N = check_share_options(mode, kv_heads, init, dims, pos2d)
+    if pos2d is not None and stock_kv_heads is not None:
+        raise TransformError("--pos2d has no stock equivalent; leave out --export stock")
     if init == "calibrated" and (calibration is None or len(calibration.attn_inputs) != dims.num_hidden_layers):
         raise TransformError("--init calibrated needs calibration attention inputs for every layer")
     H, G, dh = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
@@ -453,6 +461,9 @@ def share_kv(
             layer["kv"] = "shared"
         if mode in ("q=k", "q=k=v"):
             layer["qk"] = "shared"
+        if pos2d is not None:  # zero-started: the converted model is unchanged by it until finetuned
+            layer["pos2d"] = {"channels": pos2d}
+            out[f"{attn}.pos2d.weight"] = torch.zeros(H, pos2d, dtype=dtype)
         layers.append(layer)
     return ShareResult(out, layers, N, fit)
 
