@@ -3,6 +3,7 @@
     python bench/bench_share_kv.py [MODEL] [--tokens 1024] [--limit 500] [--inits calibrated,key,value,mean]
                                    [--variants base,k=v,q=k,q=k=v,kv1,k=v+kv1] [--calib FILE] [--keep DIR] [--json OUT]
 
+--json OUT is rewritten after every row, and rows already in it are skipped, so a killed run continues.
 --init calibrated fits on --calib (default: the Gutenberg train split of the data dir, never the evaluation text)
 and reports its logit error on held-out calibration sequences. --keep DIR keeps every converted checkpoint.
 
@@ -66,7 +67,9 @@ def main() -> None:
     args = ap.parse_args()
     src = args.model or str(default_checkpoint())
     calib = args.calib or args.data_dir / "gutenberg_en" / "gutenberg_en_train.txt"
-    rows = []
+    # rows already in --json are kept and not run again: a killed run continues where it stopped
+    rows = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
+    done = {(r["variant"], r["init"]) for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         loaded = load(src)  # the GGUF once, then safetensors for every conversion
@@ -79,6 +82,8 @@ def main() -> None:
             for init in ["-"] if name == "base" else args.inits.split(","):
                 if init == "value" and mode == "q=k" or init in ("value", "mean") and mode is None:
                     continue  # no such init for this variant (q=k keeps V; pooling alone has one data-free init)
+                if (name, init) in done:
+                    continue
                 row = {"variant": name, "init": init}
                 path = stock
                 if name != "base":
@@ -91,7 +96,7 @@ def main() -> None:
                 model, tok = qkvconv.load(path)
                 if init in ("-", args.inits.split(",")[0]) and args.tokens:
                     row["cache_bytes"], row["tok_s"] = decode(model, tok, args.tokens)
-                    base_speed = base_speed or row["tok_s"]
+                    base_speed = base_speed or next((r["tok_s"] for r in rows if r["variant"] == "base"), row["tok_s"])
                     row["speed_vs_base"] = row["tok_s"] / base_speed
                 if args.limit:
                     res = run_lm_eval(model, tok, ["lambada_openai"], limit=args.limit, batch_size=args.batch_size,
@@ -100,6 +105,8 @@ def main() -> None:
                     row["lambada_acc"], row["lambada_acc_stderr"] = r.get("acc,none"), r.get("acc_stderr,none")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=2))
                 del model
     base_bytes = next((r["cache_bytes"] for r in rows if r["variant"] == "base" and "cache_bytes" in r), None)
     print(f"\n{'variant':10} {'init':11} {'cache bytes':>12} {'vs base':>8} {'tok/s':>7} {'speed':>6} "
