@@ -202,3 +202,11 @@ def test_train_new_trains_only_the_pos2d_term(tiny_models, corpus, tmp_path):
     moved = {k for k in after if not torch.equal(before[k], after[k])}
     assert moved and all(k.endswith(".pos2d.weight") for k in moved)
     assert res.last_eval != res.first_eval  # the term is live (on random tiny weights it need not help)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tiny_models, corpus, tmp_path):
+    res = finetune(tiny_models["llama"], tmp_path / "bf16", cfg(corpus, train="all", precision="bf16"), device="cpu")
+    print(f"bf16 autocast --train all: held-out {res.first_eval:.4f} -> {res.last_eval:.4f}")
+    assert res.last_eval < res.first_eval
+    after = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in after.values())  # master weights (and the output) stay fp32
