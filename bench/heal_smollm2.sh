@@ -8,7 +8,8 @@
 # Budget (env): STEPS=200 BATCH=2 SEQ=256 LR=1e-4 DEVICE=auto EVAL_LIMIT=500 WIKITEXT_DOCS=5 (first N test
 # articles; the full 62 take ~8 min per model on a 2-core CPU) EVAL_BATCH=4 (rolling perplexity holds
 # batch × 8,192 positions × 49,152 vocab logits for SmolLM2: batch 16 needs more than 24 GiB).
-# The zero-shot k=v model is in bench_share_kv.py.
+# GUTENBERG_DOCS=40 (of the task's 40 held-out pieces). Rolling windows are up to 8,192 tokens, so a long
+# article costs minutes on a CPU. The zero-shot k=v model is in bench_share_kv.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/heal}; shift || true
@@ -35,6 +36,7 @@ for s in $STAGES; do case $s in
   eval)
     "$Q" eval "$GG" "$W/control-ft" "$W/qmlp-ft" "$W/preproj-ft" "$W/kv-ft" \
       --tasks "${TASKS:-lambada_openai,gutenberg_en,wikitext}" --limit "${EVAL_LIMIT:-500}" \
-      --task-limit "wikitext=${WIKITEXT_DOCS:-5}" --batch-size "${EVAL_BATCH:-4}" --output "$W/eval.json" ;;
+      --task-limit "wikitext=${WIKITEXT_DOCS:-5}" --task-limit "gutenberg_en=${GUTENBERG_DOCS:-40}" \
+      --batch-size "${EVAL_BATCH:-4}" --output "$W/eval.json" ;;
   *) echo "unknown stage $s" >&2; exit 2 ;;
 esac; done
