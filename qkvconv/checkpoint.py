@@ -19,7 +19,8 @@ import torch
 
 from qkvconv.archs import ArchSpec, spec_for
 from qkvconv.errors import CheckpointError, QkvconvError
-from qkvconv.manifest import hash_path
+from qkvconv import __version__
+from qkvconv.manifest import hash_path, manifest
 
 RECORD_FILE = "qkvconv.json"
 MODELING_FILE = "modeling_qkvconv.py"
@@ -329,6 +330,22 @@ def _respect_umask(directory: Path) -> None:
     for f in directory.iterdir():
         if f.is_file():
             f.chmod(0o666 & ~umask)
+
+
+def write_with_history(
+    output, *, transform: str, options: dict, source: Source, source_hash: str | None, details: dict, seed: int,
+    state_dict: dict, config, spec: ArchSpec, tokenizer, generation_config, force: bool,
+) -> Path:
+    """Write a checkpoint whose record is the source's own history (a qkvconv checkpoint has one) plus one entry:
+    {transform, options, source, **details}."""
+    history = (read_record(source.path) or {}).get("history", []) if source.kind == "hf_dir" else []
+    entry = {"transform": transform, "options": options,
+             "source": {"path": source.path, "kind": source.kind, "sha256": source_hash}, **details}
+    record = {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=seed)}
+    return write_checkpoint(
+        output, state_dict=untie(state_dict, config, spec), config=config, tokenizer=tokenizer,
+        generation_config=generation_config, record=record, force=force,
+    )
 
 
 def read_record(path: str | os.PathLike) -> dict | None:

@@ -14,11 +14,9 @@ from typing import Callable
 
 import torch
 
-from qkvconv import __version__
 from qkvconv.archs import ArchSpec, dims_of
-from qkvconv.checkpoint import Loaded, check_output, load, qkvconv_block, read_record, resolve_source, untie, write_checkpoint
+from qkvconv.checkpoint import Loaded, check_output, load, qkvconv_block, resolve_source, write_with_history
 from qkvconv.errors import TransformError, VerificationError
-from qkvconv.manifest import manifest
 from qkvconv.modeling import FORMAT
 from qkvconv.transforms import absorb_query, attach_preproj, attach_query_mlp
 from qkvconv.transforms.attach import stock_layers
@@ -126,25 +124,12 @@ def _write_result(
     output, *, transform: str, options: dict, source, loaded: Loaded, error: LogitError, extra: dict,
     timings: dict, state_dict, config, spec: ArchSpec, seed: int, force: bool,
 ) -> Path:
-    """Append this conversion to the source's history and write the checkpoint atomically."""
-    history = (read_record(source.path) or {}).get("history", []) if source.kind == "hf_dir" else []
-    entry = {
-        "transform": transform,
-        "options": options,
-        "source": {"path": source.path, "kind": source.kind, "sha256": loaded.source_hash},
-        "verification": error.as_dict(),
-        **extra,
-        "timings_s": timings,
-    }
-    record = {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=seed)}
-    return write_checkpoint(
-        output,
-        state_dict=untie(state_dict, config, spec),
-        config=config,
-        tokenizer=loaded.tokenizer,
-        generation_config=getattr(loaded.model, "generation_config", None),
-        record=record,
-        force=force,
+    """Append this conversion, with its verification, to the source's history and write the checkpoint atomically."""
+    return write_with_history(
+        output, transform=transform, options=options, source=source, source_hash=loaded.source_hash,
+        details={"verification": error.as_dict(), **extra, "timings_s": timings}, seed=seed, state_dict=state_dict,
+        config=config, spec=spec, tokenizer=loaded.tokenizer,
+        generation_config=getattr(loaded.model, "generation_config", None), force=force,
     )
 
 

@@ -273,7 +273,8 @@ def _evaluate_loaded(
 ) -> dict:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise QkvconvError(f"batch size must be a positive integer, got {batch_size!r}")
-    for what, value in [("limit", limit)] + [(f"limit of {t}", v) for t, v in (task_limits or {}).items()]:
+    task_limits = task_limits or {}
+    for what, value in [("limit", limit)] + [(f"limit of {t}", v) for t, v in task_limits.items()]:
         if value is not None and value <= 0:
             raise QkvconvError(f"{what} must be positive (or omitted for the full task), got {value!r}")
     if getattr(model, "hf_device_map", None) is None:  # models dispatched by accelerate stay where they are
@@ -281,7 +282,7 @@ def _evaluate_loaded(
     model.eval()
     groups: dict[int | None, list[str]] = {}
     for name in names:  # tasks with their own limit run in their own lm-eval call, merged below
-        groups.setdefault((task_limits or {}).get(name, limit), []).append(name)
+        groups.setdefault(task_limits.get(name, limit), []).append(name)
     merged: dict | None = None
     for group_limit, group in groups.items():
         results = _simple_evaluate(model, tokenizer, task_manager, group, limit=group_limit, batch_size=batch_size,

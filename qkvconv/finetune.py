@@ -34,11 +34,9 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
-from qkvconv import __version__
 from qkvconv.archs import ArchSpec, dims_of
-from qkvconv.checkpoint import check_output, load, qkvconv_block, read_record, resolve_source, untie, write_checkpoint
+from qkvconv.checkpoint import check_output, load, qkvconv_block, read_record, resolve_source, write_with_history
 from qkvconv.errors import CheckpointError, QkvconvError
-from qkvconv.manifest import manifest
 from qkvconv.transforms.attach import added_module_prefixes, attention_module, stock_layers
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
@@ -528,11 +526,7 @@ def finetune(
 
 def _write(output, loaded, net, spec, source, cfg, result, data_what, control, force, where: dict) -> Path:
     net.eval()
-    history = (read_record(source.path) or {}).get("history", []) if source.kind == "hf_dir" else []
-    entry = {
-        "transform": "finetune",
-        "options": {**asdict(cfg), "steps": result.steps, "control": control},
-        "source": {"path": source.path, "kind": source.kind, "sha256": loaded.source_hash},
+    details = {
         "data": data_what,
         "tokens": result.tokens,
         "trainable_parameters": result.trainable_parameters,
@@ -543,11 +537,11 @@ def _write(output, loaded, net, spec, source, cfg, result, data_what, control, f
         "peak_rss_bytes": _peak_rss_bytes(),
         "peak_gpu_bytes": result.peak_memory_bytes,
     }
-    record = {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=cfg.seed)}
-    state_dict = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    return write_checkpoint(
-        output, state_dict=untie(state_dict, net.config, spec), config=net.config, tokenizer=loaded.tokenizer,
-        generation_config=getattr(net, "generation_config", None), record=record, force=force,
+    return write_with_history(
+        output, transform="finetune", options={**asdict(cfg), "steps": result.steps, "control": control},
+        source=source, source_hash=loaded.source_hash, details=details, seed=cfg.seed,
+        state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()}, config=net.config, spec=spec,
+        tokenizer=loaded.tokenizer, generation_config=getattr(net, "generation_config", None), force=force,
     )
 
 

@@ -172,7 +172,7 @@ def test_interrupted_write_leaves_nothing(tiny_models, tmp_path, monkeypatch):
         kw["tokenizer"] = type("T", (), {"save_pretrained": staticmethod(boom)})()
         return original(out, **kw)
 
-    monkeypatch.setattr("qkvconv.convert.write_checkpoint", interrupted)
+    monkeypatch.setattr("qkvconv.checkpoint.write_checkpoint", interrupted)  # called by write_with_history
     result = run("absorb-query", tiny_models["llama"], "-o", tmp_path / "out", "--num-seqs", "1", "--seq-len", "16")
     assert result.exit_code == 130
     assert list(tmp_path.iterdir()) == []  # no output, no temporary directory
