@@ -383,6 +383,8 @@ def finetune_cmd(
     control: Annotated[bool, typer.Option("--control", help="Finetune the model MODEL was converted from instead (a fair control).")] = False,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation order, data order and dropout.")] = 0,
+    distill: Annotated[float, typer.Option("--distill", help="Weight α of KL(teacher ‖ model) in the loss: (1−α)·CE + α·KL (0: plain LM loss, 1: pure distillation).")] = 0.0,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher for --distill (default: the checkpoint MODEL was converted from).")] = None,
     force: Force = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
@@ -396,15 +398,17 @@ def finetune_cmd(
         data=data, eval_data=eval_data, train=train, steps=steps, tokens=tokens, seq_len=seq_len,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm or None, seed=seed, precision=precision, eval_every=eval_every,
-        eval_seqs=eval_seqs, save_every=save_every,
+        eval_seqs=eval_seqs, save_every=save_every, distill=distill, teacher=teacher,
     )
     result = finetune(model, output, cfg, run_dir=run_dir, resume=resume, control=control, device=device,
                       force=force, allow_pickle=allow_pickle, show_progress=True)
     t = Table(title=f"finetune --train {train}: held-out loss", title_justify="left")
-    for col in ("step", "tokens", "loss", "ppl"):
+    cols = ("step", "tokens", "loss", "ppl") + (("KL to teacher",) if distill else ())
+    for col in cols:
         t.add_column(col, justify="right")
     for row in result.eval_curve:
-        t.add_row(str(row["step"]), f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.3g}")
+        kl = (f"{row['kl']:.4f}",) if distill else ()
+        t.add_row(str(row["step"]), f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.3g}", *kl)
     t.caption = (f"{result.trainable_parameters:,} trainable parameters; {result.tokens_per_s:,.0f} tokens/s; "
                  f"curves: {result.run_dir / 'curves.png'}")
     t.caption_justify = "left"

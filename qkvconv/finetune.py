@@ -2,7 +2,9 @@
 
 One loop for every converted (or stock) checkpoint: it needs only the nn.Module `qkvconv.load` returns
 and the layout block in its config. Data is packed into `seq_len` windows of the model's own tokens;
-the schedule is linear warmup then cosine decay to zero; the loss is next-token cross-entropy.
+the schedule is linear warmup then cosine decay to zero; the loss is next-token cross-entropy, or with
+`distill=α` the mix (1 − α)·cross-entropy + α·KL(teacher ‖ student), the teacher being the checkpoint the
+model was converted from: every token then carries the original's whole next-token distribution.
 
 Reproducibility: the sample order is a function of (seed, epoch) alone, dropout draws from the global
 torch RNG, and a checkpoint holds the trained weights, optimizer, scheduler, RNG states and the data
@@ -66,6 +68,8 @@ class FinetuneConfig:
     eval_seqs: int = 16
     save_every: int = 100
     hf_split: str = "train"
+    distill: float = 0.0  # weight α of KL(teacher ‖ student): loss = (1 − α)·cross-entropy + α·KL
+    teacher: str | None = None  # default with distill: the checkpoint the model was converted from
 
 
 @dataclass
@@ -326,21 +330,43 @@ def plot_curves(train: list[dict], evals: list[dict], path: Path, title: str) ->
     plt.close(fig)
 
 
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher ‖ student) of the next-token distributions (nats/token), in float32."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
 @torch.no_grad()
-def evaluate_loss(model, windows: torch.Tensor, batch_size: int, device: torch.device, autocast) -> float:
-    """Mean next-token cross-entropy over all held-out windows (nats/token)."""
+def evaluate_loss(model, windows: torch.Tensor, batch_size: int, device: torch.device, autocast,
+                  teacher=None) -> tuple[float, float | None]:
+    """Mean next-token cross-entropy over all held-out windows (nats/token), and the mean KL to `teacher`."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, kl, count = 0.0, 0.0, 0
     for i in range(0, len(windows), batch_size):
         x = windows[i : i + batch_size].to(device)
         with autocast():
             logits = model(input_ids=x).logits.float()
+            if teacher is not None:
+                kl += float(kl_to_teacher(logits, teacher(input_ids=x).logits)) * x.numel()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
         total += float(loss)
         count += x[:, 1:].numel()
     model.train(was_training)
-    return total / count
+    return total / count, (None if teacher is None else kl / (count + len(windows)))
+
+
+def load_teacher(model: str | Path, cfg: FinetuneConfig, vocab_size: int, device: torch.device, allow_pickle: bool):
+    """The frozen model whose next-token distributions --distill matches (default: MODEL's original source)."""
+    path = cfg.teacher or original_source(model)
+    teacher = load(resolve_source(path, allow_pickle=allow_pickle), dtype=torch.float32, allow_pickle=allow_pickle)
+    net = teacher.model.to(device).eval()
+    if net.config.vocab_size != vocab_size:
+        raise QkvconvError(f"--teacher {path}: vocabulary of {net.config.vocab_size} tokens, the model has {vocab_size}")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
 
 
 def original_source(model: str | Path) -> str:
@@ -378,6 +404,12 @@ def finetune(
             raise QkvconvError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.precision not in ("fp32", "bf16"):
         raise QkvconvError(f"--precision must be fp32 or bf16, not {cfg.precision!r}")
+    if not 0.0 <= cfg.distill <= 1.0:
+        raise QkvconvError(f"--distill {cfg.distill}: the KL weight must be between 0 and 1")
+    if cfg.teacher is not None and not cfg.distill:
+        raise QkvconvError("--teacher is only used with --distill")
+    if control and cfg.distill:
+        raise QkvconvError("--control with --distill would distil the original into itself; compare with the teacher")
     if control:
         if cfg.train == "new":
             raise QkvconvError("a control has no added modules; use --train attention or all for the control run")
@@ -405,6 +437,7 @@ def finetune(
         p.requires_grad_(n in names)
     params = [p for n, p in net.named_parameters() if n in names]
     n_trainable = sum(p.numel() for p in params)
+    teacher = load_teacher(model, cfg, net.config.vocab_size, dev, allow_pickle) if cfg.distill else None
 
     per_step = cfg.batch_size * cfg.grad_accum * dist.world  # windows per optimizer step
     steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.tokens / (per_step * cfg.seq_len)))
@@ -461,9 +494,9 @@ def finetune(
 
     def run_eval(step: int) -> None:
         if dist.main:
-            loss = evaluate_loss(net, evals, cfg.batch_size, dev, autocast)
+            loss, kl = evaluate_loss(net, evals, cfg.batch_size, dev, autocast, teacher)
             _append_jsonl(eval_log, {"step": step, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
-                                     "tokens": step * per_step * cfg.seq_len})
+                                     "tokens": step * per_step * cfg.seq_len} | ({} if kl is None else {"kl": kl}))
         dist.barrier()
 
     if start == 0:
@@ -480,7 +513,13 @@ def finetune(
                 x = batch_at(windows, first, cfg.batch_size, cfg.seed).to(dev)
                 sync = j == cfg.grad_accum - 1 or dist.world == 1
                 with (nullcontext() if sync else train_model.no_sync()), autocast():
-                    loss = train_model(input_ids=x, labels=x).loss / cfg.grad_accum
+                    out = train_model(input_ids=x, labels=x)
+                    loss = out.loss
+                    if teacher is not None:
+                        with torch.no_grad():
+                            target = teacher(input_ids=x).logits
+                        loss = (1 - cfg.distill) * loss + cfg.distill * kl_to_teacher(out.logits, target)
+                    loss = loss / cfg.grad_accum
                 loss.backward()
                 total += float(loss.detach())
             grad_norm = None

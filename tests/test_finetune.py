@@ -210,3 +210,30 @@ def test_bf16_autocast_keeps_fp32_master_weights(tiny_models, corpus, tmp_path):
     assert res.last_eval < res.first_eval
     after = load_file(tmp_path / "bf16" / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in after.values())  # master weights (and the output) stay fp32
+
+
+def test_distill_pulls_a_share_kv_model_towards_its_original(tiny_models, corpus, tmp_path):
+    """--distill 1: the loss is KL(original ‖ model); the held-out KL it logs falls, and the teacher defaults to the
+    checkpoint the model was converted from (its qkvconv history)."""
+    from qkvconv.convert import share_kv_checkpoint
+
+    share_kv_checkpoint(tiny_models["llama"], tmp_path / "kv", mode="k=v", num_seqs=2, seq_len=32)
+    res = finetune(tmp_path / "kv", tmp_path / "ft", cfg(corpus, train="attention", distill=1.0, lr=3e-3))
+    kls = [row["kl"] for row in res.eval_curve]
+    print(f"held-out KL to the original: {kls[0]:.4f} -> {kls[-1]:.4f}")
+    assert kls[0] > 1e-3 and kls[-1] < 0.9 * kls[0]
+    record = json.loads((tmp_path / "ft" / "qkvconv.json").read_text())
+    assert record["history"][-1]["options"]["distill"] == 1.0
+    # the original as its own teacher: KL exactly 0 at step 0 (the KL is computed on the same distributions)
+    same = finetune(tiny_models["llama"], None, cfg(corpus, train="attention", distill=0.5, steps=1,
+                                                    teacher=str(tiny_models["llama"])), run_dir=tmp_path / "same")
+    assert abs(same.eval_curve[0]["kl"]) < 1e-6
+
+
+@pytest.mark.parametrize("kw,match", [({"distill": 1.5}, "between 0 and 1"), ({"teacher": "x"}, "only used with"),
+                                      ({"distill": 1.0, "control": True}, "distil the original into itself")])
+def test_distill_bad_options(tiny_models, corpus, tmp_path, kw, match):
+    control = kw.pop("control", False)
+    with pytest.raises(QkvconvError, match=match):
+        finetune(tiny_models["llama"], tmp_path / "ft", cfg(corpus, train="attention", **kw), control=control)
+    assert not (tmp_path / "ft").exists()
