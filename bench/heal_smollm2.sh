@@ -3,7 +3,8 @@
 # base control vs attach-query-mlp probe vs attach-preproj probe vs share-kv k=v healed, all finetuned
 # on the same Gutenberg tokens (same seed, steps, batch, lr), then one `qkvconv eval` table.
 #
-#   bash bench/heal_smollm2.sh [WORKDIR] [STAGE...]     stages: convert control qmlp preproj kv eval (default: all)
+#   bash bench/heal_smollm2.sh [WORKDIR] [STAGE...]     stages: convert control qmlp preproj kv kvdistill eval
+#   (default: all; kvdistill heals the k=v model with --distill 1, DISTILL_STEPS=STEPS)
 #
 # Budget (env): STEPS=200 BATCH=2 SEQ=256 LR=1e-4 DEVICE=auto EVAL_LIMIT=500 WIKITEXT_DOCS=5 (first N test
 # articles; the full 62 take ~8 min per model on a 2-core CPU) EVAL_BATCH=4 (rolling perplexity holds
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/heal}; shift || true
-STAGES=${*:-convert control qmlp preproj kv eval}
+STAGES=${*:-convert control qmlp preproj kv kvdistill eval}
 export QKVCONV_DATA_DIR=${QKVCONV_DATA_DIR:-../shared/data}
 D=$QKVCONV_DATA_DIR/gutenberg_en
 Q=${QKVCONV:-.venv/bin/qkvconv}
@@ -33,8 +34,11 @@ for s in $STAGES; do case $s in
   qmlp)    run x "$W/qmlp-ft" "$W/qmlp" -o "$W/qmlp-ft" --train new "${FT[@]}" $([ -d "$W/qmlp-ft.run" ] && echo --resume) ;;
   preproj) run x "$W/preproj-ft" "$W/preproj" -o "$W/preproj-ft" --train new "${FT[@]}" $([ -d "$W/preproj-ft.run" ] && echo --resume) ;;
   kv)      run x "$W/kv-ft" "$W/kv" -o "$W/kv-ft" --train attention "${FT[@]}" $([ -d "$W/kv-ft.run" ] && echo --resume) ;;
+  kvdistill)  # the same k=v model healed by KL to the original instead of by the LM loss
+    run x "$W/kv-distill" "$W/kv" -o "$W/kv-distill" --train attention "${FT[@]}" --distill 1 \
+      --steps "${DISTILL_STEPS:-${STEPS:-200}}" $([ -d "$W/kv-distill.run" ] && echo --resume) ;;
   eval)
-    "$Q" eval "$GG" "$W/control-ft" "$W/qmlp-ft" "$W/preproj-ft" "$W/kv-ft" \
+    "$Q" eval "$GG" "$W/control-ft" "$W/qmlp-ft" "$W/preproj-ft" "$W/kv-ft" $([ -d "$W/kv-distill" ] && echo "$W/kv-distill") \
       --tasks "${TASKS:-lambada_openai,gutenberg_en,wikitext}" --limit "${EVAL_LIMIT:-500}" \
       --task-limit "wikitext=${WIKITEXT_DOCS:-5}" --task-limit "gutenberg_en=${GUTENBERG_DOCS:-40}" \
       --batch-size "${EVAL_BATCH:-4}" --output "$W/eval.json" ;;
