@@ -161,8 +161,38 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """RoPE (HF rotate_half layout) on the first cos.shape[-1] dims of each head; x: (B, n, T, dh), cos: (1, T, r)."""
     r = cos.shape[-1]
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    if r == x.shape[-1]:  # full rotary: no pass-through dims to concatenate
+        return x * cos + _rotate_half(x) * sin
     x_rot, x_pass = x[..., :r], x[..., r:]
     return torch.cat([x_rot * cos + _rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+class _RopeTable:
+    """cos/sin of the model's rotary embedding for positions 0…n−1, computed once and shared by every layer.
+
+    k=v caches S before RoPE, so each decoding step rotates the whole cached S; without this table every layer
+    would also recompute cos/sin for every past position at every step. The table grows geometrically and is
+    rebuilt when the device, dtype or inv_freq change; rope types whose frequencies depend on the sequence
+    length (dynamic, longrope) are computed per call instead.
+    """
+
+    STATIC = ("default", "linear", "llama3", "yarn")
+
+    def __init__(self, rotary: nn.Module):
+        self.rotary, self.key, self.cos, self.sin = rotary, None, None, None
+
+    def __call__(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + x.shape[-2]
+        if getattr(self.rotary, "rope_type", "default") not in self.STATIC:
+            return self.rotary(x, torch.arange(start, end, device=x.device)[None])
+        inv = getattr(self.rotary, "inv_freq", None)
+        key = (x.device, x.dtype, None if inv is None else (inv.data_ptr(), inv._version))
+        if key != self.key or self.cos.shape[-2] < end:
+            size = max(end, 2 * self.cos.shape[-2]) if key == self.key else end
+            with torch.no_grad():
+                self.cos, self.sin = self.rotary(x, torch.arange(size, device=x.device)[None])
+            self.key = key
+        return self.cos[:, start:end], self.sin[:, start:end]
 
 
 class Pos2D(nn.Module):
@@ -228,7 +258,7 @@ class SharedProjectionAttention(nn.Module):
         self.scaling = getattr(old, "scaling", dh**-0.5)
         self.sliding_window = getattr(old, "sliding_window", None)
         self.is_causal, self.attention_dropout = True, 0.0
-        self._rotary = [rotary]  # the model's rotary embedding (a list: not a submodule), None without RoPE
+        self._rotary = rotary  # a _RopeTable shared by the model's layers, None without RoPE
         if not self.qk_shared:
             self.q_proj = nn.Linear(d, H * dh, bias=qkv_bias)
         if self.kv_shared or self.qk_shared:
@@ -244,11 +274,9 @@ class SharedProjectionAttention(nn.Module):
             self.pos2d = Pos2D(spec["pos2d"]["channels"], H)
 
     def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        if self._rotary[0] is None:
+        if self._rotary is None:
             return x
-        pos = torch.arange(start, start + x.shape[-2], device=x.device)[None]
-        cos, sin = self._rotary[0](x, pos)
-        return _rope(x, cos, sin)
+        return _rope(x, *self._rotary(x, start))
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, layer_past=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -292,6 +320,10 @@ def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dic
     qkv = layer.get_submodule(paths["q_proj"] if paths["qkv_layout"] == "separate" else paths["fused_qkv"])
     o = layer.get_submodule(paths["o_proj"])
     rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
+    if rotary is not None:  # one table for all layers, kept on the rotary module (a plain attribute)
+        if not isinstance(getattr(rotary, "_qkvconv_table", None), _RopeTable):
+            rotary._qkvconv_table = _RopeTable(rotary)
+        rotary = rotary._qkvconv_table
     norms = [layer.get_submodule(p) if _has_module(layer, p) else None for p in paths.get("qk_norm") or []]
     q_norm, k_norm = (norms + [None, None])[:2]
     new = SharedProjectionAttention(old, model.config, i, spec, rotary, getattr(qkv, "bias", None) is not None,
