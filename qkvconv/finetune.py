@@ -343,7 +343,7 @@ def evaluate_loss(model, windows: torch.Tensor, batch_size: int, device: torch.d
     """Mean next-token cross-entropy over all held-out windows (nats/token), and the mean KL to `teacher`."""
     was_training = model.training
     model.eval()
-    total, kl, count = 0.0, 0.0, 0
+    total, count, kl = 0.0, 0, 0.0  # cross-entropy over predicted tokens; KL over every position
     for i in range(0, len(windows), batch_size):
         x = windows[i : i + batch_size].to(device)
         with autocast():
@@ -354,7 +354,7 @@ def evaluate_loss(model, windows: torch.Tensor, batch_size: int, device: torch.d
         total += float(loss)
         count += x[:, 1:].numel()
     model.train(was_training)
-    return total / count, (None if teacher is None else kl / (count + len(windows)))
+    return total / count, (None if teacher is None else kl / windows.numel())
 
 
 def load_teacher(model: str | Path, cfg: FinetuneConfig, vocab_size: int, device: torch.device, allow_pickle: bool):
