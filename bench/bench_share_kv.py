@@ -27,9 +27,7 @@ VARIANTS = {"base": (None, None), "k=v": ("k=v", None), "q=k": ("q=k", None), "q
             "kv1": (None, 1), "k=v+kv1": ("k=v", 1)}
 
 
-def cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if t is not None)
+from qkvconv.compat import cache_bytes, output_cache  # noqa: E402
 
 
 @torch.no_grad()
@@ -41,7 +39,7 @@ def decode(model, tokenizer, tokens: int) -> tuple[int, float]:
     t = time.perf_counter()
     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                          do_sample=False, return_dict_in_generate=True)
-    return cache_bytes(gen.past_key_values), tokens / (time.perf_counter() - t)
+    return cache_bytes(output_cache(gen)), tokens / (time.perf_counter() - t)
 
 
 def main() -> None:

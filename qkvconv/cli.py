@@ -80,9 +80,45 @@ def command(fn):
     return wrapper
 
 
-@app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print versions, device and tested ranges (= qkvconv env).")] = False,
+) -> None:
+    from qkvconv.compat import warn_if_untested
+
     _state["debug"] = debug
+    if version:
+        env(as_json=False)
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand != "env":
+        warn_if_untested()
+
+
+# ---------------------------------------------------------------------------------------------- env
+@app.command()
+def env(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
+    """Versions of qkvconv, torch, transformers, lm-eval, accelerate…, the device, and which are in the tested range."""
+    from qkvconv.compat import environment
+
+    info = environment()
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    t = Table(title="qkvconv env", title_justify="left")
+    for col in ("package", "version", "tested range", "in range"):
+        t.add_column(col)
+    for name, p in info["packages"].items():
+        tested = " … ".join(p["tested"]) if "tested" in p else "-"
+        verdict = {True: "[green]yes[/]", False: "[bold red]NO[/]", None: "-"}[p.get("in_range")]
+        t.add_row(name, p["version"] or "[red]not installed[/]", tested, verdict)
+    t.caption = f"python {info['python']}; device: {info['device']}"
+    t.caption_justify = "left"
+    out.print(t)
 
 
 def _fmt(x) -> str:
@@ -279,9 +315,19 @@ def verification_table(report) -> Table:
               f"{min(cond):.3g} / {statistics.median(cond):.3g} / {max(cond):.3g}" if cond else "n/a")
     verdict = f"bound: max |Δlogit| ≤ {report.atol:g} (passed)" if report.atol is not None else "lossy by design: finetune to heal"
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
-    t.caption = f"on {e.tokens} tokens, {e.source}; {verdict}; {timings}"
+    t.caption = f"on {e.tokens} tokens, {e.source}; {verdict}; {timings}\n{decoding_line(report.decoding)}"
     t.caption_justify = "left"
     return t
+
+
+def decoding_line(d) -> str:
+    """The decode check in one line: cached vs uncached greedy decoding, and agreement with the original."""
+    if d is None:
+        return "decoding: not checked"
+    return (f"decoding ({d.prompts} prompts × {d.new_tokens} greedy tokens): cached = uncached on "
+            f"{100 * d.cached_vs_uncached:.1f}% (max |Δlogit| {d.max_abs_gap:.2g}, original's own {d.original_gap:.2g}; "
+            f"{d.mismatches} beyond ties: passed), cache holds {d.cache_tokens}/{d.expected_cache_tokens} tokens; "
+            f"original's choice on {100 * d.vs_original:.1f}%, {d.identical_to_original}/{d.prompts} continuations identical")
 
 
 # -------------------------------------------------- attach-query-mlp, attach-preproj, finetune (issue #4)
@@ -298,7 +344,8 @@ def _attach_table(report) -> Table:
     added = ", ".join(f"{k} {v:,}" for k, v in report.added.items())
     t.add_row(f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.kl:.3g}", f"{100 * e.top1_agreement:.2f}%", added)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
-    t.caption = f"on {e.tokens} tokens, {e.source}; bound: max |Δlogit| ≤ {report.atol:g} (passed); {timings}"
+    t.caption = (f"on {e.tokens} tokens, {e.source}; bound: max |Δlogit| ≤ {report.atol:g} (passed); {timings}\n"
+                 f"{decoding_line(report.decoding)}")
     t.caption_justify = "left"
     return t
 

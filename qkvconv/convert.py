@@ -16,11 +16,20 @@ import torch
 
 from qkvconv.archs import ArchSpec, dims_of
 from qkvconv.checkpoint import Loaded, check_output, load, qkvconv_block, resolve_source, write_with_history
+from qkvconv.compat import no_init_weights
 from qkvconv.errors import TransformError, VerificationError
 from qkvconv.modeling import FORMAT
 from qkvconv.transforms import absorb_query, attach_preproj, attach_query_mlp
 from qkvconv.transforms.attach import stock_layers
-from qkvconv.verify import LogitError, attention_inputs, calibration_ids, compare_model, logits_of
+from qkvconv.verify import (
+    DecodeCheck,
+    LogitError,
+    attention_inputs,
+    calibration_ids,
+    compare_model,
+    decode_check,
+    logits_of,
+)
 
 # fp32 error of an exact absorption grows like eps·cond(W_Q)·|logit| (METHODS.md §1). The default
 # bound on max |Δlogit| is loose enough for cond ~1e6 at fp32 and tight enough to catch any algebra bug
@@ -40,6 +49,24 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     atol: float | None = None
     added: dict[str, int] = field(default_factory=dict)  # new parameters by module kind (attach-*)
+    decoding: DecodeCheck | None = None  # greedy decoding: cached vs uncached vs the original
+
+
+def verify_decoding(original, converted, ids: torch.Tensor, name: str) -> DecodeCheck:
+    """The decode check of every conversion: a converted model whose cached greedy decoding differs from its
+    uncached decoding (or whose cache does not hold the decoded tokens) fails, and nothing is written."""
+    try:
+        check = decode_check(original, converted, ids)
+    except RuntimeError as e:  # e.g. the shipped modeling code refusing to decode without its cache
+        raise VerificationError(f"{name}: decoding with the KV cache failed: {e}; nothing written") from e
+    if not check.passed:
+        raise VerificationError(
+            f"{name}: cached decoding differs from uncached decoding: {check.mismatches} of "
+            f"{check.prompts * check.new_tokens} greedy tokens beyond the tie tolerance {check.tie_tolerance:.2g} "
+            f"(max |Δlogit| {check.max_abs_gap:.3g}), cache holds {check.cache_tokens} of "
+            f"{check.expected_cache_tokens} tokens; nothing written"
+        )
+    return check
 
 
 Progress = Callable[[str], None]
@@ -78,22 +105,12 @@ def converted_config(config, spec: ArchSpec, base_class: str, layers: list[dict]
     return new
 
 
-@contextmanager
-def _no_init_weights():
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:  # pragma: no cover - transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        yield
-
-
 def build_converted(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
     """Instantiate the converted architecture and load `state_dict` into it (strict)."""
     from qkvconv.modeling import modeling_qkvconv
 
     cls = getattr(modeling_qkvconv, f"Qkvconv{config.qkvconv['base_class']}")
-    with _no_init_weights():  # every weight is overwritten below; skip the random init
+    with no_init_weights():  # every weight is overwritten below; skip the random init
         model = cls(config).to(dtype)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -167,10 +184,12 @@ def absorb_query_checkpoint(
         new_model = build_converted(config, result.state_dict, dtype)
     with _timed(t, "verify", progress):
         error = compare_model(ref, new_model, ids, calib_source)
+        decoding = verify_decoding(loaded.model, new_model, ids, "absorb-query")
     bound = atol if atol is not None else DEFAULT_ATOL.get(dtype, 0.1)
     options = {"mode": mode, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
                "seed": seed, "dtype": str(dtype).removeprefix("torch."), "atol": bound if mode == "exact" else None}
-    report = Report(None, "absorb-query", options, error, result.wq_condition, t, bound if mode == "exact" else None)
+    report = Report(None, "absorb-query", options, error, result.wq_condition, t, bound if mode == "exact" else None,
+                    decoding=decoding)
     if mode == "exact" and not error.max_abs <= bound:
         raise VerificationError(
             f"exact absorption exceeds --atol {bound:g}: max |Δlogit| {error.max_abs:.3g} "
@@ -180,7 +199,7 @@ def absorb_query_checkpoint(
         with _timed(t, "save", progress):
             report.output = _write_result(
                 output, transform="absorb-query", options=options, source=source, loaded=loaded, error=error,
-                extra={"wq_condition": result.wq_condition}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
+                extra={"wq_condition": result.wq_condition, "decoding": decoding.as_dict()}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
                 force=force,
             )
     return report
@@ -223,10 +242,11 @@ def _attach_checkpoint(
         new_model = build_converted(config, result.state_dict, dtype)
     with _timed(t, "verify", progress):
         error = compare_model(ref, new_model, ids, calib_source)
+        decoding = verify_decoding(loaded.model, new_model, ids, name)
     bound = ATTACH_ATOL if atol is None else atol
     options = {**options, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed,
                "dtype": str(dtype).removeprefix("torch."), "atol": bound}
-    report = Report(None, name, options, error, [], t, bound, added=result.added)
+    report = Report(None, name, options, error, [], t, bound, added=result.added, decoding=decoding)
     if not error.max_abs <= bound:
         raise VerificationError(
             f"{name} is not exact at step 0: max |Δlogit| {error.max_abs:.3g} exceeds --atol {bound:g}; nothing written"
@@ -235,7 +255,7 @@ def _attach_checkpoint(
         with _timed(t, "save", progress):
             report.output = _write_result(
                 output, transform=name, options=options, source=source, loaded=loaded, error=error,
-                extra={"added_parameters": result.added}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
+                extra={"added_parameters": result.added, "decoding": decoding.as_dict()}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
                 force=force,
             )
     return report
@@ -390,6 +410,7 @@ def share_kv_checkpoint(
             new_model = build_converted(config, result.state_dict, dtype)
     with _timed(t, "verify", progress):
         error = compare_model(ref, new_model, ids, calib_source)
+        decoding = verify_decoding(loaded.model, new_model, ids, "share-kv")
     before = kv_cache_bytes_per_token(loaded.config, spec, dtype)
     after = kv_cache_bytes_per_token(new_model.config, spec, dtype) if export == "stock" else \
         kv_cache_bytes_per_token(config, spec, dtype)
@@ -397,13 +418,13 @@ def share_kv_checkpoint(
                "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed,
                "dtype": str(dtype).removeprefix("torch."),
                "kv_cache_bytes_per_token": {"before": before, "after": after}}
-    report = Report(None, "share-kv", options, error, [], t, None)
+    report = Report(None, "share-kv", options, error, [], t, None, decoding=decoding)
     report.fit = result.fit
     if output is not None:
         with _timed(t, "save", progress):
             report.output = _write_result(
                 output, transform="share-kv", options=options, source=source, loaded=loaded, error=error,
-                extra={"calibrated_fit": result.fit}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
+                extra={"calibrated_fit": result.fit, "decoding": decoding.as_dict()}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
                 force=force,
             )
     return report

@@ -46,9 +46,13 @@ def hash_path(path: str | Path) -> str:
 
 
 def manifest(**extra) -> dict:
-    """A manifest block: library versions, command line, time, plus whatever the caller records."""
+    """A manifest block: library versions, the tested-range verdicts and device (`qkvconv env`), command line,
+    time, plus whatever the caller records."""
+    from qkvconv.compat import environment
+
     return {
         "versions": library_versions(),
+        "environment": environment(),
         "argv": sys.argv,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,

@@ -93,7 +93,7 @@ def _file_windows(path: Path, tokenizer, num_seqs: int, seq_len: int) -> tuple[t
 @torch.no_grad()
 def logits_of(model, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
     device = next(model.parameters()).device
-    parts = [model(ids[i : i + batch_size].to(device)).logits.cpu() for i in range(0, len(ids), batch_size)]
+    parts = [model(ids[i : i + batch_size].to(device), use_cache=False).logits.cpu() for i in range(0, len(ids), batch_size)]
     return torch.cat(parts)
 
 
@@ -142,7 +142,7 @@ def compare_model(ref_logits: torch.Tensor, model, ids: torch.Tensor, source: st
     acc = _Accumulator()
     device = next(model.parameters()).device
     for i in range(0, len(ids), batch_size):
-        acc.add(ref_logits[i : i + batch_size], model(ids[i : i + batch_size].to(device)).logits.cpu())
+        acc.add(ref_logits[i : i + batch_size], model(ids[i : i + batch_size].to(device), use_cache=False).logits.cpu())
     return acc.result(source)
 
 
@@ -163,3 +163,103 @@ def attention_inputs(model, spec, ids: torch.Tensor, batch_size: int = 4) -> lis
         for h in hooks:
             h.remove()
     return [torch.cat(s) for s in store]
+
+
+# ------------------------------------------------------------------------------------------ decoding
+@dataclass(frozen=True)
+class DecodeCheck:
+    """Greedy decoding of the converted model with its KV cache, against the same model without a cache and
+    against the original model, on prompts cut from the calibration tokens.
+
+    Uncached decoding recomputes the whole sequence at every step; by causality its step-t logits are one
+    use_cache=False forward over the cached run's sequence, which is how they are computed here. A step whose
+    cached token is not the uncached argmax is a mismatch unless it is a tie: the uncached margin between the two
+    tokens is within `tie_tolerance`, four times the original model's own cached-vs-uncached logit gap on this
+    machine and dtype (floored at four ulps of the largest logit), i.e. rounding, not a broken cache.
+    """
+
+    prompts: int
+    prompt_tokens: int
+    new_tokens: int
+    cached_vs_uncached: float  # fraction of generated tokens that uncached greedy decoding chooses too
+    mismatches: int  # disagreements larger than the tie tolerance (any makes the check fail)
+    max_abs_gap: float  # max |Δlogit| cached step logits vs uncached, converted model
+    original_gap: float  # the same for the original model: this machine's rounding between the two paths
+    tie_tolerance: float
+    vs_original: float  # fraction of generated tokens the original also chooses, given the same prefix
+    identical_to_original: int  # prompts whose whole greedy continuation equals the original's
+    cache_tokens: int  # tokens the cache holds after generation (per layer)
+    expected_cache_tokens: int
+
+    @property
+    def passed(self) -> bool:
+        return self.mismatches == 0 and self.cache_tokens == self.expected_cache_tokens
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+@torch.no_grad()
+def _greedy(model, prompts: torch.Tensor, new_tokens: int, eos: list[int]):
+    """Cached greedy generate(): (sequences, step logits (B, n, V) with EOS masked, cache tokens held).
+
+    EOS is masked (min_new_tokens), every other logits processor is off, so each token is the raw argmax."""
+    from qkvconv.compat import output_cache
+
+    device = next(model.parameters()).device
+    prompts = prompts.to(device)
+    gen = model.generate(
+        prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, num_beams=1, use_cache=True, return_dict_in_generate=True, output_logits=True,
+        pad_token_id=eos[0] if eos else 0, eos_token_id=eos or None, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, temperature=None, top_k=None, top_p=None,
+    )
+    logits = torch.stack(gen.logits, 1).float().cpu()
+    if eos:
+        logits[..., eos] = float("-inf")
+    cache = output_cache(gen)
+    held = cache.get_seq_length() if cache is not None else 0
+    return gen.sequences.cpu(), logits, held
+
+
+@torch.no_grad()
+def _uncached(model, sequences: torch.Tensor, start: int, eos: list[int]) -> torch.Tensor:
+    """Logits predicting tokens start … end of `sequences`, computed with no cache: (B, n, V)."""
+    device = next(model.parameters()).device
+    logits = model(sequences.to(device), use_cache=False).logits[:, start - 1 : -1].float().cpu()
+    if eos:
+        logits[..., eos] = float("-inf")
+    return logits
+
+
+def _finite_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    keep = torch.isfinite(a) & torch.isfinite(b)
+    return float((a - b).abs()[keep].max()) if keep.any() else 0.0
+
+
+def decode_check(original, converted, ids: torch.Tensor, *, prompts: int = 4, prompt_tokens: int = 32,
+                 new_tokens: int = 32) -> DecodeCheck:
+    """Greedy decoding checked three ways (see DecodeCheck) on the first `prompts` calibration sequences."""
+    eos = getattr(original.generation_config, "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    p = ids[:prompts, : min(prompt_tokens, ids.shape[1])]
+    L = p.shape[1]
+    ref_seq, ref_cached, _ = _greedy(original, p, new_tokens, eos)
+    original_gap = _finite_gap(ref_cached, _uncached(original, ref_seq, L, eos))
+    seq, cached, held = _greedy(converted, p, new_tokens, eos)
+    uncached = _uncached(converted, seq, L, eos)
+    chosen = seq[:, L:]  # (B, n)
+    scale = float(ref_cached[torch.isfinite(ref_cached)].abs().max())
+    ulp = torch.finfo(next(converted.parameters()).dtype).eps * scale
+    tol = max(4 * original_gap, 4 * ulp)
+    margin = uncached.max(-1).values - uncached.gather(-1, chosen[..., None])[..., 0]  # ≥ 0; 0 where they agree
+    agree = margin == 0
+    ref_next = _uncached(original, seq, L, eos).argmax(-1)  # the original's choice after the converted's prefix
+    return DecodeCheck(
+        prompts=p.shape[0], prompt_tokens=L, new_tokens=new_tokens,
+        cached_vs_uncached=float(agree.float().mean()), mismatches=int((margin > tol).sum()),
+        max_abs_gap=_finite_gap(cached, uncached), original_gap=original_gap, tie_tolerance=tol,
+        vs_original=float((ref_next == chosen).float().mean()),
+        identical_to_original=int((seq == ref_seq).all(-1).sum()),
+        cache_tokens=held, expected_cache_tokens=L + new_tokens - 1,
+    )

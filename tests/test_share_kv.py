@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import qkvconv
 from qkvconv.archs import dims_of, spec_for
 from qkvconv.cli import app
+from qkvconv.compat import cache_bytes, output_cache
 from qkvconv.convert import share_kv_checkpoint
 from qkvconv.describe import kv_cache_bytes_per_token
 from qkvconv.errors import TransformError
@@ -24,16 +25,6 @@ CASES = [("k=v", None), ("q=k", None), ("q=k=v", None), (None, 1), ("k=v", 1)]
 FAST = dict(num_seqs=2, seq_len=32)
 
 
-def _cache_bytes(cache) -> int:
-    """Bytes of the tensors the cache object actually holds."""
-    total = 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total
-
-
 @torch.no_grad()
 def _check_cached_equals_uncached(model, ids: torch.Tensor, n_new: int, per_token: int) -> None:
     """Greedy generate() with the shared cache vs. the same tied attention recomputed over the full sequence with
@@ -41,8 +32,9 @@ def _check_cached_equals_uncached(model, ids: torch.Tensor, n_new: int, per_toke
     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
                          do_sample=False, return_dict_in_generate=True, output_logits=True)
     held = ids.shape[1] + n_new - 1  # the last token is sampled, never fed back
-    assert gen.past_key_values.get_seq_length() == held
-    assert _cache_bytes(gen.past_key_values) == held * per_token  # measured bytes equal the arithmetic
+    cache = output_cache(gen)
+    assert cache.get_seq_length() == held
+    assert cache_bytes(cache) == held * per_token  # measured bytes equal the arithmetic
     cached = torch.stack(gen.logits, 1)  # (1, n_new, vocab)
     uncached = model(gen.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
     torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)

@@ -33,6 +33,75 @@ BASE_CLASSES = (
 )
 
 
+# ------------------------------------------------------------- transformers compatibility (tested 5.0.0 … 5.24.0)
+# Every calling convention of transformers that this file relies on beyond the public model classes, in one place:
+# - the KV cache reaches an attention module as `cache=` (llama, mistral, qwen2/3, gpt2 from 5.24), as
+#   `past_key_values=` (those families in 5.0 … 5.23) or `layer_past=` (gpt_neox, every 5.x); `past_key_value=` was
+#   4.x's name. A cache under a name not listed here is still found by its type (transformers.cache_utils.Cache).
+# - Cache.update(key, value, layer_idx) -> (all keys, all values) and Cache.get_seq_length(layer_idx) (all 5.x).
+# - transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS.get_interface(name, default) and llama's
+#   eager_attention_forward(module, q, k, v, mask, dropout=, scaling=, **kwargs) (all 5.x).
+# - a model output carries the cache as `.cache` (from 5.24) or `.past_key_values` (before).
+# If a forward returns a cache that a shared-projection attention never received, the model raises (see
+# _check_cache_reached): decoding silently without a cache is what broke share-kv models under transformers 5.24.
+CACHE_KWARGS = ("cache", "past_key_values", "layer_past", "past_key_value")
+
+
+def _is_cache(x) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(x, Cache)
+
+
+def take_cache(kwargs: dict):
+    """Pop the KV cache from an attention module's keyword arguments, whatever this transformers calls it."""
+    found = None
+    for name in CACHE_KWARGS:
+        value = kwargs.pop(name, None)
+        if found is None and value is not None:
+            found = value
+    if found is None:
+        for name in [n for n, v in kwargs.items() if _is_cache(v)]:
+            found = kwargs.pop(name)
+    return found
+
+
+def output_cache(output):
+    """The KV cache a model output or generate() result carries (`.cache` from transformers 5.24, else
+    `.past_key_values`), or None."""
+    for name in ("cache", "past_key_values"):
+        value = output.get(name) if isinstance(output, dict) else getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _reset_cache_seen(model, args, kwargs):
+    for m in model._qkvconv_shared_attention:
+        m.cache_seen = False
+
+
+def _check_cache_reached(model, args, kwargs, output):
+    """A forward that returns a cache must have passed it to every shared-projection attention module."""
+    if output_cache(output) is None:
+        return
+    missed = [m.layer_idx for m in model._qkvconv_shared_attention if not m.cache_seen]
+    if missed:
+        raise RuntimeError(
+            f"qkvconv: the KV cache did not reach the shared attention of layers {missed[:4]} under transformers "
+            f"{transformers.__version__} (it passes the cache under a keyword this modeling file does not know); "
+            "refusing to decode without the cache. Use a transformers version in qkvconv's tested range."
+        )
+
+
+def _watch_cache(model: nn.Module) -> None:
+    shared = [m for m in model.modules() if isinstance(m, SharedProjectionAttention)]
+    if shared:
+        model._qkvconv_shared_attention = shared  # a plain list: not registered as submodules twice
+        model.register_forward_pre_hook(_reset_cache_seen, with_kwargs=True)
+        model.register_forward_hook(_check_cache_reached, with_kwargs=True)
+
+
 class AffineNorm(nn.Module):
     """The pre-attention norm followed by a full affine map: h' = Norm(x)·M + c (absorb-query)."""
 
@@ -72,6 +141,19 @@ class IdentityQueryFused(nn.Module):
 _ACTIVATIONS = {"gelu": nn.functional.gelu, "silu": nn.functional.silu, "relu": nn.functional.relu}
 
 
+class GainLayerNorm(nn.Module):
+    """LayerNorm with a gain and no bias, as nn.LayerNorm(size, bias=False) computes it. Its own class because
+    transformers 5.0's GPT-2 weight init zeroes the bias of every nn.LayerNorm it meets, bias or not."""
+
+    def __init__(self, size: int, eps: float = 1e-5):
+        super().__init__()
+        self.normalized_shape, self.eps = (size,), eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, self.normalized_shape, self.weight, None, self.eps)
+
+
 class QueryMLP(nn.Module):
     """Nonlinear residual query q = X + f(X), f(X) = LayerNorm(act(RMSNorm(X)·W1)·W2), no biases
     (arXiv 2603.13381), applied to the query part of a projection's output, before q_norm and RoPE.
@@ -86,7 +168,7 @@ class QueryMLP(nn.Module):
         self.norm = nn.RMSNorm(size, eps=1e-6)
         self.up = nn.Linear(size, rank, bias=False)  # W1 (d_q → R)
         self.down = nn.Linear(rank, size, bias=False)  # W2 (R → d_q)
-        self.out_norm = nn.LayerNorm(size, bias=False)
+        self.out_norm = GainLayerNorm(size)
 
     def f(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_norm(self.down(_ACTIVATIONS[self.act](self.up(self.norm(x)))))
@@ -259,6 +341,7 @@ class SharedProjectionAttention(nn.Module):
         self.sliding_window = getattr(old, "sliding_window", None)
         self.is_causal, self.attention_dropout = True, 0.0
         self._rotary = rotary  # a _RopeTable shared by the model's layers, None without RoPE
+        self.cache_seen = False  # set by every forward; checked by _check_cache_reached
         if not self.qk_shared:
             self.q_proj = nn.Linear(d, H * dh, bias=qkv_bias)
         if self.kv_shared or self.qk_shared:
@@ -278,13 +361,14 @@ class SharedProjectionAttention(nn.Module):
             return x
         return _rope(x, *self._rotary(x, start))
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, layer_past=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
+        cache = take_cache(kwargs)
+        self.cache_seen = cache is not None
         for k in ("position_embeddings", "position_ids", "use_cache", "output_attentions"):
             kwargs.pop(k, None)
-        cache = past_key_values if past_key_values is not None else layer_past
         B, T, _ = hidden_states.shape
 
         def heads(x):  # (B, T, n·dh) -> (B, n, T, dh)
@@ -376,6 +460,7 @@ def _make_class(base_name: str) -> type:
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
         apply_qkvconv_layout(self, config.qkvconv)
+        _watch_cache(self)
 
     return type(f"Qkvconv{base_name}", (base,), {"__init__": __init__, "__module__": __name__})
 

@@ -1,0 +1,117 @@
+"""The versions qkvconv is tested on, and every dependence on a library's private conventions, in one place.
+
+TESTED is the range the test suite really ran on (CI runs the fast suite on both ends, see .ci/run); it must
+match the bounds in pyproject.toml. A version outside it still runs, with one warning line naming the range.
+
+Private conventions of transformers that the *shipped* modeling file relies on live in its own compatibility
+section (qkvconv/modeling/modeling_qkvconv.py: the cache keyword, Cache.update/get_seq_length, the attention
+interface), because that file is copied next to every converted checkpoint and must stand alone; this module
+re-exports what qkvconv itself needs from there. The rest:
+- transformers.initialization.no_init_weights (5.x; transformers.modeling_utils.no_init_weights before);
+- lm-eval's TaskManager.task_index entries (dicts or objects with yaml_path) in qkvconv.evaluate;
+- generate(..., output_logits=True, return_dict_in_generate=True) returning `.logits` and the cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from importlib import metadata
+
+from packaging.version import InvalidVersion, Version
+
+from qkvconv.modeling.modeling_qkvconv import output_cache, take_cache
+
+# name -> (lowest tested, highest tested), both inclusive; pyproject.toml's bounds say the same.
+TESTED: dict[str, tuple[str, str]] = {
+    "transformers": ("5.0.0", "5.24.0"),
+    "lm-eval": ("0.4.9.2", "0.4.13"),
+}
+# reported by `qkvconv env` and in every manifest, without a tested range of their own
+REPORTED = ("qkvconv", "torch", "transformers", "lm-eval", "accelerate", "safetensors", "gguf", "datasets", "tokenizers")
+
+
+def installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def in_range(name: str, version: str | None = None) -> bool | None:
+    """Whether `name` (installed, or `version`) lies in its tested range; None when it has no range or is absent."""
+    version = version or installed(name)
+    if name not in TESTED or version is None:
+        return None
+    low, high = TESTED[name]
+    try:
+        return Version(low) <= Version(version) <= Version(high)
+    except InvalidVersion:
+        return False
+
+
+def untested() -> list[str]:
+    """One phrase per installed package outside its tested range, e.g. 'transformers 5.25.0 (tested 5.0.0 … 5.24.0)'."""
+    return [f"{n} {installed(n)} (tested {TESTED[n][0]} … {TESTED[n][1]})" for n in TESTED if in_range(n) is False]
+
+
+_warned = False
+
+
+def warn_if_untested(stream=None) -> str | None:
+    """Print one warning line (once per process) when a package is outside its tested range; return it."""
+    global _warned
+    bad = untested()
+    if not bad or _warned:
+        return None
+    _warned = True
+    line = f"qkvconv warning: untested versions: {'; '.join(bad)}; results may be wrong (see `qkvconv env`)"
+    print(line, file=stream or sys.stderr)
+    return line
+
+
+def device_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)} (×{torch.cuda.device_count()})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def environment() -> dict:
+    """Versions of qkvconv and its main libraries, each with whether it is in the tested range, and the device."""
+    import platform
+
+    packages = {}
+    for name in REPORTED:
+        entry = {"version": installed(name)}
+        if name in TESTED:
+            entry["tested"] = list(TESTED[name])
+            entry["in_range"] = in_range(name)
+        packages[name] = entry
+    return {"python": platform.python_version(), "packages": packages, "device": device_description()}
+
+
+@contextmanager
+def no_init_weights():
+    """Skip the random initialisation of a model whose every weight is loaded afterwards."""
+    try:
+        from transformers.initialization import no_init_weights as ctx  # transformers >= 5
+    except ImportError:  # pragma: no cover - transformers 4.x
+        from transformers.modeling_utils import no_init_weights as ctx
+    with ctx():
+        yield
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the tensors a transformers Cache object holds (its per-layer `keys` / `values`, 5.x)."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None and hasattr(t, "numel"):
+                total += t.numel() * t.element_size()
+    return total
+
+
+__all__ = ["TESTED", "cache_bytes", "environment", "in_range", "no_init_weights", "output_cache", "take_cache",
+           "untested", "warn_if_untested"]
