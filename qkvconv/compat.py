@@ -8,7 +8,9 @@ section (qkvconv/modeling/modeling_qkvconv.py: the cache keyword, Cache.update/g
 interface), because that file is copied next to every converted checkpoint and must stand alone; this module
 re-exports what qkvconv itself needs from there. The rest:
 - transformers.initialization.no_init_weights (5.x; transformers.modeling_utils.no_init_weights before);
-- lm-eval's TaskManager.task_index entries (dicts or objects with yaml_path) in qkvconv.evaluate;
+- lm-eval's TaskManager.task_index entries (objects with .yaml_path; dicts before 0.4.12): task_yaml_path; its
+  YAML loader lm_eval.tasks._yaml_loader.load_yaml (tests), and `!function module.name` resolving an importable
+  module (qkvconv/tasks/*.yaml): both from lm-eval 0.4.12, which is why the range starts there;
 - generate(..., output_logits=True, return_dict_in_generate=True) returning `.logits` and the cache.
 """
 
@@ -20,12 +22,10 @@ from importlib import metadata
 
 from packaging.version import InvalidVersion, Version
 
-from qkvconv.modeling.modeling_qkvconv import output_cache, take_cache
-
 # name -> (lowest tested, highest tested), both inclusive; pyproject.toml's bounds say the same.
 TESTED: dict[str, tuple[str, str]] = {
     "transformers": ("5.0.0", "5.24.0"),
-    "lm-eval": ("0.4.9.2", "0.4.13"),
+    "lm-eval": ("0.4.12", "0.4.13"),
 }
 # reported by `qkvconv env` and in every manifest, without a tested range of their own
 REPORTED = ("qkvconv", "torch", "transformers", "lm-eval", "accelerate", "safetensors", "gguf", "datasets", "tokenizers")
@@ -101,6 +101,33 @@ def no_init_weights():
         from transformers.modeling_utils import no_init_weights as ctx
     with ctx():
         yield
+
+
+def take_cache(kwargs: dict):
+    """Pop the KV cache from an attention module's keyword arguments (see the shipped modeling file)."""
+    from qkvconv.modeling.modeling_qkvconv import take_cache as take
+
+    return take(kwargs)
+
+
+def output_cache(output):
+    """The KV cache a model output or generate() result carries (`.cache` from 5.24, else `.past_key_values`)."""
+    from qkvconv.modeling.modeling_qkvconv import output_cache as cache_of
+
+    return cache_of(output)
+
+
+def task_yaml_path(entry) -> str | None:
+    """Where an lm-eval TaskManager.task_index entry's YAML lives (None for python tasks / unknown)."""
+    where = entry.get("yaml_path") if isinstance(entry, dict) else getattr(entry, "yaml_path", None)
+    return None if where in (None, -1) else str(where)
+
+
+def load_task_yaml(path) -> dict:
+    """An lm-eval task YAML as lm-eval reads it (`!function` resolved)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(path)
 
 
 def cache_bytes(cache) -> int:

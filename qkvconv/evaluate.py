@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from qkvconv.compat import task_yaml_path
 from qkvconv.errors import QkvconvError
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def resolve_tasks(tasks: Sequence[str], data_dir: Path | None, include_path: Seq
     builtin = Path(lm_eval_tasks.__file__).parent
     for task in local:
         entry = manager.task_index.get(task)
-        where = getattr(entry, "yaml_path", None) or (entry.get("yaml_path") if isinstance(entry, dict) else None)
+        where = task_yaml_path(entry)
         if where is None or Path(where).resolve().is_relative_to(builtin.resolve()):
             raise QkvconvError(
                 f"this lm-eval version did not let the local copy of '{task}' replace its own task; "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from qkvconv.compat import task_yaml_path
 from qkvconv.errors import QkvconvError
 
 SHARED_DATA = Path(os.environ.get("QKVCONV_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data")
@@ -127,8 +128,8 @@ def test_local_task_yamls_mirror_lm_eval():
     import inspect
 
     import lm_eval.tasks
-    from lm_eval.tasks._yaml_loader import load_yaml
 
+    from qkvconv.compat import load_task_yaml as load_yaml
     from qkvconv.evaluate import LOCAL_TASKS, TASK_TEMPLATES
 
     def normal(cfg: dict) -> dict:
@@ -188,7 +189,7 @@ def test_resolve_tasks_local_user_yaml_glob_and_unknown(tmp_path, tiny_data_dir)
     manager, names = resolve_tasks(["my_task,lambada_open*", "hellaswag", "my_task"], tiny_data_dir, [user])
     assert names[0] == "my_task" and "lambada_openai" in names and names[-1] == "hellaswag"
     assert len(names) == len(set(names))
-    where = {t: Path(manager.task_index[t].yaml_path) for t in ("lambada_openai", "wikitext", "my_task", "hellaswag")}
+    where = {t: Path(task_yaml_path(manager.task_index[t])) for t in ("lambada_openai", "wikitext", "my_task", "hellaswag")}
     assert where["lambada_openai"].parent.name.startswith("qkvconv-tasks-")  # the generated local copy
     assert where["wikitext"] == user / "my_wikitext.yaml"
     assert where["my_task"] == user / "my_task.yaml"

@@ -39,12 +39,23 @@ BASE_CLASSES = (
 #   `past_key_values=` (those families in 5.0 … 5.23) or `layer_past=` (gpt_neox, every 5.x); `past_key_value=` was
 #   4.x's name. A cache under a name not listed here is still found by its type (transformers.cache_utils.Cache).
 # - Cache.update(key, value, layer_idx) -> (all keys, all values) and Cache.get_seq_length(layer_idx) (all 5.x).
-# - transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS.get_interface(name, default) and llama's
-#   eager_attention_forward(module, q, k, v, mask, dropout=, scaling=, **kwargs) (all 5.x).
+# - the attention kernel: transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS.get_interface(name, default) from
+#   5.1 (5.0 indexes the mapping by name, "eager" absent), and llama's eager_attention_forward(module, q, k, v,
+#   mask, dropout=, scaling=, **kwargs) (all 5.x); see attention_function.
 # - a model output carries the cache as `.cache` (from 5.24) or `.past_key_values` (before).
 # If a forward returns a cache that a shared-projection attention never received, the model raises (see
 # _check_cache_reached): decoding silently without a cache is what broke share-kv models under transformers 5.24.
 CACHE_KWARGS = ("cache", "past_key_values", "layer_past", "past_key_value")
+
+
+def attention_function(name: str):
+    """The attention kernel transformers registers under `name` ("eager", "sdpa", "flash_attention_2", ...)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers >= 5.1
+        return ALL_ATTENTION_FUNCTIONS.get_interface(name, eager_attention_forward)
+    return eager_attention_forward if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
 
 
 def _is_cache(x) -> bool:
@@ -362,9 +373,6 @@ class SharedProjectionAttention(nn.Module):
         return _rope(x, *self._rotary(x, start))
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
         cache = take_cache(kwargs)
         self.cache_seen = cache is not None
         for k in ("position_embeddings", "position_ids", "use_cache", "output_attentions"):
@@ -392,7 +400,7 @@ class SharedProjectionAttention(nn.Module):
         if hasattr(self, "pos2d"):
             bias = self.pos2d.key_bias(0, k_all.shape[-2], q.device, q.dtype)
             attention_mask = _with_bias(attention_mask, bias, T, past, q.dtype)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attend = attention_function(self.config._attn_implementation)
         out, weights = attend(self, q, k_all, v_all, attention_mask, dropout=0.0, scaling=self.scaling,
                               sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(out.reshape(B, T, -1).contiguous()), weights
