@@ -32,7 +32,8 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing output
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights (they can run code).")]
 Calib = Annotated[
     Optional[Path],
-    typer.Option("--calib", help="Calibration text file; default: text sampled from the original model."),
+    typer.Option("--calib", help="Calibration text file; default: qkvconv's shipped public-domain text; "
+                 "'sample': sequences sampled from the original model."),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for calibration sampling and evaluation.")]
 DataDir = Annotated[
@@ -53,11 +54,22 @@ def _dtype(name: str):
 
 
 def _quiet_libraries() -> None:
+    """Third-party bars and log lines off, so qkvconv's rich output is all there is (unless --verbose)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if _state.get("verbose"):
+        return
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+        import huggingface_hub.utils
+
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def command(fn):
@@ -84,11 +96,17 @@ def command(fn):
 def main(
     ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Let third-party progress bars and log lines through.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print versions, device and tested ranges (= qkvconv env).")] = False,
 ) -> None:
     from qkvconv.compat import warn_if_untested
 
     _state["debug"] = debug
+    _state["verbose"] = verbose
+    if verbose:
+        from qkvconv.evaluate import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     if version:
         env(as_json=False)
         raise typer.Exit(0)
@@ -177,8 +195,9 @@ def absorb_query(
     calib: Calib = None,
     num_seqs: Annotated[int, typer.Option("--num-seqs", help="Calibration sequences.")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration sequence length.")] = 128,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="exact: fail if max |Δlogit| exceeds this.")] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="exact: also fail if max |Δlogit| exceeds this (an extra absolute bound).")] = None,
     dtype: Dtype = "float32",
+    folded_dtype: Annotated[str, typer.Option("--folded-dtype", help="exact: precision of the folded maps (norm affine, W_Q⁻¹W_K, W_Q⁻¹W_V): float64, float32, or output (the --dtype).")] = "float64",
     seed: Seed = 0,
     force: Force = False,
     allow_pickle: AllowPickle = False,
@@ -191,8 +210,8 @@ def absorb_query(
     with err.status("starting") as status:
         report = absorb_query_checkpoint(
             model, output, mode=mode, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
-            dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle,
-            progress=lambda step: status.update(f"{step}…"),
+            dtype=_dtype(dtype), folded_dtype=None if folded_dtype == "output" else _dtype(folded_dtype),
+            force=force, allow_pickle=allow_pickle, progress=lambda step: status.update(f"{step}…"),
         )
     out.print(verification_table(report))
     out.print(f"wrote [bold]{report.output}[/]")
@@ -313,11 +332,18 @@ def verification_table(report) -> Table:
         t.add_column(col, justify="right")
     t.add_row(f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.max_rel:.3g}", f"{e.kl:.3g}", f"{100 * e.top1_agreement:.2f}%",
               f"{min(cond):.3g} / {statistics.median(cond):.3g} / {max(cond):.3g}" if cond else "n/a")
-    verdict = f"bound: max |Δlogit| ≤ {report.atol:g} (passed)" if report.atol is not None else "lossy by design: finetune to heal"
+    verdict = exactness_line(report.exactness) if report.exactness is not None else "lossy by design: finetune to heal"
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
-    t.caption = f"on {e.tokens} tokens, {e.source}; {verdict}; {timings}\n{decoding_line(report.decoding)}"
+    t.caption = f"on {e.tokens} tokens, {e.source}; {timings}\n{verdict}\n{decoding_line(report.decoding)}"
     t.caption_justify = "left"
     return t
+
+
+def exactness_line(x) -> str:
+    """Algebra and rounding of an exact conversion, with the bounds it passed."""
+    return (f"exact: float64 algebra max |Δlogit| {x.algebraic_max_abs:.2g} = {x.algebraic_rel:.2g} of max |logit| "
+            f"(bound {x.algebraic_bound:g}); {x.dtype} rounding {x.rounding_ratio:.2f}× the original's own on average, "
+            f"{x.rounding_max_ratio:.2f}× at the max (bounds {x.ratio_bound:g}×, {x.max_ratio_bound:g}×): passed")
 
 
 def decoding_line(d) -> str:
@@ -331,9 +357,9 @@ def decoding_line(d) -> str:
 
 
 # -------------------------------------------------- attach-query-mlp, attach-preproj, finetune (issue #4)
-CalibSeqs = Annotated[int, typer.Option("--num-seqs", help="Sequences sampled from the original model to verify on.")]
+CalibSeqs = Annotated[int, typer.Option("--num-seqs", help="Calibration sequences to verify on.")]
 CalibLen = Annotated[int, typer.Option("--seq-len", help="Length of the verification sequences.")]
-AttachAtol = Annotated[Optional[float], typer.Option("--atol", help="Fail if max |Δlogit| at step 0 exceeds this (default 1e-5).")]
+AttachAtol = Annotated[Optional[float], typer.Option("--atol", help="Also fail if max |Δlogit| at step 0 exceeds this (an extra absolute bound).")]
 
 
 def _attach_table(report) -> Table:
@@ -344,7 +370,7 @@ def _attach_table(report) -> Table:
     added = ", ".join(f"{k} {v:,}" for k, v in report.added.items())
     t.add_row(f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.kl:.3g}", f"{100 * e.top1_agreement:.2f}%", added)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
-    t.caption = (f"on {e.tokens} tokens, {e.source}; bound: max |Δlogit| ≤ {report.atol:g} (passed); {timings}\n"
+    t.caption = (f"on {e.tokens} tokens, {e.source}; {timings}\n{exactness_line(report.exactness)}\n"
                  f"{decoding_line(report.decoding)}")
     t.caption_justify = "left"
     return t
@@ -357,6 +383,7 @@ def attach_query_mlp(
     output: Output,
     rank: Annotated[Optional[int], typer.Option("--rank", help="Hidden width R of f (default: query size / 2).")] = None,
     act: Annotated[str, typer.Option("--act", help="Activation inside f: gelu | silu | relu.")] = "gelu",
+    calib: Calib = None,
     num_seqs: CalibSeqs = 4,
     seq_len: CalibLen = 64,
     atol: AttachAtol = None,
@@ -370,7 +397,7 @@ def attach_query_mlp(
 
     with err.status("starting") as status:
         report = attach_query_mlp_checkpoint(
-            model, output, rank=rank, act=act, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
+            model, output, rank=rank, act=act, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
             dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle, progress=lambda s: status.update(f"{s}…"),
         )
     out.print(_attach_table(report))
@@ -384,6 +411,7 @@ def attach_preproj(
     output: Output,
     expansion: Annotated[float, typer.Option("--expansion", help="Hidden width of the pre-projection MLP / hidden size.")] = 1.25,
     skip: Annotated[bool, typer.Option("--skip/--no-skip", help="Add the content skip W_skip·x̃ to the attention output.")] = True,
+    calib: Calib = None,
     num_seqs: CalibSeqs = 4,
     seq_len: CalibLen = 64,
     atol: AttachAtol = None,
@@ -397,7 +425,7 @@ def attach_preproj(
 
     with err.status("starting") as status:
         report = attach_preproj_checkpoint(
-            model, output, expansion=expansion, skip=skip, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
+            model, output, expansion=expansion, skip=skip, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
             dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle, progress=lambda s: status.update(f"{s}…"),
         )
     out.print(_attach_table(report))

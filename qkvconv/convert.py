@@ -17,24 +17,23 @@ import torch
 from qkvconv.archs import ArchSpec, dims_of
 from qkvconv.checkpoint import Loaded, check_output, load, qkvconv_block, resolve_source, write_with_history
 from qkvconv.compat import no_init_weights
+from qkvconv.modeling.modeling_qkvconv import restore_folded
 from qkvconv.errors import TransformError, VerificationError
 from qkvconv.modeling import FORMAT
 from qkvconv.transforms import absorb_query, attach_preproj, attach_query_mlp
 from qkvconv.transforms.attach import stock_layers
 from qkvconv.verify import (
     DecodeCheck,
+    Exactness,
     LogitError,
     attention_inputs,
     calibration_ids,
     compare_model,
     decode_check,
     logits_of,
+    measure_exactness,
 )
 
-# fp32 error of an exact absorption grows like eps·cond(W_Q)·|logit| (METHODS.md §1). The default
-# bound on max |Δlogit| is loose enough for cond ~1e6 at fp32 and tight enough to catch any algebra bug
-# (a wrong sign, transpose or bias moves logits by O(1)).
-DEFAULT_ATOL = {torch.float64: 1e-6, torch.float32: 0.1, torch.bfloat16: 2.0, torch.float16: 1.0}
 
 
 @dataclass
@@ -50,6 +49,44 @@ class Report:
     atol: float | None = None
     added: dict[str, int] = field(default_factory=dict)  # new parameters by module kind (attach-*)
     decoding: DecodeCheck | None = None  # greedy decoding: cached vs uncached vs the original
+    exactness: Exactness | None = None  # exact transforms: algebraic error and rounding ratio
+
+
+def folded_dtypes(model) -> dict[str, torch.dtype]:
+    """State-dict key -> dtype of every parameter a converted model keeps at its own precision (keep_folded)."""
+    out = {}
+    for name, module in model.named_modules():
+        if getattr(module, "_qkvconv_folded", None) is not None:
+            for p, _ in module.named_parameters(recurse=False):
+                out[f"{name}.{p}" if name else p] = module._qkvconv_folded
+    return out
+
+
+def _cast_output(state_dict: dict, dtype: torch.dtype, keep: dict[str, torch.dtype]) -> dict:
+    """The one cast of the float64 algebra to the output dtype; keys in `keep` to their own dtype."""
+    return {k: v.to(keep.get(k, dtype)) for k, v in state_dict.items()}
+
+
+def check_exactness(name: str, exact: Exactness, error: LogitError, atol: float | None, cond: list[float]) -> None:
+    """Refuse an exact conversion whose algebra is off, whose rounding is worse than the original's own beyond the
+    stated multiple, or whose |Δlogit| exceeds the user's --atol; nothing is written."""
+    if not exact.algebra_ok:
+        raise VerificationError(
+            f"{name} is not exact: in float64 max |Δlogit| is {exact.algebraic_rel:.3g} of max |logit| "
+            f"(bound {exact.algebraic_bound:g}); nothing written"
+        )
+    if not exact.rounding_ok:
+        hint = ""
+        if cond:
+            hint = (f"; cond(W_Q) up to {max(cond):.3g} amplifies the rounding of the folded maps: keep them in float64 "
+                    "(--folded-dtype float64)")
+        raise VerificationError(
+            f"{name} makes the {exact.dtype} model noisier than the original: rounding error {exact.rounding_ratio:.3g}× "
+            f"the original's own on average (bound {exact.ratio_bound:g}×), {exact.rounding_max_ratio:.3g}× at the "
+            f"maximum (bound {exact.max_ratio_bound:g}×){hint}; nothing written"
+        )
+    if atol is not None and not error.max_abs <= atol:
+        raise VerificationError(f"{name}: max |Δlogit| {error.max_abs:.3g} exceeds --atol {atol:g}; nothing written")
 
 
 def verify_decoding(original, converted, ids: torch.Tensor, name: str) -> DecodeCheck:
@@ -92,6 +129,8 @@ def converted_config(config, spec: ArchSpec, base_class: str, layers: list[dict]
             "layers": spec.layers,
             "attn_norm": spec.attn_norm,
             "q_proj": spec.q_proj,
+            "k_proj": spec.k_proj,
+            "v_proj": spec.v_proj,
             "fused_qkv": spec.fused_qkv,
             "qkv_layout": spec.qkv_layout,
             "attn": spec.o_proj.rsplit(".", 1)[0],  # the attention block, relative to a layer
@@ -112,6 +151,7 @@ def build_converted(config, state_dict: dict[str, torch.Tensor], dtype: torch.dt
     cls = getattr(modeling_qkvconv, f"Qkvconv{config.qkvconv['base_class']}")
     with no_init_weights():  # every weight is overwritten below; skip the random init
         model = cls(config).to(dtype)
+    restore_folded(model)  # folded maps stay at their own precision
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [m for m in missing if not (tied and m.endswith(("lm_head.weight", "embed_out.weight")))]
@@ -161,23 +201,32 @@ def absorb_query_checkpoint(
     seed: int = 0,
     atol: float | None = None,
     dtype: torch.dtype = torch.float32,
+    folded_dtype: torch.dtype | None = torch.float64,
     force: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
 ) -> Report:
-    """absorb-query on a checkpoint, verified against the original; writes `output` unless it is None."""
+    """absorb-query on a checkpoint, verified against the original; writes `output` unless it is None.
+
+    exact: the float64 algebra is cast once to `dtype`; the folded maps are kept at `folded_dtype` (default float64;
+    None: the output dtype), and the conversion is refused unless it is exact in float64 and rounds like the
+    original in `dtype` (verify.Exactness); `atol` adds an absolute bound on max |Δlogit|."""
     t: dict[str, float] = {}
+    if mode == "exact":
+        return _exact_checkpoint(
+            model, output, "absorb-query", lambda sd, spec, dims, layers: absorb_query(sd, spec, dims, mode="exact"),
+            {"mode": "exact"}, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=dtype,
+            folded_dtype=folded_dtype, force=force, allow_pickle=allow_pickle, progress=progress,
+        )
     source, loaded = _open(model, output, t, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress)
-    block = qkvconv_block(loaded.config)
-    if block and any(layer["query"] == "identity" for layer in block["layers"]):
-        raise TransformError(f"{source.path} already has an identity query; nothing to absorb")
+    _refuse_absorbed(loaded, source)
     spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
     with _timed(t, "calibrate", progress):
         ids, calib_source = calibration_ids(
             loaded.model, loaded.tokenizer, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed
         )
         ref = logits_of(loaded.model, ids)
-        acts = attention_inputs(loaded.model, spec, ids) if mode == "drop" else None
+        acts = attention_inputs(loaded.model, spec, ids)
     with _timed(t, "transform", progress):
         result = absorb_query(loaded.model.state_dict(), spec, dims, mode=mode, attn_inputs=acts)
         config = converted_config(loaded.config, spec, base_class_of(loaded), result.layers)
@@ -185,88 +234,92 @@ def absorb_query_checkpoint(
     with _timed(t, "verify", progress):
         error = compare_model(ref, new_model, ids, calib_source)
         decoding = verify_decoding(loaded.model, new_model, ids, "absorb-query")
-    bound = atol if atol is not None else DEFAULT_ATOL.get(dtype, 0.1)
     options = {"mode": mode, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
-               "seed": seed, "dtype": str(dtype).removeprefix("torch."), "atol": bound if mode == "exact" else None}
-    report = Report(None, "absorb-query", options, error, result.wq_condition, t, bound if mode == "exact" else None,
-                    decoding=decoding)
-    if mode == "exact" and not error.max_abs <= bound:
-        raise VerificationError(
-            f"exact absorption exceeds --atol {bound:g}: max |Δlogit| {error.max_abs:.3g} "
-            f"(max cond(W_Q) {max(result.wq_condition):.3g}); nothing written"
-        )
+               "seed": seed, "dtype": str(dtype).removeprefix("torch."), "atol": None}
+    report = Report(None, "absorb-query", options, error, result.wq_condition, t, None, decoding=decoding)
     if output is not None:
         with _timed(t, "save", progress):
             report.output = _write_result(
                 output, transform="absorb-query", options=options, source=source, loaded=loaded, error=error,
-                extra={"wq_condition": result.wq_condition, "decoding": decoding.as_dict()}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
-                force=force,
+                extra={"wq_condition": result.wq_condition, "decoding": decoding.as_dict()}, timings=t,
+                state_dict=result.state_dict, config=config, spec=spec, seed=seed, force=force,
+            )
+    return report
+
+
+def _refuse_absorbed(loaded: Loaded, source) -> None:
+    block = qkvconv_block(loaded.config)
+    if block and any(layer["query"] == "identity" for layer in block["layers"]):
+        raise TransformError(f"{source.path} already has an identity query; nothing to absorb")
+
+
+def _exact_checkpoint(
+    model, output, name: str, transform: Callable, options: dict, *, calib, num_seqs: int, seq_len: int, seed: int,
+    atol: float | None, dtype: torch.dtype, folded_dtype: torch.dtype | None, force: bool, allow_pickle: bool,
+    progress: Progress | None,
+) -> Report:
+    """The pipeline of every exact transform: load in float64, calibrate, transform (float64 algebra), one cast to
+    the output dtype, then verify: algebra in float64, rounding against the original's own, decoding; write."""
+    t: dict[str, float] = {}
+    source, loaded = _open(model, output, t, dtype=torch.float64, force=force, allow_pickle=allow_pickle,
+                           progress=progress)
+    if name == "absorb-query":
+        _refuse_absorbed(loaded, source)
+    spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
+    block = qkvconv_block(loaded.config)
+    layers = copy.deepcopy(block["layers"]) if block else stock_layers(dims)
+    with _timed(t, "calibrate", progress):
+        ids, calib_source = calibration_ids(
+            loaded.model, loaded.tokenizer, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed
+        )
+    with _timed(t, "transform", progress):
+        result = transform(loaded.model.state_dict(), spec, dims, layers)  # float64 in, float64 out
+        folded = getattr(result, "folded", [])
+        keep = folded_dtype if folded and folded_dtype is not None and folded_dtype != dtype else None
+        for layer in result.layers if keep is not None else []:
+            if layer.get("attn_input") == "affine":
+                layer["folded_dtype"] = str(keep).removeprefix("torch.")
+        config = converted_config(loaded.config, spec, base_class_of(loaded), result.layers)
+        config.dtype = dtype  # the checkpoint's dtype (the source was read in float64 for the algebra)
+        converted64 = build_converted(config, result.state_dict, torch.float64)
+        # the one cast: every tensor to the output dtype, except the folded maps (this transform's or an absorbed
+        # source's), which keep the precision their module is declared at
+        out_sd = _cast_output(result.state_dict, dtype, folded_dtypes(converted64))
+        new_model = converted64 if dtype == torch.float64 else build_converted(config, out_sd, dtype)
+        original = loaded.model
+        if dtype != torch.float64:
+            original = copy.deepcopy(loaded.model).to(dtype)
+            restore_folded(original)
+    with _timed(t, "verify", progress):
+        exact, error = measure_exactness(loaded.model, converted64, original, new_model, ids, calib_source)
+        decoding = verify_decoding(original, new_model, ids, name)
+    cond = list(getattr(result, "wq_condition", []))
+    options = {**options, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
+               "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+               "folded_dtype": str(keep).removeprefix("torch.") if keep is not None else None, "atol": atol}
+    report = Report(None, name, options, error, cond, t, atol, added=getattr(result, "added", {}), decoding=decoding,
+                    exactness=exact)
+    check_exactness(name, exact, error, atol, cond)
+    del converted64
+    if output is not None:
+        extra = {"exactness": exact.as_dict(), "decoding": decoding.as_dict()}
+        extra.update({"wq_condition": cond} if cond else {"added_parameters": result.added})
+        with _timed(t, "save", progress):
+            report.output = _write_result(
+                output, transform=name, options=options, source=source, loaded=loaded, error=error, extra=extra,
+                timings=t, state_dict=out_sd, config=config, spec=spec, seed=seed, force=force,
             )
     return report
 
 
 # ------------------------------------------------------------------------ attach-query-mlp / attach-preproj
-# Zero-started residual branches add exact zeros, so the converted logits equal the original ones bit for bit;
-# the bound only leaves room for a different kernel path.
-ATTACH_ATOL = 1e-5
-
-
-def _attach_checkpoint(
-    model: str | Path,
-    output: str | Path | None,
-    name: str,
-    attach: Callable,
-    options: dict,
-    *,
-    num_seqs: int,
-    seq_len: int,
-    seed: int,
-    atol: float | None,
-    dtype: torch.dtype,
-    force: bool,
-    allow_pickle: bool,
-    progress: Progress | None,
-) -> Report:
-    """Shared pipeline of the attach commands: load, calibrate, attach, verify exactness, write."""
-    t: dict[str, float] = {}
-    source, loaded = _open(model, output, t, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress)
-    spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
-    block = qkvconv_block(loaded.config)
-    layers = copy.deepcopy(block["layers"]) if block else stock_layers(dims)
-    with _timed(t, "calibrate", progress):
-        ids, calib_source = calibration_ids(loaded.model, loaded.tokenizer, num_seqs=num_seqs, seq_len=seq_len, seed=seed)
-        ref = logits_of(loaded.model, ids)
-    with _timed(t, "transform", progress):
-        result = attach(loaded.model.state_dict(), spec, dims, layers)
-        config = converted_config(loaded.config, spec, base_class_of(loaded), result.layers)
-        new_model = build_converted(config, result.state_dict, dtype)
-    with _timed(t, "verify", progress):
-        error = compare_model(ref, new_model, ids, calib_source)
-        decoding = verify_decoding(loaded.model, new_model, ids, name)
-    bound = ATTACH_ATOL if atol is None else atol
-    options = {**options, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed,
-               "dtype": str(dtype).removeprefix("torch."), "atol": bound}
-    report = Report(None, name, options, error, [], t, bound, added=result.added, decoding=decoding)
-    if not error.max_abs <= bound:
-        raise VerificationError(
-            f"{name} is not exact at step 0: max |Δlogit| {error.max_abs:.3g} exceeds --atol {bound:g}; nothing written"
-        )
-    if output is not None:
-        with _timed(t, "save", progress):
-            report.output = _write_result(
-                output, transform=name, options=options, source=source, loaded=loaded, error=error,
-                extra={"added_parameters": result.added, "decoding": decoding.as_dict()}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
-                force=force,
-            )
-    return report
-
-
 def attach_query_mlp_checkpoint(
     model: str | Path,
     output: str | Path | None,
     *,
     rank: int | None = None,
     act: str = "gelu",
+    calib: Path | str | None = None,
     num_seqs: int = 4,
     seq_len: int = 64,
     seed: int = 0,
@@ -281,9 +334,10 @@ def attach_query_mlp_checkpoint(
     def attach(sd, spec, dims, layers):
         return attach_query_mlp(sd, spec, dims, layers, rank=rank, act=act, seed=seed)
 
-    return _attach_checkpoint(
-        model, output, "attach-query-mlp", attach, {"rank": rank, "act": act}, num_seqs=num_seqs, seq_len=seq_len,
-        seed=seed, atol=atol, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress,
+    return _exact_checkpoint(
+        model, output, "attach-query-mlp", attach, {"rank": rank, "act": act}, calib=calib, num_seqs=num_seqs,
+        seq_len=seq_len, seed=seed, atol=atol, dtype=dtype, folded_dtype=None, force=force, allow_pickle=allow_pickle,
+        progress=progress,
     )
 
 
@@ -293,6 +347,7 @@ def attach_preproj_checkpoint(
     *,
     expansion: float = 1.25,
     skip: bool = True,
+    calib: Path | str | None = None,
     num_seqs: int = 4,
     seq_len: int = 64,
     seed: int = 0,
@@ -307,9 +362,10 @@ def attach_preproj_checkpoint(
     def attach(sd, spec, dims, layers):
         return attach_preproj(sd, spec, dims, layers, expansion=expansion, skip=skip, seed=seed)
 
-    return _attach_checkpoint(
-        model, output, "attach-preproj", attach, {"expansion": expansion, "skip": skip}, num_seqs=num_seqs,
-        seq_len=seq_len, seed=seed, atol=atol, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress,
+    return _exact_checkpoint(
+        model, output, "attach-preproj", attach, {"expansion": expansion, "skip": skip}, calib=calib,
+        num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=dtype, folded_dtype=None, force=force,
+        allow_pickle=allow_pickle, progress=progress,
     )
 
 

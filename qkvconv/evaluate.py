@@ -224,9 +224,48 @@ class _DropExpected(logging.Filter):
 _LM_EVAL_LOGGERS = ("lm_eval.models.huggingface", "lm_eval.api.task", "lm_eval.tasks._index", "lm_eval.evaluator")
 
 
+VERBOSE_ENV = "QKVCONV_VERBOSE"  # set (by `qkvconv --verbose`): third-party bars and lines are left alone
+
+
+@contextlib.contextmanager
+def _quiet_third_party() -> Iterator[None]:
+    """Inside, no third-party progress bar is drawn (tqdm: lm-eval's "Running loglikelihood requests",
+    "bootstrapping for stddev", datasets' and transformers' bars) and lm-eval does not run `git describe`
+    (whose "fatal: not a git repository" goes straight to the terminal); qkvconv's own rich display is the only
+    progress. Nothing changes with QKVCONV_VERBOSE set."""
+    if os.environ.get(VERBOSE_ENV):
+        yield
+        return
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    patches = [(tqdm.std.tqdm, "__init__", quiet_init)]
+    try:
+        import lm_eval.evaluator as evaluator
+
+        if hasattr(evaluator, "get_git_commit_hash"):  # lm-eval 0.4.12, 0.4.13
+            patches.append((evaluator, "get_git_commit_hash", lambda: None))
+    except ImportError:  # pragma: no cover
+        pass
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval at WARNING, its expected warnings dropped, its print()s sent to stderr."""
+    """lm-eval at WARNING, its expected warnings dropped, its print()s sent to stderr, its bars and git lookup
+    silenced (_quiet_third_party)."""
     root = logging.getLogger("lm_eval")
     level = root.level
     if root.getEffectiveLevel() < logging.WARNING:
@@ -236,7 +275,7 @@ def _quiet_lm_eval() -> Iterator[None]:
     for lg in loggers:
         lg.addFilter(drop)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _quiet_third_party():
             yield
     finally:
         for lg in loggers:

@@ -1,12 +1,18 @@
 """Equivalence checks: does a converted model compute what the original did?
 
-Calibration text is the user's own file, or sequences sampled from the original model itself (so no
-data has to ship with the package). Random token ids are not calibration: they exercise none of
-the directions real text does.
+Calibration text is the user's own file, by default the public-domain text shipped in qkvconv/data (the same
+tokens on every machine), or with calib="sample" sequences sampled from the original model itself. Random
+token ids are not calibration: they exercise none of the directions real text does.
+
+Exactness (Exactness, measure_exactness) separates the two sources of a difference: the algebra (original and
+converted both run in float64) and the rounding of the output dtype (each model against its own float64
+forward), so that a bound measures the conversion and not the CPU, thread count or kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,11 +37,18 @@ class LogitError:
         return asdict(self)
 
 
+DEFAULT_CALIB = Path(__file__).parent / "data" / "calibration.txt"
+SAMPLE = "sample"  # calib=SAMPLE: sequences sampled from the original model
+
+
 def calibration_ids(
-    model, tokenizer, *, calib: Path | None = None, num_seqs: int = 8, seq_len: int = 128, seed: int = 0
+    model, tokenizer, *, calib: Path | str | None = None, num_seqs: int = 8, seq_len: int = 128, seed: int = 0
 ) -> tuple[torch.Tensor, str]:
-    """(num_seqs, seq_len) token ids from `calib` text, else sampled from `model` itself."""
-    if calib is not None:
+    """(num_seqs, seq_len) token ids from `calib` text (default: qkvconv's shipped calibration text), or sampled
+    from `model` itself with calib="sample"."""
+    if calib is None:
+        calib = DEFAULT_CALIB
+    if str(calib) != SAMPLE:
         path = Path(calib)
         if not path.is_file():
             raise QkvconvError(f"calibration file {path} does not exist")
@@ -48,7 +61,8 @@ def calibration_ids(
         n = min(num_seqs, ids.numel() // seq_len)
         starts = torch.linspace(0, ids.numel() - seq_len, n).long()  # spread windows over the whole file
         windows = torch.stack([ids[s : s + seq_len] for s in starts])
-        return windows, f"file:{path.name} ({min(need, n * seq_len)} tokens)"
+        name = "qkvconv calibration text" if path == DEFAULT_CALIB else f"file:{path.name}"
+        return windows, f"{name} ({min(need, n * seq_len)} tokens)"
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     start = torch.full((num_seqs, 1), bos, dtype=torch.long, device=device)
@@ -263,3 +277,128 @@ def decode_check(original, converted, ids: torch.Tensor, *, prompts: int = 4, pr
         identical_to_original=int((seq == ref_seq).all(-1).sum()),
         cache_tokens=held, expected_cache_tokens=L + new_tokens - 1,
     )
+
+
+# ------------------------------------------------------------------------------------------ exactness
+ALGEBRAIC_REL_BOUND = 1e-9  # float64 original vs float64 converted: max |Δlogit| / max |logit|
+ROUNDING_RATIO_BOUND = 2.0  # converted's mean |logit_dtype − logit_float64| ≤ this × the original's own
+ROUNDING_MAX_RATIO_BOUND = 8.0  # and its max ≤ this × the original's own max
+
+
+@dataclass(frozen=True)
+class Exactness:
+    """An exact conversion's error, split into the algebra and the output dtype's rounding.
+
+    algebraic: original and converted both in float64 (transformers' RMSNorm, which normalises in float32
+    whatever the input, computed in float64 for this), max |Δlogit| relative to max |logit|: rounding level of
+    float64 on every machine when the algebra is right. rounding: each model in the output dtype against its
+    own float64 forward; the ratio says how much noisier the conversion made the model. A conversion passes when
+    algebraic_rel ≤ ALGEBRAIC_REL_BOUND and the mean and max ratios are within their bounds.
+    """
+
+    dtype: str
+    algebraic_max_abs: float
+    algebraic_rel: float
+    rounding_original: float  # mean |Δlogit|, original in dtype vs float64
+    rounding_converted: float  # mean |Δlogit|, converted in dtype vs its float64 forward
+    rounding_original_max: float
+    rounding_converted_max: float
+    tokens: int
+    algebraic_bound: float = ALGEBRAIC_REL_BOUND
+    ratio_bound: float = ROUNDING_RATIO_BOUND
+    max_ratio_bound: float = ROUNDING_MAX_RATIO_BOUND
+
+    @property
+    def rounding_ratio(self) -> float:
+        return _ratio(self.rounding_converted, self.rounding_original)
+
+    @property
+    def rounding_max_ratio(self) -> float:
+        return _ratio(self.rounding_converted_max, self.rounding_original_max)
+
+    @property
+    def algebra_ok(self) -> bool:
+        return self.algebraic_rel <= self.algebraic_bound
+
+    @property
+    def rounding_ok(self) -> bool:
+        return self.rounding_ratio <= self.ratio_bound and self.rounding_max_ratio <= self.max_ratio_bound
+
+    @property
+    def passed(self) -> bool:
+        return self.algebra_ok and self.rounding_ok
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "rounding_ratio": self.rounding_ratio, "rounding_max_ratio": self.rounding_max_ratio,
+                "passed": self.passed}
+
+
+def _ratio(a: float, b: float) -> float:
+    if a == 0:
+        return 0.0
+    return a / b if b > 0 else float("inf")
+
+
+def _rms64(self, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float64:
+        return type(self).forward(self, x)
+    return self.weight.to(x.dtype) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+@contextlib.contextmanager
+def pure_float64(*models):
+    """Inside: every transformers RMSNorm (the modules with `variance_epsilon`) of `models` computes in float64
+    when fed float64, instead of in float32 as transformers does. Outside: as before."""
+    patched = [m for model in models for m in model.modules() if hasattr(m, "variance_epsilon") and hasattr(m, "weight")]
+    for m in patched:
+        m.forward = types.MethodType(_rms64, m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+class _Stat:
+    def __init__(self) -> None:
+        self.sum = self.max = 0.0
+        self.n = 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        d = (a.double() - b.double()).abs()
+        self.sum += float(d.sum())
+        self.max = max(self.max, float(d.max()))
+        self.n += d.numel()
+
+    @property
+    def mean(self) -> float:
+        return self.sum / max(self.n, 1)
+
+
+@torch.no_grad()
+def measure_exactness(original64, converted64, original, converted, ids: torch.Tensor, source: str,
+                      batch_size: int = 2) -> tuple[Exactness, LogitError]:
+    """Exactness of `converted` (output dtype) against `original` (the same dtype), with both models' float64
+    versions as the references; also the LogitError of converted against original in the output dtype."""
+    device = next(original.parameters()).device
+    algebra, r_orig, r_conv, scale = _Stat(), _Stat(), _Stat(), 0.0
+    acc = _Accumulator()
+    for i in range(0, len(ids), batch_size):
+        batch = ids[i : i + batch_size].to(device)
+        with pure_float64(original64, converted64):
+            ref64 = original64(batch, use_cache=False).logits.double().cpu()
+            new64 = converted64(batch, use_cache=False).logits.double().cpu()
+        ref = original(batch, use_cache=False).logits.cpu()
+        new = converted(batch, use_cache=False).logits.cpu()
+        algebra.add(ref64, new64)
+        r_orig.add(ref, ref64)
+        r_conv.add(new, new64)
+        scale = max(scale, float(ref64.abs().max()))
+        acc.add(ref, new)
+    dtype = str(next(converted.parameters()).dtype).removeprefix("torch.")
+    exact = Exactness(
+        dtype=dtype, algebraic_max_abs=algebra.max, algebraic_rel=algebra.max / max(scale, 1e-30),
+        rounding_original=r_orig.mean, rounding_converted=r_conv.mean, rounding_original_max=r_orig.max,
+        rounding_converted_max=r_conv.max, tokens=acc.count,
+    )
+    return exact, acc.result(source)

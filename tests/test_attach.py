@@ -164,7 +164,7 @@ def test_verification_failure_writes_nothing(tiny_models, tmp_path, monkeypatch)
         return res
 
     monkeypatch.setattr(convert, "attach_query_mlp", broken)
-    with pytest.raises(VerificationError, match="not exact at step 0"):
+    with pytest.raises(VerificationError, match="attach-query-mlp is not exact: in float64"):
         attach_query_mlp_checkpoint(tiny_models["llama"], tmp_path / "o", num_seqs=1, seq_len=16)
     assert not (tmp_path / "o").exists()
 

@@ -12,6 +12,7 @@ Config block (config.json, key "qkvconv"):
      "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "norm",
                  optional share-kv keys: "kv": "shared", "qk": "shared", "kv_heads": N,
                  "pos2d": {"channels": p} (q=k only)}, ...]}
+    "folded_dtype": "float64" (absorb-query: the folded maps kept at that precision, see keep_folded),
     optional per-layer keys: "query_mlp": {"size", "rank", "act"} (QueryMLP on the q projection),
     "preproj": {"size", "inner", "expansion", "skip"} (PreProj on attn_norm, content skip on paths["attn"])
 """
@@ -43,6 +44,9 @@ BASE_CLASSES = (
 #   5.1 (5.0 indexes the mapping by name, "eager" absent), and llama's eager_attention_forward(module, q, k, v,
 #   mask, dropout=, scaling=, **kwargs) (all 5.x); see attention_function.
 # - a model output carries the cache as `.cache` (from 5.24) or `.past_key_values` (before).
+# - the rotary module (`*.rotary_emb`) is called as rotary(x, position_ids) -> (cos, sin), each (B, T, rotary_dim),
+#   with `rope_type` and `inv_freq` attributes (all 5.x); see _RopeTable.
+# - transformers' RMSNorm modules carry `variance_epsilon` and `weight` (all 5.x); see _norm_at.
 # If a forward returns a cache that a shared-projection attention never received, the model raises (see
 # _check_cache_reached): decoding silently without a cache is what broke share-kv models under transformers 5.24.
 CACHE_KWARGS = ("cache", "past_key_values", "layer_past", "past_key_value")
@@ -113,15 +117,82 @@ def _watch_cache(model: nn.Module) -> None:
         model.register_forward_hook(_check_cache_reached, with_kwargs=True)
 
 
-class AffineNorm(nn.Module):
-    """The pre-attention norm followed by a full affine map: h' = Norm(x)·M + c (absorb-query)."""
+# ------------------------------------------------------------------ absorb-query: folded matrices at high precision
+# With the identity query, keys are h'·W_Q⁻¹W_K: the rounding of h' in the model's dtype is amplified by up to
+# cond(W_Q) (~1e6 in real checkpoints). A checkpoint whose layer spec says "folded_dtype" keeps the folded maps
+# (the norm's affine M, c and the key/value projections) at that dtype (float64): h' is computed and kept there,
+# and only q, k, v return to the model's compute dtype, so the converted model rounds like the original.
+def _cast_params(module: nn.Module, dtype: torch.dtype) -> None:
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(dtype)
 
-    def __init__(self, norm: nn.Module, hidden_size: int):
+
+def _input_to_param_dtype(module, args):
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def _output_to_compute_dtype(module, args, output):
+    return output.to(module.compute_dtype_ref.dtype)
+
+
+def keep_folded(module: nn.Module, dtype: torch.dtype, hooks: bool = True) -> None:
+    """Keep `module`'s parameters at `dtype` whatever the model's dtype; with `hooks`, its input is cast to that dtype
+    and its output back to the model's compute dtype (held by a non-persistent buffer that follows .to())."""
+    module._qkvconv_folded = dtype
+    if hooks:
+        compute = next(module.parameters()).dtype
+        module.register_buffer("compute_dtype_ref", torch.empty(0, dtype=compute), persistent=False)
+        module.register_forward_pre_hook(_input_to_param_dtype)
+        module.register_forward_hook(_output_to_compute_dtype)
+    _cast_params(module, dtype)
+
+
+def restore_folded(model: nn.Module) -> None:
+    """Put folded parameters back at their dtype after a model-wide .to(dtype)."""
+    for m in model.modules():
+        if getattr(m, "_qkvconv_folded", None) is not None:
+            _cast_params(m, m._qkvconv_folded)
+
+
+class ComputeDtype(nn.Module):
+    """The identity query of a folded layer: q = h', returned in the model's compute dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("compute_dtype_ref", torch.empty(0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.compute_dtype_ref.dtype)
+
+
+def _norm_at(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm`(x) computed in x's dtype. transformers' RMSNorm (llama, mistral, qwen2/3: the modules with
+    `variance_epsilon`) always normalises in float32; nn.LayerNorm computes in its input's dtype."""
+    if hasattr(norm, "variance_epsilon"):
+        return norm.weight.to(x.dtype) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    if isinstance(norm, nn.LayerNorm):
+        w = None if norm.weight is None else norm.weight.to(x.dtype)
+        b = None if norm.bias is None else norm.bias.to(x.dtype)
+        return nn.functional.layer_norm(x, norm.normalized_shape, w, b, norm.eps)
+    return norm(x).to(x.dtype)
+
+
+class AffineNorm(nn.Module):
+    """The pre-attention norm followed by a full affine map: h' = Norm(x)·M + c (absorb-query).
+
+    folded: M, c stay at their own (high) precision and h' is returned at it (see keep_folded)."""
+
+    def __init__(self, norm: nn.Module, hidden_size: int, folded: torch.dtype | None = None):
         super().__init__()
         self.norm = norm
         self.affine = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.folded = folded is not None
+        if folded is not None:
+            keep_folded(self.affine, folded, hooks=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return self.affine(_norm_at(self.norm, x.to(self.affine.weight.dtype)))
         return self.affine(self.norm(x))
 
 
@@ -140,6 +211,7 @@ class IdentityQueryFused(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, v = self.kv(x).chunk(2, dim=-1)
+        x = x.to(k.dtype)  # a folded layer's h' arrives at high precision; q = h' in the compute dtype
         if self.layout == "fused_concat_conv1d":
             return torch.cat([x, k, v], dim=-1)
         heads = (*x.shape[:-1], self.num_heads, -1)  # (..., H, dh)
@@ -216,12 +288,14 @@ def _query_mlp_hook(module, args, output):
 
 
 def _preproj_hook(module, args, output):
-    return output + module.preproj(output)  # x̃ = x̂ + W_down·SiLU(W_up·x̂)
+    x = output.to(module.preproj.up.weight.dtype)  # (an absorbed layer's x̂ may be at the folded precision)
+    return output + module.preproj(x).to(output.dtype)  # x̃ = x̂ + W_down·SiLU(W_up·x̂)
 
 
 def _content_skip_hook(module, args, kwargs, output):
     x = args[0] if args else kwargs["hidden_states"]  # the attention input, x̃
-    skip = module.content_skip(x)  # W_skip·x̃
+    out = output[0] if isinstance(output, tuple) else output
+    skip = module.content_skip(x.to(module.content_skip.weight.dtype)).to(out.dtype)  # W_skip·x̃
     if isinstance(output, tuple):
         return (output[0] + skip, *output[1:])
     return output + skip
@@ -446,19 +520,22 @@ def apply_qkvconv_layout(model: nn.Module, block: dict) -> None:
     for i, (layer, spec) in enumerate(zip(layers, block["layers"], strict=True)):
         if "kv" in spec or "qk" in spec or "kv_heads" in spec:
             _swap_shared_attention(model, layer, i, spec, paths)
+        folded = getattr(torch, spec["folded_dtype"]) if spec.get("folded_dtype") else None
         if spec["attn_input"] == "affine":
-            _set_module(layer, paths["attn_norm"], AffineNorm(layer.get_submodule(paths["attn_norm"]), d))
+            _set_module(layer, paths["attn_norm"], AffineNorm(layer.get_submodule(paths["attn_norm"]), d, folded))
         if spec["query"] == "identity":
             if paths["qkv_layout"] == "separate":
-                _set_module(layer, paths["q_proj"], nn.Identity())
+                _set_module(layer, paths["q_proj"], ComputeDtype() if folded else nn.Identity())
+                if folded:
+                    for key in ("k_proj", "v_proj"):
+                        keep_folded(layer.get_submodule(paths[key]), folded)
             else:
                 old = layer.get_submodule(paths["fused_qkv"])
                 bias = getattr(old, "bias", None) is not None
-                _set_module(
-                    layer,
-                    paths["fused_qkv"],
-                    IdentityQueryFused(d, cfg.num_attention_heads, paths["qkv_layout"], bias),
-                )
+                fused = IdentityQueryFused(d, cfg.num_attention_heads, paths["qkv_layout"], bias)
+                if folded:
+                    keep_folded(fused.kv, folded)
+                _set_module(layer, paths["fused_qkv"], fused)
         attach_residual_modules(layer, spec, paths, cfg.num_attention_heads)
 
 
@@ -468,6 +545,7 @@ def _make_class(base_name: str) -> type:
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
         apply_qkvconv_layout(self, config.qkvconv)
+        restore_folded(self)
         _watch_cache(self)
 
     return type(f"Qkvconv{base_name}", (base,), {"__init__": __init__, "__module__": __name__})

@@ -31,6 +31,7 @@ class AbsorbResult:
     state_dict: dict[str, torch.Tensor]
     layers: list[dict]  # per-layer layout block for the loader (modeling_qkvconv)
     wq_condition: list[float]  # cond(W_Q) per layer
+    folded: list[str]  # keys of the folded maps (M, c, W_Q⁻¹W_K, W_Q⁻¹W_V): the ones whose rounding cond(W_Q) amplifies
 
 
 def wq_condition(sd: dict, spec: ArchSpec, dims: Dims) -> list[float]:
@@ -146,7 +147,7 @@ def absorb_query(
         raise TransformError("absorb-query --mode drop needs calibration attention inputs for every layer")
     dtype = next(iter(state_dict.values())).dtype
     out = dict(state_dict)
-    layers, conds = [], []
+    layers, conds, folded = [], [], []
     for i in range(dims.num_hidden_layers):
         q, k, v = read_qkv(state_dict, spec, dims, i)
         for key in qkv_keys(state_dict, spec, i):
@@ -156,12 +157,17 @@ def absorb_query(
             norm = spec.layer(i, spec.attn_norm)
             for key in (f"{norm}.weight", f"{norm}.bias"):
                 out.pop(key, None)
-            out.update(_fold_norm(state_dict, spec, i, q, dtype))
+            fold = _fold_norm(state_dict, spec, i, q, dtype)
+            out.update(fold)
+            folded += [key for key in fold if ".affine." in key]
             layers.append({"query": "identity", "attn_input": "affine"})
         else:
             cond = float(torch.linalg.cond(q.W))
             k2, v2 = _drop_layer(q, k, attn_inputs[i].double(), dims), v
             layers.append({"query": "identity", "attn_input": "norm"})
-        out.update(write_kv(spec, i, k2, v2, dtype))
+        kv = write_kv(spec, i, k2, v2, dtype)
+        out.update(kv)
+        if mode == "exact":
+            folded += list(kv)
         conds.append(cond)
-    return AbsorbResult(out, layers, conds)
+    return AbsorbResult(out, layers, conds, folded)
