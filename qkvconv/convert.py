@@ -17,7 +17,7 @@ import torch
 from qkvconv.archs import ArchSpec, dims_of
 from qkvconv.checkpoint import Loaded, check_output, load, qkvconv_block, resolve_source, write_with_history
 from qkvconv.compat import no_init_weights
-from qkvconv.modeling.modeling_qkvconv import restore_folded
+from qkvconv.modeling.modeling_qkvconv import restore_folded, to_dtype_keeping_folded
 from qkvconv.errors import TransformError, VerificationError
 from qkvconv.modeling import FORMAT
 from qkvconv.transforms import absorb_query, attach_preproj, attach_query_mlp
@@ -288,8 +288,7 @@ def _exact_checkpoint(
         new_model = converted64 if dtype == torch.float64 else build_converted(config, out_sd, dtype)
         original = loaded.model
         if dtype != torch.float64:
-            original = copy.deepcopy(loaded.model).to(dtype)
-            restore_folded(original)
+            original = to_dtype_keeping_folded(copy.deepcopy(loaded.model), dtype)
     with _timed(t, "verify", progress):
         exact, error = measure_exactness(loaded.model, converted64, original, new_model, ids, calib_source)
         decoding = verify_decoding(original, new_model, ids, name)

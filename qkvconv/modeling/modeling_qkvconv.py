@@ -154,6 +154,17 @@ def restore_folded(model: nn.Module) -> None:
             _cast_params(m, m._qkvconv_folded)
 
 
+def to_dtype_keeping_folded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), except that folded parameters keep their precision (and their values)."""
+    for m in model.modules():
+        if getattr(m, "_qkvconv_folded", None) is None:
+            _cast_params(m, dtype)
+        for name, b in m._buffers.items():
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
+    return model
+
+
 class ComputeDtype(nn.Module):
     """The identity query of a folded layer: q = h', returned in the model's compute dtype."""
 
