@@ -289,17 +289,17 @@ def _exact_checkpoint(
         original = loaded.model
         if dtype != torch.float64:
             original = to_dtype_keeping_folded(copy.deepcopy(loaded.model), dtype)
+    cond = list(getattr(result, "wq_condition", []))
     with _timed(t, "verify", progress):
         exact, error = measure_exactness(loaded.model, converted64, original, new_model, ids, calib_source)
+        check_exactness(name, exact, error, atol, cond)
+        del converted64
         decoding = verify_decoding(original, new_model, ids, name)
-    cond = list(getattr(result, "wq_condition", []))
     options = {**options, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
                "seed": seed, "dtype": str(dtype).removeprefix("torch."),
                "folded_dtype": str(keep).removeprefix("torch.") if keep is not None else None, "atol": atol}
     report = Report(None, name, options, error, cond, t, atol, added=getattr(result, "added", {}), decoding=decoding,
                     exactness=exact)
-    check_exactness(name, exact, error, atol, cond)
-    del converted64
     if output is not None:
         extra = {"exactness": exact.as_dict(), "decoding": decoding.as_dict()}
         extra.update({"wq_condition": cond} if cond else {"added_parameters": result.added})
