@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import logging
 import math
@@ -264,8 +265,8 @@ def _quiet_third_party() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval at WARNING, its expected warnings dropped, its print()s sent to stderr, its bars and git lookup
-    silenced (_quiet_third_party)."""
+    """lm-eval at WARNING, its expected warnings dropped, its print()s discarded (to stderr with --verbose), its
+    bars and git lookup silenced (_quiet_third_party)."""
     root = logging.getLogger("lm_eval")
     level = root.level
     if root.getEffectiveLevel() < logging.WARNING:
@@ -274,8 +275,10 @@ def _quiet_lm_eval() -> Iterator[None]:
     loggers = [logging.getLogger(n) for n in _LM_EVAL_LOGGERS]
     for lg in loggers:
         lg.addFilter(drop)
+    # lm-eval print()s ("bootstrapping for stddev: perplexity") go nowhere, or to stderr with --verbose
+    sink = sys.stderr if os.environ.get(VERBOSE_ENV) else io.StringIO()
     try:
-        with contextlib.redirect_stdout(sys.stderr), _quiet_third_party():
+        with contextlib.redirect_stdout(sink), _quiet_third_party():
             yield
     finally:
         for lg in loggers:

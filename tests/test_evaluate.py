@@ -236,3 +236,29 @@ def test_task_limit_errors(tiny_models, tiny_data_dir):
     with pytest.raises(QkvconvError, match="not among the tasks"):
         evaluate_models([_entry("llama", tiny_models["llama"])], tasks=["lambada_openai"], limit=2, batch_size=1,
                         device="cpu", data_dir=tiny_data_dir, task_limits={"wikitext": 1})
+
+
+def test_cli_eval_output_is_clean_and_ends_with_the_table(tiny_models, tiny_data_dir, tmp_path):
+    """As a log file shows it: qkvconv's own lines and the table last; no lm-eval bar, print or git message, no
+    carriage return. With --verbose the third-party output comes back (so the check above can fail)."""
+    import subprocess
+    import sys
+
+    def run(*extra):
+        cmd = [sys.executable, "-m", "qkvconv.cli", *extra, "eval", str(tiny_models["llama"]), "--tasks",
+               "lambada_openai,wikitext", "--limit", "2", "--batch-size", "2", "--data-dir", str(tiny_data_dir),
+               "--output", str(tmp_path / f"r{len(extra)}.json")]
+        # one stream, as a terminal or a log file gets it; cwd is not a git repository
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                             timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:]
+        return res.stdout
+
+    both = run()
+    for noise in ("bootstrapping", "it/s", "Running loglikelihood", "fatal:", "\r"):
+        assert noise not in both, noise
+    lines = both.splitlines()
+    header = next(i for i, line in enumerate(lines) if "Model" in line and "Params" in line)
+    assert not any(line.startswith(("[", "wrote")) for line in lines[header:])  # nothing of ours after the table
+    verbose = run("--verbose")
+    assert "Running loglikelihood" in verbose or "it/s" in verbose
