@@ -211,13 +211,13 @@ def absorb_query_checkpoint(
     exact: the float64 algebra is cast once to `dtype`; the folded maps are kept at `folded_dtype` (default float64;
     None: the output dtype), and the conversion is refused unless it is exact in float64 and rounds like the
     original in `dtype` (verify.Exactness); `atol` adds an absolute bound on max |Δlogit|."""
-    t: dict[str, float] = {}
     if mode == "exact":
         return _exact_checkpoint(
             model, output, "absorb-query", lambda sd, spec, dims, layers: absorb_query(sd, spec, dims, mode="exact"),
             {"mode": "exact"}, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=dtype,
             folded_dtype=folded_dtype, force=force, allow_pickle=allow_pickle, progress=progress,
         )
+    t: dict[str, float] = {}
     source, loaded = _open(model, output, t, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress)
     _refuse_absorbed(loaded, source)
     spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)

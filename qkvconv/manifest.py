@@ -6,7 +6,6 @@ import hashlib
 import platform
 import sys
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("qkvconv", "torch", "transformers", "lm_eval", "safetensors", "accelerate", "gguf", "datasets")
@@ -14,13 +13,9 @@ _HASHED_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json", ".model", ".txt")
 
 
 def library_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    from qkvconv.compat import installed
+
+    return {"python": platform.python_version(), **{name: installed(name.replace("_", "-")) for name in PACKAGES}}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
