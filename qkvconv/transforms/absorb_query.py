@@ -22,6 +22,7 @@ import torch
 from qkvconv.archs import ArchSpec, Dims
 from qkvconv.archs.layout import Proj, qkv_keys, read_qkv, write_kv
 from qkvconv.errors import TransformError
+from qkvconv.transforms.layer import LayerResult, layer_dtype
 
 SINGULAR_COND = 1e12  # beyond this W_Q⁻¹ in float64 has no correct digit worth casting to fp32
 
@@ -128,6 +129,42 @@ def _drop_layer(q: Proj, k: Proj, h: torch.Tensor, dims: Dims) -> Proj:
     return Proj(Wk, bk)
 
 
+def absorb_query_layer(
+    sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, *, mode: str = "exact",
+    attn_input: torch.Tensor | None = None,
+) -> LayerResult:
+    """Layer i of absorb-query (the unit the streaming driver calls): `sd` holds at least layer i's tensors.
+
+    attn_input: the layer's calibration attention inputs (n, d), needed by mode="drop"."""
+    if mode not in ("exact", "drop"):
+        raise TransformError(f"unknown absorb-query mode {mode!r}; use exact or drop")
+    _check_square(dims)
+    dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
+    q, k, v = read_qkv(sd, spec, dims, i)
+    removed = qkv_keys(sd, spec, i)
+    out: dict[str, torch.Tensor] = {}
+    folded: list[str] = []
+    if mode == "exact":
+        k2, v2, cond = _absorb_layer(q, k, v, i)
+        norm = spec.layer(i, spec.attn_norm)
+        removed += [key for key in (f"{norm}.weight", f"{norm}.bias") if key in sd]
+        fold = _fold_norm(sd, spec, i, q, dtype)
+        out.update(fold)
+        folded += [key for key in fold if ".affine." in key]
+        entry = {"query": "identity", "attn_input": "affine"}
+    else:
+        if attn_input is None:
+            raise TransformError("absorb-query --mode drop needs calibration attention inputs for every layer")
+        cond = float(torch.linalg.cond(q.W))
+        k2, v2 = _drop_layer(q, k, attn_input.double(), dims), v
+        entry = {"query": "identity", "attn_input": "norm"}
+    kv = write_kv(spec, i, k2, v2, dtype)
+    out.update(kv)
+    if mode == "exact":
+        folded += list(kv)
+    return LayerResult(out, removed, entry, {"wq_condition": cond, "folded": folded})
+
+
 def absorb_query(
     state_dict: dict[str, torch.Tensor],
     spec: ArchSpec,
@@ -145,29 +182,13 @@ def absorb_query(
     _check_square(dims)
     if mode == "drop" and (attn_inputs is None or len(attn_inputs) != dims.num_hidden_layers):
         raise TransformError("absorb-query --mode drop needs calibration attention inputs for every layer")
-    dtype = next(iter(state_dict.values())).dtype
     out = dict(state_dict)
     layers, conds, folded = [], [], []
     for i in range(dims.num_hidden_layers):
-        q, k, v = read_qkv(state_dict, spec, dims, i)
-        for key in qkv_keys(state_dict, spec, i):
-            del out[key]
-        if mode == "exact":
-            k2, v2, cond = _absorb_layer(q, k, v, i)
-            norm = spec.layer(i, spec.attn_norm)
-            for key in (f"{norm}.weight", f"{norm}.bias"):
-                out.pop(key, None)
-            fold = _fold_norm(state_dict, spec, i, q, dtype)
-            out.update(fold)
-            folded += [key for key in fold if ".affine." in key]
-            layers.append({"query": "identity", "attn_input": "affine"})
-        else:
-            cond = float(torch.linalg.cond(q.W))
-            k2, v2 = _drop_layer(q, k, attn_inputs[i].double(), dims), v
-            layers.append({"query": "identity", "attn_input": "norm"})
-        kv = write_kv(spec, i, k2, v2, dtype)
-        out.update(kv)
-        if mode == "exact":
-            folded += list(kv)
-        conds.append(cond)
+        res = absorb_query_layer(state_dict, spec, dims, i, mode=mode,
+                                 attn_input=attn_inputs[i] if attn_inputs is not None else None)
+        res.apply(out)
+        layers.append(res.entry)
+        conds.append(res.info["wq_condition"])
+        folded += res.info["folded"]
     return AbsorbResult(out, layers, conds, folded)

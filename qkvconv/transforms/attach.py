@@ -20,6 +20,7 @@ import torch
 
 from qkvconv.archs import ArchSpec, Dims
 from qkvconv.errors import TransformError
+from qkvconv.transforms.layer import LayerResult, layer_dtype
 
 ACTIVATIONS = ("gelu", "silu", "relu")
 
@@ -57,6 +58,43 @@ def _check_layers(layers: list[dict], dims: Dims, key: str, command: str) -> Non
         raise TransformError(f"the model already has a {key.replace('_', ' ')}; {command} applies once")
 
 
+def layer_generator(seed: int, i: int) -> torch.Generator:
+    """Layer i's own random stream: the same weights whatever order (or subset) the layers are converted in."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + i)
+
+
+def _query_mlp_rank(dims: Dims, rank: int | None, act: str) -> int:
+    if act not in ACTIVATIONS:
+        raise TransformError(f"unknown activation {act!r}; use one of {', '.join(ACTIVATIONS)}")
+    size = dims.q_size
+    rank = size // 2 if rank is None else rank
+    if not 1 <= rank <= 4 * size:
+        raise TransformError(f"--rank must be between 1 and {4 * size} for query size {size}, not {rank}")
+    return rank
+
+
+def attach_query_mlp_layer(
+    sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, entry: dict, *, rank: int | None = None,
+    act: str = "gelu", seed: int = 0,
+) -> LayerResult:
+    """Layer i of attach-query-mlp; `entry` is the layer's current layout entry (stock_layers for a stock model)."""
+    if "query_mlp" in entry:
+        raise TransformError("the model already has a query mlp; attach-query-mlp applies once")
+    rank = _query_mlp_rank(dims, rank, act)
+    size = dims.q_size
+    dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
+    gen = layer_generator(seed, i)
+    key = f"{spec.layer(i, query_module(spec))}.query_mlp"
+    out = {
+        f"{key}.norm.weight": torch.ones(size, dtype=dtype),  # RMSNorm gain
+        f"{key}.up.weight": _normal((rank, size), size, gen).to(dtype),  # W1ᵀ, (R, d_q)
+        f"{key}.down.weight": _normal((size, rank), rank, gen).to(dtype),  # W2ᵀ, (d_q, R)
+        f"{key}.out_norm.weight": torch.zeros(size, dtype=dtype),  # LayerNorm gain 0: f(X) = 0
+    }
+    added = {"query_mlp": 2 * size * rank + 2 * size}
+    return LayerResult(out, [], {**entry, "query_mlp": {"size": size, "rank": rank, "act": act}}, {"added": added})
+
+
 def attach_query_mlp(
     state_dict: dict[str, torch.Tensor],
     spec: ArchSpec,
@@ -72,24 +110,51 @@ def attach_query_mlp(
     rank: R, default d_q/2 with d_q = heads·head_dim (the query size; = d where W_Q is square).
     """
     _check_layers(layers, dims, "query_mlp", "attach-query-mlp")
-    if act not in ACTIVATIONS:
-        raise TransformError(f"unknown activation {act!r}; use one of {', '.join(ACTIVATIONS)}")
-    size = dims.q_size
-    rank = size // 2 if rank is None else rank
-    if not 1 <= rank <= 4 * size:
-        raise TransformError(f"--rank must be between 1 and {4 * size} for query size {size}, not {rank}")
-    dtype = next(iter(state_dict.values())).dtype
-    gen = torch.Generator().manual_seed(seed)
-    out, new_layers = dict(state_dict), []
-    for i, layer in enumerate(layers):
-        key = f"{spec.layer(i, query_module(spec))}.query_mlp"
-        out[f"{key}.norm.weight"] = torch.ones(size, dtype=dtype)  # RMSNorm gain
-        out[f"{key}.up.weight"] = _normal((rank, size), size, gen).to(dtype)  # W1ᵀ, (R, d_q)
-        out[f"{key}.down.weight"] = _normal((size, rank), rank, gen).to(dtype)  # W2ᵀ, (d_q, R)
-        out[f"{key}.out_norm.weight"] = torch.zeros(size, dtype=dtype)  # LayerNorm gain 0: f(X) = 0
-        new_layers.append({**layer, "query_mlp": {"size": size, "rank": rank, "act": act}})
-    per_layer = 2 * size * rank + 2 * size
-    return AttachResult(out, new_layers, {"query_mlp": per_layer * dims.num_hidden_layers})
+    return _every_layer(state_dict, layers, lambda i, entry: attach_query_mlp_layer(
+        state_dict, spec, dims, i, entry, rank=rank, act=act, seed=seed))
+
+
+def _every_layer(state_dict: dict, layers: list[dict], one) -> AttachResult:
+    out, new_layers, added = dict(state_dict), [], {}
+    for i, entry in enumerate(layers):
+        res = one(i, entry)
+        res.apply(out)
+        new_layers.append(res.entry)
+        for kind, n in res.info["added"].items():
+            added[kind] = added.get(kind, 0) + n
+    return AttachResult(out, new_layers, added)
+
+
+def _check_preproj(spec: ArchSpec, expansion: float) -> None:
+    if spec.mlp_reads_attn_norm:
+        raise TransformError(f"{spec.family}: the MLP reads the attention norm too; a pre-projection MLP would change it")
+    if not 0 < expansion <= 16:
+        raise TransformError(f"--expansion must be in (0, 16], not {expansion}")
+
+
+def attach_preproj_layer(
+    sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, entry: dict, *, expansion: float = 1.25,
+    skip: bool = True, seed: int = 0,
+) -> LayerResult:
+    """Layer i of attach-preproj; `entry` is the layer's current layout entry."""
+    if "preproj" in entry:
+        raise TransformError("the model already has a preproj; attach-preproj applies once")
+    _check_preproj(spec, expansion)
+    d = dims.hidden_size
+    inner = max(1, round(expansion * d))
+    dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
+    gen = layer_generator(seed, i)
+    key = f"{spec.layer(i, spec.attn_norm)}.preproj"
+    out = {
+        f"{key}.up.weight": _normal((inner, d), d, gen).to(dtype),  # W_up, (E, d)
+        f"{key}.down.weight": torch.zeros(d, inner, dtype=dtype),  # W_down = 0: x̃ = x̂
+    }
+    added = {"preproj": 2 * d * inner}
+    if skip:
+        out[f"{spec.layer(i, attention_module(spec))}.content_skip.weight"] = torch.zeros(d, d, dtype=dtype)  # W_skip = 0
+        added["content_skip"] = d * d
+    new = {**entry, "preproj": {"size": d, "inner": inner, "expansion": expansion, "skip": skip}}
+    return LayerResult(out, [], new, {"added": added})
 
 
 def attach_preproj(
@@ -104,26 +169,9 @@ def attach_preproj(
 ) -> AttachResult:
     """Add a zero-started pre-projection MLP (and content skip) to every layer; inputs are not modified."""
     _check_layers(layers, dims, "preproj", "attach-preproj")
-    if spec.mlp_reads_attn_norm:
-        raise TransformError(f"{spec.family}: the MLP reads the attention norm too; a pre-projection MLP would change it")
-    if not 0 < expansion <= 16:
-        raise TransformError(f"--expansion must be in (0, 16], not {expansion}")
-    d = dims.hidden_size
-    inner = max(1, round(expansion * d))
-    dtype = next(iter(state_dict.values())).dtype
-    gen = torch.Generator().manual_seed(seed)
-    out, new_layers = dict(state_dict), []
-    for i, layer in enumerate(layers):
-        key = f"{spec.layer(i, spec.attn_norm)}.preproj"
-        out[f"{key}.up.weight"] = _normal((inner, d), d, gen).to(dtype)  # W_up, (E, d)
-        out[f"{key}.down.weight"] = torch.zeros(d, inner, dtype=dtype)  # W_down = 0: x̃ = x̂
-        if skip:
-            out[f"{spec.layer(i, attention_module(spec))}.content_skip.weight"] = torch.zeros(d, d, dtype=dtype)  # W_skip = 0
-        new_layers.append({**layer, "preproj": {"size": d, "inner": inner, "expansion": expansion, "skip": skip}})
-    added = {"preproj": 2 * d * inner * dims.num_hidden_layers}
-    if skip:
-        added["content_skip"] = d * d * dims.num_hidden_layers
-    return AttachResult(out, new_layers, added)
+    _check_preproj(spec, expansion)
+    return _every_layer(state_dict, layers, lambda i, entry: attach_preproj_layer(
+        state_dict, spec, dims, i, entry, expansion=expansion, skip=skip, seed=seed))
 
 
 def added_module_prefixes(layers: list[dict], spec: ArchSpec) -> list[str]:

@@ -42,6 +42,7 @@ from qkvconv.archs import ArchSpec, Dims
 from qkvconv.archs.layout import Proj, qkv_keys, read_qkv
 from qkvconv.errors import TransformError
 from qkvconv.transforms.absorb_query import _rope_commuting_refit
+from qkvconv.transforms.layer import LayerResult, layer_dtype
 
 MODES = ("k=v", "q=k", "q=k=v")
 INITS = ("key", "value", "mean", "calibrated")
@@ -412,6 +413,48 @@ def _write_stock(out: dict, w: dict, spec: ArchSpec, dims: Dims, i: int, N: int,
     _put(out, _o_key(spec, i), w["o"], dtype, spec.qkv_layout == "fused_concat_conv1d")
 
 
+def share_kv_layer(
+    sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, *, mode: str | None, kv_heads: int | None = None,
+    init: str = "key", calibration: Calibration | None = None, stock_kv_heads: int | None = None,
+    pos2d: int | None = None,
+) -> LayerResult:
+    """Layer i of share-kv (the unit the streaming driver calls): `sd` holds at least layer i's tensors;
+    `calibration` (init="calibrated") needs only layer i's attention inputs: attn_inputs may be a {i: (n, d)} dict."""
+    N = check_share_options(mode, kv_heads, init, dims, pos2d)
+    H, G, dh = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
+    dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
+    L = _read_layer(sd, spec, dims, i)
+    info: dict = {}
+    if init == "calibrated":
+        if calibration is None:
+            raise TransformError("--init calibrated needs calibration attention inputs for every layer")
+        w, info = _calibrated(L, mode, _Calib(calibration, i, dims), dims, N)
+    else:
+        w = _data_free(L, mode, init, H, G, N, dh)
+    removed = qkv_keys(sd, spec, i) + [k for k in sd if k.startswith(_o_key(spec, i) + ".")]
+    out: dict[str, torch.Tensor] = {}
+    if stock_kv_heads is not None:
+        _write_stock(out, w, spec, dims, i, N, stock_kv_heads, dtype)
+        return LayerResult(out, removed, {"query": "projection", "attn_input": "norm"}, {"fit": info})
+    attn = _attn_prefix(spec, i)
+    for name, p in w.items():  # q, k, v, s, o -> q_proj, k_proj, v_proj, s_proj, o_proj
+        _put(out, f"{attn}.{name}_proj", p, dtype)
+    for norm, new in zip(spec.qk_norm, ("q_norm", "k_norm")):
+        key = f"{spec.layer(i, norm)}.weight"
+        if key in sd and f"{attn}.{new}.weight" != key:
+            out[f"{attn}.{new}.weight"] = sd[key]
+            removed.append(key)
+    layer = {"query": "projection", "attn_input": "norm", "kv_heads": N}
+    if mode in ("k=v", "q=k=v"):
+        layer["kv"] = "shared"
+    if mode in ("q=k", "q=k=v"):
+        layer["qk"] = "shared"
+    if pos2d is not None:  # zero-started: the converted model is unchanged by it until finetuned
+        layer["pos2d"] = {"channels": pos2d}
+        out[f"{attn}.pos2d.weight"] = torch.zeros(H, pos2d, dtype=dtype)
+    return LayerResult(out, removed, layer, {"fit": info})
+
+
 def share_kv(
     state_dict: dict[str, torch.Tensor],
     spec: ArchSpec,
@@ -434,37 +477,16 @@ def share_kv(
         raise TransformError("--pos2d has no stock equivalent; leave out --export stock")
     if init == "calibrated" and (calibration is None or len(calibration.attn_inputs) != dims.num_hidden_layers):
         raise TransformError("--init calibrated needs calibration attention inputs for every layer")
-    H, G, dh = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
-    dtype = next(iter(state_dict.values())).dtype
     out = dict(state_dict)
     layers, fit = [], []
     for i in range(dims.num_hidden_layers):
-        L = _read_layer(state_dict, spec, dims, i)
+        res = share_kv_layer(state_dict, spec, dims, i, mode=mode, kv_heads=kv_heads, init=init,
+                             calibration=calibration, stock_kv_heads=stock_kv_heads, pos2d=pos2d)
+        res.apply(out)
+        if stock_kv_heads is None:
+            layers.append(res.entry)
         if init == "calibrated":
-            w, info = _calibrated(L, mode, _Calib(calibration, i, dims), dims, N)
-            fit.append(info)
-        else:
-            w = _data_free(L, mode, init, H, G, N, dh)
-        for key in qkv_keys(state_dict, spec, i) + [k for k in state_dict if k.startswith(_o_key(spec, i) + ".")]:
-            del out[key]
-        if stock_kv_heads is not None:
-            _write_stock(out, w, spec, dims, i, N, stock_kv_heads, dtype)
-            continue
-        attn = _attn_prefix(spec, i)
-        for name, p in w.items():  # q, k, v, s, o -> q_proj, k_proj, v_proj, s_proj, o_proj
-            _put(out, f"{attn}.{name}_proj", p, dtype)
-        for norm, new in zip(spec.qk_norm, ("q_norm", "k_norm")):
-            if f"{spec.layer(i, norm)}.weight" in state_dict:
-                out[f"{attn}.{new}.weight"] = out.pop(f"{spec.layer(i, norm)}.weight")
-        layer = {"query": "projection", "attn_input": "norm", "kv_heads": N}
-        if mode in ("k=v", "q=k=v"):
-            layer["kv"] = "shared"
-        if mode in ("q=k", "q=k=v"):
-            layer["qk"] = "shared"
-        if pos2d is not None:  # zero-started: the converted model is unchanged by it until finetuned
-            layer["pos2d"] = {"channels": pos2d}
-            out[f"{attn}.pos2d.weight"] = torch.zeros(H, pos2d, dtype=dtype)
-        layers.append(layer)
+            fit.append(res.info["fit"])
     return ShareResult(out, layers, N, fit)
 
 
