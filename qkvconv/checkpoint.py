@@ -244,24 +244,27 @@ def check_output(out: str | os.PathLike, *, force: bool, inputs: list[Source] = 
     return out_p
 
 
-def _shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, t in state_dict.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = t
-        size += n
-    return shards
-
-
 def untie(state_dict: dict[str, torch.Tensor], config, spec: ArchSpec) -> dict[str, torch.Tensor]:
     """Drop the output embedding when the config ties it to the input embedding (safetensors refuses shared storage)."""
     if getattr(config, "tie_word_embeddings", False) and spec.output_embedding in state_dict:
         return {k: v for k, v in state_dict.items() if k != spec.output_embedding}
     return state_dict
+
+
+def write_metadata(directory: Path, *, config, tokenizer, record: dict | None, generation_config=None) -> None:
+    """Everything of a checkpoint but its weights: config (and the shipped modeling code for a qkvconv layout),
+    tokenizer, generation config, qkvconv.json."""
+    config.save_pretrained(directory)
+    if qkvconv_block(config):
+        src = Path(__file__).parent / "modeling" / MODELING_FILE
+        shutil.copyfile(src, directory / MODELING_FILE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    if record is not None:
+        (directory / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
+    _respect_umask(directory)
 
 
 def write_checkpoint(
@@ -276,49 +279,16 @@ def write_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write an HF directory (sharded safetensors, config, tokenizer, record) atomically at `out`."""
-    from safetensors.torch import save_file
+    from qkvconv.stream import ShardWriter, atomic_output
 
     out_p = check_output(out, force=force)
-    out_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_p.parent / f".{out_p.name}.qkvconv-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        shards = _shards(tensors, max_shard_bytes)
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata=meta)
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config.save_pretrained(tmp)
-        if qkvconv_block(config):
-            src = Path(__file__).parent / "modeling" / MODELING_FILE
-            shutil.copyfile(src, tmp / MODELING_FILE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
-        _respect_umask(tmp)
-        trash = None
-        if out_p.exists():
-            trash = out_p.parent / f".{out_p.name}.qkvconv-old-{os.getpid()}"
-            out_p.rename(trash)
-        tmp.rename(out_p)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    need = sum(t.numel() * t.element_size() for t in state_dict.values())
+    with atomic_output(out_p, force=force, need_bytes=need) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for k, v in state_dict.items():
+            writer.add(k, v)
+        writer.finish()
+        write_metadata(tmp, config=config, tokenizer=tokenizer, record=record, generation_config=generation_config)
     return out_p
 
 
@@ -332,16 +302,23 @@ def _respect_umask(directory: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
+def history_record(*, transform: str, options: dict, source: Source, source_hash: str | None, details: dict,
+                   seed: int) -> dict:
+    """The record of a written checkpoint: the source's own history (a qkvconv checkpoint has one) plus one entry
+    {transform, options, source, **details}, and the manifest."""
+    history = (read_record(source.path) or {}).get("history", []) if source.kind == "hf_dir" else []
+    entry = {"transform": transform, "options": options,
+             "source": {"path": source.path, "kind": source.kind, "sha256": source_hash}, **details}
+    return {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=seed)}
+
+
 def write_with_history(
     output, *, transform: str, options: dict, source: Source, source_hash: str | None, details: dict, seed: int,
     state_dict: dict, config, spec: ArchSpec, tokenizer, generation_config, force: bool,
 ) -> Path:
-    """Write a checkpoint whose record is the source's own history (a qkvconv checkpoint has one) plus one entry:
-    {transform, options, source, **details}."""
-    history = (read_record(source.path) or {}).get("history", []) if source.kind == "hf_dir" else []
-    entry = {"transform": transform, "options": options,
-             "source": {"path": source.path, "kind": source.kind, "sha256": source_hash}, **details}
-    record = {"qkvconv_version": __version__, "history": [*history, entry], "manifest": manifest(seed=seed)}
+    """Write a checkpoint whose record is history_record(...)."""
+    record = history_record(transform=transform, options=options, source=source, source_hash=source_hash,
+                            details=details, seed=seed)
     return write_checkpoint(
         output, state_dict=untie(state_dict, config, spec), config=config, tokenizer=tokenizer,
         generation_config=generation_config, record=record, force=force,

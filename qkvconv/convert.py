@@ -1,6 +1,8 @@
-"""The conversion pipeline shared by every transform: load, calibrate, transform, verify, write.
+"""The conversion pipeline shared by every transform: open, calibrate, stream (transform + verify + write), check.
 
-Each step is timed; nothing is written unless the transform and its verification succeed.
+Every converting command is one call of `_pipeline` with the transform's per-layer function: the checkpoint is
+streamed layer by layer (qkvconv.stream) into a temporary directory next to the output, verified on the way, its
+decoding checked where the model fits in memory, and renamed into place only when every check passed.
 """
 
 from __future__ import annotations
@@ -14,25 +16,16 @@ from typing import Callable
 
 import torch
 
-from qkvconv.archs import ArchSpec, dims_of
-from qkvconv.checkpoint import Loaded, check_output, load, qkvconv_block, resolve_source, write_with_history
+from qkvconv.archs import ArchSpec, dims_of, spec_for
+from qkvconv.checkpoint import Loaded, check_output, history_record, load, qkvconv_block, resolve_source, write_metadata
 from qkvconv.compat import no_init_weights
-from qkvconv.modeling.modeling_qkvconv import restore_folded, to_dtype_keeping_folded
-from qkvconv.errors import TransformError, VerificationError
+from qkvconv.errors import QkvconvError, TransformError, VerificationError
 from qkvconv.modeling import FORMAT
-from qkvconv.transforms import absorb_query, attach_preproj, attach_query_mlp
-from qkvconv.transforms.attach import stock_layers
-from qkvconv.verify import (
-    DecodeCheck,
-    Exactness,
-    LogitError,
-    attention_inputs,
-    calibration_ids,
-    compare_model,
-    decode_check,
-    logits_of,
-    measure_exactness,
-)
+from qkvconv.modeling.modeling_qkvconv import restore_folded, to_dtype_keeping_folded
+from qkvconv.transforms.absorb_query import absorb_query_layer
+from qkvconv.transforms.attach import attach_preproj_layer, attach_query_mlp_layer, stock_layers
+from qkvconv.transforms.share_kv import share_kv_layer
+from qkvconv.verify import DecodeCheck, Exactness, LogitError, calibration_ids, decode_check
 
 
 
@@ -43,13 +36,16 @@ class Report:
     output: Path | None
     transform: str
     options: dict
-    error: LogitError
+    error: LogitError | None  # None with verify=False
     wq_condition: list[float]
     timings: dict[str, float] = field(default_factory=dict)
     atol: float | None = None
     added: dict[str, int] = field(default_factory=dict)  # new parameters by module kind (attach-*)
     decoding: DecodeCheck | None = None  # greedy decoding: cached vs uncached vs the original
     exactness: Exactness | None = None  # exact transforms: algebraic error and rounding ratio
+    fit: list[dict] = field(default_factory=list)  # share-kv --init calibrated: the chosen candidate per layer
+    decode_skipped: str | None = None  # why the decode check did not run
+    output_bytes: int = 0
 
 
 def folded_dtypes(model) -> dict[str, torch.dtype]:
@@ -162,34 +158,201 @@ def build_converted(config, state_dict: dict[str, torch.Tensor], dtype: torch.dt
     return model.eval()
 
 
-def base_class_of(loaded: Loaded) -> str:
+
+def base_class_of(loaded) -> str:
+    """The transformers class name a converted checkpoint's Qkvconv class derives from."""
+    from qkvconv.stream import model_class
+
     block = qkvconv_block(loaded.config)
-    return block["base_class"] if block else type(loaded.model).__name__
+    return block["base_class"] if block else model_class(loaded.config).__name__
 
 
-def _open(model, output, timings: dict, *, dtype, force: bool, allow_pickle: bool, progress: Progress | None):
-    """Check the input and refuse a taken output before the slow load, then load (timed)."""
+def _refuse_absorbed(config, source) -> None:
+    block = qkvconv_block(config)
+    if block and any(layer["query"] == "identity" for layer in block["layers"]):
+        raise TransformError(f"{source.path} already has an identity query; nothing to absorb")
+
+
+def _refuse_converted(config, source) -> None:
+    if qkvconv_block(config):
+        raise TransformError(f"{source.path} is already a qkvconv-converted checkpoint; share-kv needs a stock one")
+
+
+DECODE_MODES = ("auto", "always", "never")
+DECODE_AUTO_FRACTION = 0.25  # auto: the decode check loads both models when they take ≤ this share of free memory
+
+
+def _available_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        return 8 << 30
+
+
+def _decode_skip_reason(decode: str, verify: bool, model_bytes: int) -> str | None:
+    if decode not in DECODE_MODES:
+        raise QkvconvError(f"--decode-check must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
+    if not verify:
+        return "verification off (--no-verify)"
+    if decode == "never":
+        return "off (--decode-check never)"
+    avail = _available_memory()
+    if decode == "auto" and 2 * model_bytes > DECODE_AUTO_FRACTION * avail:
+        return (f"the original and the converted model ({2 * model_bytes / 1e9:.1f} GB) do not fit in "
+                f"{DECODE_AUTO_FRACTION:.0%} of the free memory ({avail / 1e9:.1f} GB); --decode-check always runs it")
+    return None
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _pipeline(
+    model, output, *, name: str, options: dict, layer_fn: Callable, exact: bool, calib, num_seqs: int, seq_len: int,
+    seed: int, dtype: torch.dtype | None, atol: float | None = None, force: bool, allow_pickle: bool,
+    progress: Progress | None, verify: bool = True, decode: str = "auto", device: str = "cpu",
+    calibrate: bool = False, held_out: bool = False, refuse: Callable | None = None,
+    config_for: Callable | None = None, keep_dtypes: Callable | None = None, details: Callable | None = None,
+    finish: Callable | None = None, max_shard_bytes: int | None = None,
+) -> Report:
+    """One conversion: open (headers and checks), calibration ids, stream (transform, verify, write), exactness and
+    decode checks, record; nothing is left at `output` unless every check passed.
+
+    layer_fn(plan, sd64, i, attn_input) -> LayerResult. calibrate: the transform needs each layer's attention
+    inputs (fitted on 4 of every 5 sequences when held_out, verified on the 5th)."""
+    from qkvconv.checkpoint import DEFAULT_SHARD_BYTES
+    from qkvconv.stream import atomic_output, open_plan, stream_convert
+
+    t: dict[str, float] = {}
     source = resolve_source(model, allow_pickle=allow_pickle)
-    if output is not None:
-        check_output(output, force=force, inputs=[source])
-    with _timed(timings, "load", progress):
-        loaded = load(source, dtype=dtype, allow_pickle=allow_pickle, with_hash=True)
-    return source, loaded
+    out = check_output(output, force=force, inputs=[source]) if output is not None else None
+    with _timed(t, "open", progress):
+        plan = open_plan(source, allow_pickle=allow_pickle)
+    if refuse is not None:
+        refuse(plan.config, source)
+    dtype = dtype or plan.source_dtype()
+    options = {**options, "dtype": str(dtype).removeprefix("torch.")}
+    ids, calib_source, verify_rows, calib_rows = None, "", None, None
+    if verify or calibrate:
+        with _timed(t, "calibrate", progress):
+            ids, calib_source = _calibration(plan, source, calib, num_seqs, seq_len, seed)
+        rows = list(range(len(ids)))
+        if calibrate:
+            calib_rows = rows
+            if held_out:  # fit on 4 of every 5 windows, verify on the 5th: the reported error is out of sample
+                if len(ids) < 2:
+                    raise TransformError(f"--init calibrated needs at least 2 calibration sequences (got {len(ids)})")
+                verify_rows = [r for r in rows if r % 5 == 4] or [rows[-1]]
+                calib_rows = [r for r in rows if r not in verify_rows]
+                calib_source += (f"; verified on the {len(verify_rows)} held-out sequences, fitted on the other "
+                                 f"{len(calib_rows)}")
+        if not verify and not held_out:
+            verify_rows = []
+    src_bytes = plan.tensors.total_bytes()
+    model_bytes = int(src_bytes * _dtype_bytes(dtype) / _dtype_bytes(plan.source_dtype()))
+    skip = _decode_skip_reason(decode, verify, model_bytes)
+    options["verify"], options["decode_check"] = verify, decode
+    config_for = config_for or (lambda entries: _converted(plan, entries, dtype))
+
+    def run(tmp: Path | None) -> Report:
+        with _timed(t, "convert", progress):
+            streamed = stream_convert(
+                plan, tmp, lambda sd, i, x: layer_fn(plan, sd, i, x), dtype=dtype, config_for=config_for,
+                ids=ids if (verify or calibrate) else None, verify_rows=verify_rows if verify else [],
+                calib_rows=calib_rows, exact=exact and verify, keep_dtypes=keep_dtypes, device=device,
+                max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=progress, source_label=calib_source,
+            )
+        t["stream"] = streamed.timings
+        infos = streamed.infos
+        cond = [x["wq_condition"] for x in infos if "wq_condition" in x]
+        added: dict[str, int] = {}
+        for x in infos:
+            for kind, n in x.get("added", {}).items():
+                added[kind] = added.get(kind, 0) + n
+        report = Report(None, name, options, streamed.error if verify else None, cond, t, atol, added=added,
+                        exactness=streamed.exactness, fit=[x["fit"] for x in infos if x.get("fit")],
+                        decode_skipped=skip, output_bytes=streamed.output_bytes)
+        if exact and verify:
+            check_exactness(name, streamed.exactness, streamed.error, atol, cond)
+        config = streamed.converted_config
+        config.dtype = dtype
+        report.converted_config = config
+        if finish is not None:
+            finish(report, plan)
+        if tmp is not None:
+            write_metadata(tmp, config=config, tokenizer=plan.tokenizer, record=None,
+                           generation_config=plan.generation_config)
+            if skip is None:
+                with _timed(t, "decode", progress):
+                    report.decoding = _decode(plan, source, tmp, ids[verify_rows or slice(None)], dtype, name)
+            record = history_record(
+                transform=name, options=options, source=source, source_hash=_source_hash(source),
+                details={"verification": report.error.as_dict() if report.error else None,
+                         **(details(report) if details else {}),
+                         **({"exactness": report.exactness.as_dict()} if report.exactness else {}),
+                         "decoding": report.decoding.as_dict() if report.decoding else {"skipped": skip},
+                         "timings_s": t}, seed=seed)
+            import json
+
+            from qkvconv.checkpoint import RECORD_FILE
+
+            (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
+        return report
+
+    if out is None:
+        import tempfile
+
+        if skip is not None:
+            return run(None)
+        with tempfile.TemporaryDirectory(prefix="qkvconv-verify-") as tmp:  # the decode check loads the output
+            return run(Path(tmp))
+    with atomic_output(out, force=force, need_bytes=int(model_bytes * 1.05) + (1 << 20)) as tmp:
+        report = run(tmp)
+    report.output = out
+    return report
 
 
-def _write_result(
-    output, *, transform: str, options: dict, source, loaded: Loaded, error: LogitError, extra: dict,
-    timings: dict, state_dict, config, spec: ArchSpec, seed: int, force: bool,
-) -> Path:
-    """Append this conversion, with its verification, to the source's history and write the checkpoint atomically."""
-    return write_with_history(
-        output, transform=transform, options=options, source=source, source_hash=loaded.source_hash,
-        details={"verification": error.as_dict(), **extra, "timings_s": timings}, seed=seed, state_dict=state_dict,
-        config=config, spec=spec, tokenizer=loaded.tokenizer,
-        generation_config=getattr(loaded.model, "generation_config", None), force=force,
-    )
+def _source_hash(source) -> str | None:
+    from qkvconv.manifest import hash_path
+
+    return hash_path(source.path) if source.kind != "hub" else None
 
 
+def _calibration(plan, source, calib, num_seqs: int, seq_len: int, seed: int):
+    if plan.tokenizer is None:
+        raise QkvconvError(f"{source.path} has no tokenizer: verification and calibration need one (add the "
+                           "tokenizer files, or pass --no-verify)")
+    model = None
+    if str(calib) == "sample":  # sampling runs the whole model: load it (the streamed path never does otherwise)
+        model = plan.loaded.model if plan.loaded is not None else load(source).model
+    return calibration_ids(model, plan.tokenizer, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed)
+
+
+def _converted(plan, entries: list[dict], dtype: torch.dtype):
+    from qkvconv.stream import model_class
+
+    block = qkvconv_block(plan.config)
+    base = block["base_class"] if block else model_class(plan.config).__name__
+    config = converted_config(plan.config, plan.spec, base, entries)
+    config.dtype = dtype
+    return config
+
+
+def _decode(plan, source, converted_dir: Path, ids: torch.Tensor, dtype: torch.dtype, name: str) -> DecodeCheck:
+    """The decode check on the written output (loaded as a user would) against the original in the same dtype."""
+    if plan.loaded is not None:
+        original = plan.loaded.model
+        if dtype != next(original.parameters()).dtype:
+            original = to_dtype_keeping_folded(copy.deepcopy(original), dtype)
+    else:
+        original = load(source, dtype=dtype).model
+    converted = load(converted_dir, dtype=dtype).model
+    return verify_decoding(original, converted, ids, name)
+
+
+# ---------------------------------------------------------------------------------------- absorb-query
 def absorb_query_checkpoint(
     model: str | Path,
     output: str | Path | None,
@@ -200,118 +363,67 @@ def absorb_query_checkpoint(
     seq_len: int = 128,
     seed: int = 0,
     atol: float | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     folded_dtype: torch.dtype | None = torch.float64,
     force: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    verify: bool = True,
+    decode: str = "auto",
+    device: str = "cpu",
 ) -> Report:
-    """absorb-query on a checkpoint, verified against the original; writes `output` unless it is None.
+    """absorb-query on a checkpoint, streamed layer by layer, verified against the original; writes `output` unless
+    it is None. dtype None keeps the checkpoint's own.
 
     exact: the float64 algebra is cast once to `dtype`; the folded maps are kept at `folded_dtype` (default float64;
     None: the output dtype), and the conversion is refused unless it is exact in float64 and rounds like the
     original in `dtype` (verify.Exactness); `atol` adds an absolute bound on max |Δlogit|."""
-    if mode == "exact":
-        return _exact_checkpoint(
-            model, output, "absorb-query", lambda sd, spec, dims, layers: absorb_query(sd, spec, dims, mode="exact"),
-            {"mode": "exact"}, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=dtype,
-            folded_dtype=folded_dtype, force=force, allow_pickle=allow_pickle, progress=progress,
-        )
-    t: dict[str, float] = {}
-    source, loaded = _open(model, output, t, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress)
-    _refuse_absorbed(loaded, source)
-    spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
-    with _timed(t, "calibrate", progress):
-        ids, calib_source = calibration_ids(
-            loaded.model, loaded.tokenizer, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed
-        )
-        ref = logits_of(loaded.model, ids)
-        acts = attention_inputs(loaded.model, spec, ids)
-    with _timed(t, "transform", progress):
-        result = absorb_query(loaded.model.state_dict(), spec, dims, mode=mode, attn_inputs=acts)
-        config = converted_config(loaded.config, spec, base_class_of(loaded), result.layers)
-        new_model = build_converted(config, result.state_dict, dtype)
-    with _timed(t, "verify", progress):
-        error = compare_model(ref, new_model, ids, calib_source)
-        decoding = verify_decoding(loaded.model, new_model, ids, "absorb-query")
-    options = {"mode": mode, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
-               "seed": seed, "dtype": str(dtype).removeprefix("torch."), "atol": None}
-    report = Report(None, "absorb-query", options, error, result.wq_condition, t, None, decoding=decoding)
-    if output is not None:
-        with _timed(t, "save", progress):
-            report.output = _write_result(
-                output, transform="absorb-query", options=options, source=source, loaded=loaded, error=error,
-                extra={"wq_condition": result.wq_condition, "decoding": decoding.as_dict()}, timings=t,
-                state_dict=result.state_dict, config=config, spec=spec, seed=seed, force=force,
-            )
-    return report
+    if mode not in ("exact", "drop"):
+        raise TransformError(f"unknown absorb-query mode {mode!r}; use exact or drop")
+    exact = mode == "exact"
+    chosen: dict = {}
 
+    def layer(plan, sd, i, attn_input):
+        res = absorb_query_layer(sd, plan.spec, plan.dims, i, mode=mode, attn_input=attn_input)
+        out_dtype = chosen.setdefault("dtype", dtype or plan.source_dtype())
+        if exact and folded_dtype is not None and folded_dtype != out_dtype:
+            res.entry["folded_dtype"] = str(folded_dtype).removeprefix("torch.")
+        return res
 
-def _refuse_absorbed(loaded: Loaded, source) -> None:
-    block = qkvconv_block(loaded.config)
-    if block and any(layer["query"] == "identity" for layer in block["layers"]):
-        raise TransformError(f"{source.path} already has an identity query; nothing to absorb")
+    def details(report):
+        return {"wq_condition": report.wq_condition}
 
-
-def _exact_checkpoint(
-    model, output, name: str, transform: Callable, options: dict, *, calib, num_seqs: int, seq_len: int, seed: int,
-    atol: float | None, dtype: torch.dtype, folded_dtype: torch.dtype | None, force: bool, allow_pickle: bool,
-    progress: Progress | None,
-) -> Report:
-    """The pipeline of every exact transform: load in float64, calibrate, transform (float64 algebra), one cast to
-    the output dtype, then verify: algebra in float64, rounding against the original's own, decoding; write."""
-    t: dict[str, float] = {}
-    source, loaded = _open(model, output, t, dtype=torch.float64, force=force, allow_pickle=allow_pickle,
-                           progress=progress)
-    if name == "absorb-query":
-        _refuse_absorbed(loaded, source)
-    spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
-    block = qkvconv_block(loaded.config)
-    layers = copy.deepcopy(block["layers"]) if block else stock_layers(dims)
-    with _timed(t, "calibrate", progress):
-        ids, calib_source = calibration_ids(
-            loaded.model, loaded.tokenizer, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed
-        )
-    with _timed(t, "transform", progress):
-        result = transform(loaded.model.state_dict(), spec, dims, layers)  # float64 in, float64 out
-        folded = getattr(result, "folded", [])
-        keep = folded_dtype if folded and folded_dtype is not None and folded_dtype != dtype else None
-        for layer in result.layers if keep is not None else []:
-            if layer.get("attn_input") == "affine":
-                layer["folded_dtype"] = str(keep).removeprefix("torch.")
-        config = converted_config(loaded.config, spec, base_class_of(loaded), result.layers)
-        config.dtype = dtype  # the checkpoint's dtype (the source was read in float64 for the algebra)
-        converted64 = build_converted(config, result.state_dict, torch.float64)
-        # the one cast: every tensor to the output dtype, except the folded maps (this transform's or an absorbed
-        # source's), which keep the precision their module is declared at
-        out_sd = _cast_output(result.state_dict, dtype, folded_dtypes(converted64))
-        new_model = converted64 if dtype == torch.float64 else build_converted(config, out_sd, dtype)
-        original = loaded.model
-        if dtype != torch.float64:
-            original = to_dtype_keeping_folded(copy.deepcopy(loaded.model), dtype)
-    cond = list(getattr(result, "wq_condition", []))
-    with _timed(t, "verify", progress):
-        exact, error = measure_exactness(loaded.model, converted64, original, new_model, ids, calib_source)
-        check_exactness(name, exact, error, atol, cond)
-        del converted64
-        decoding = verify_decoding(original, new_model, ids, name)
-    options = {**options, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
-               "seed": seed, "dtype": str(dtype).removeprefix("torch."),
-               "folded_dtype": str(keep).removeprefix("torch.") if keep is not None else None, "atol": atol}
-    report = Report(None, name, options, error, cond, t, atol, added=getattr(result, "added", {}), decoding=decoding,
-                    exactness=exact)
-    if output is not None:
-        extra = {"exactness": exact.as_dict(), "decoding": decoding.as_dict()}
-        extra.update({"wq_condition": cond} if cond else {"added_parameters": result.added})
-        with _timed(t, "save", progress):
-            report.output = _write_result(
-                output, transform=name, options=options, source=source, loaded=loaded, error=error, extra=extra,
-                timings=t, state_dict=out_sd, config=config, spec=spec, seed=seed, force=force,
-            )
+    report = _pipeline(
+        model, output, name="absorb-query",
+        options={"mode": mode, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
+                 "seed": seed, "atol": atol},
+        layer_fn=layer, exact=exact, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=dtype,
+        atol=atol if exact else None, force=force, allow_pickle=allow_pickle, progress=progress, verify=verify,
+        decode=decode, device=device, calibrate=not exact, refuse=_refuse_absorbed, keep_dtypes=folded_dtypes,
+        details=details,
+    )
+    keep = folded_dtype if exact and folded_dtype is not None and folded_dtype != chosen.get("dtype") else None
+    report.options["folded_dtype"] = str(keep).removeprefix("torch.") if keep is not None else None
     return report
 
 
 # ------------------------------------------------------------------------ attach-query-mlp / attach-preproj
+def _entries_of(plan) -> list[dict]:
+    block = qkvconv_block(plan.config)
+    return copy.deepcopy(block["layers"]) if block else stock_layers(plan.dims)
+
+
+def _attach(model, output, name: str, one: Callable, options: dict, **kw) -> Report:
+    def layer(plan, sd, i, attn_input):
+        return one(sd, plan.spec, plan.dims, i, _entries_of(plan)[i])
+
+    def details(report):
+        return {"added_parameters": report.added}
+
+    return _pipeline(model, output, name=name, options=options, layer_fn=layer, exact=True, details=details,
+                     keep_dtypes=folded_dtypes, **kw)
+
+
 def attach_query_mlp_checkpoint(
     model: str | Path,
     output: str | Path | None,
@@ -323,20 +435,22 @@ def attach_query_mlp_checkpoint(
     seq_len: int = 64,
     seed: int = 0,
     atol: float | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    verify: bool = True,
+    decode: str = "auto",
+    device: str = "cpu",
 ) -> Report:
     """Add a zero-started nonlinear residual query (METHODS.md §2), verify exactness, write `output`."""
-
-    def attach(sd, spec, dims, layers):
-        return attach_query_mlp(sd, spec, dims, layers, rank=rank, act=act, seed=seed)
-
-    return _exact_checkpoint(
-        model, output, "attach-query-mlp", attach, {"rank": rank, "act": act}, calib=calib, num_seqs=num_seqs,
-        seq_len=seq_len, seed=seed, atol=atol, dtype=dtype, folded_dtype=None, force=force, allow_pickle=allow_pickle,
-        progress=progress,
+    return _attach(
+        model, output, "attach-query-mlp",
+        lambda sd, spec, dims, i, entry: attach_query_mlp_layer(sd, spec, dims, i, entry, rank=rank, act=act, seed=seed),
+        {"rank": rank, "act": act, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
+         "seed": seed, "atol": atol},
+        calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=dtype, force=force,
+        allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device,
     )
 
 
@@ -351,20 +465,23 @@ def attach_preproj_checkpoint(
     seq_len: int = 64,
     seed: int = 0,
     atol: float | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    verify: bool = True,
+    decode: str = "auto",
+    device: str = "cpu",
 ) -> Report:
     """Add a zero-started pre-projection MLP and content skip (METHODS.md §5), verify exactness, write `output`."""
-
-    def attach(sd, spec, dims, layers):
-        return attach_preproj(sd, spec, dims, layers, expansion=expansion, skip=skip, seed=seed)
-
-    return _exact_checkpoint(
-        model, output, "attach-preproj", attach, {"expansion": expansion, "skip": skip}, calib=calib,
-        num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=dtype, folded_dtype=None, force=force,
-        allow_pickle=allow_pickle, progress=progress,
+    return _attach(
+        model, output, "attach-preproj",
+        lambda sd, spec, dims, i, entry: attach_preproj_layer(sd, spec, dims, i, entry, expansion=expansion, skip=skip,
+                                                              seed=seed),
+        {"expansion": expansion, "skip": skip, "calib": str(calib) if calib else None, "num_seqs": num_seqs,
+         "seq_len": seq_len, "seed": seed, "atol": atol},
+        calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=dtype, force=force,
+        allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device,
     )
 
 
@@ -404,13 +521,17 @@ def share_kv_checkpoint(
     num_seqs: int | None = None,
     seq_len: int | None = None,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
     pos2d: int | None = None,
+    verify: bool = True,
+    decode: str = "auto",
+    device: str = "cpu",
 ) -> Report:
-    """share-kv on a checkpoint (lossy: reported, never refused), written to `output` unless it is None.
+    """share-kv on a checkpoint (lossy: reported, never refused), streamed layer by layer, written to `output`
+    unless it is None.
 
     Calibration: num_seqs×seq_len tokens (default 16×128; 40×256 for init="calibrated", which fits on
     4 of every 5 sequences and reports the error on the 5th).
@@ -418,68 +539,53 @@ def share_kv_checkpoint(
     export="stock" writes the stock architecture (K=V as duplicated weights, pooled heads as num_key_value_heads):
     loads without remote code, but a K=V cache is then not shared.
     """
-    from transformers import AutoModelForCausalLM
-
     from qkvconv.describe import kv_cache_bytes_per_token
-    from qkvconv.transforms.share_kv import Calibration, check_share_options, share_kv
+    from qkvconv.stream import skeleton
+    from qkvconv.transforms.share_kv import Calibration, check_share_options
 
     if export not in (None, "stock"):
         raise TransformError(f"unknown --export {export!r}; the only export is stock")
-    t: dict[str, float] = {}
-    source, loaded = _open(model, output, t, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=progress)
-    if qkvconv_block(loaded.config):
-        raise TransformError(f"{source.path} is already a qkvconv-converted checkpoint; share-kv needs a stock one")
-    spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
-    N = check_share_options(mode, kv_heads, init, dims, pos2d)  # fail before the slow calibration
+    if pos2d is not None and export == "stock":
+        raise TransformError("--pos2d has no stock equivalent; leave out --export stock")
     num_seqs = num_seqs or (40 if init == "calibrated" else 16)
     seq_len = seq_len or (256 if init == "calibrated" else 128)
-    with _timed(t, "calibrate", progress):
-        ids, calib_source = calibration_ids(
-            loaded.model, loaded.tokenizer, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed
-        )
+    state: dict = {}
+
+    def refuse(config, source):
+        _refuse_converted(config, source)
+        spec = spec_for(config.model_type)
+        state["N"] = check_share_options(mode, kv_heads, init, dims_of(config, spec), pos2d)  # before calibration
+        if export == "stock":
+            state["stock"] = stock_config(config, state["N"])
+
+    def layer(plan, sd, i, attn_input):
         calibration = None
         if init == "calibrated":
-            # fit on 4 of every 5 windows, verify on the 5th: the reported error is out of sample
-            if len(ids) < 2:
-                raise TransformError(f"--init calibrated needs at least 2 calibration sequences (got {len(ids)})")
-            held = torch.arange(len(ids)) % 5 == 4
-            held[-1] |= not held.any()
-            fit_ids, ids = ids[~held], ids[held]
-            calib_source += f"; verified on the {len(ids)} held-out sequences, fitted on the other {len(fit_ids)}"
-            cos, sin = _rope_table(loaded.model, fit_ids.shape[1])
-            eps = float(getattr(loaded.config, "rms_norm_eps", 1e-6) or 1e-6)
-            calibration = Calibration(attention_inputs(loaded.model, spec, fit_ids), fit_ids.shape[1], cos, sin, eps)
-        ref = logits_of(loaded.model, ids)
-    with _timed(t, "transform", progress):
-        stock_heads = None
-        if export == "stock":
-            config, stock_heads = stock_config(loaded.config, N)
-        result = share_kv(loaded.model.state_dict(), spec, dims, mode=mode, kv_heads=kv_heads, init=init,
-                          calibration=calibration, stock_kv_heads=stock_heads, pos2d=pos2d)
-        if export == "stock":
-            new_model = AutoModelForCausalLM.from_config(config).to(dtype)
-            new_model.load_state_dict(result.state_dict, strict=not getattr(config, "tie_word_embeddings", False))
-            new_model.eval()
-        else:
-            config = converted_config(loaded.config, spec, base_class_of(loaded), result.layers)
-            new_model = build_converted(config, result.state_dict, dtype)
-    with _timed(t, "verify", progress):
-        error = compare_model(ref, new_model, ids, calib_source)
-        decoding = verify_decoding(loaded.model, new_model, ids, "share-kv")
-    before = kv_cache_bytes_per_token(loaded.config, spec, dtype)
-    after = kv_cache_bytes_per_token(new_model.config, spec, dtype) if export == "stock" else \
-        kv_cache_bytes_per_token(config, spec, dtype)
-    options = {"mode": mode or "none", "kv_heads": N, "init": init, "export": export, "pos2d": pos2d,
-               "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed,
-               "dtype": str(dtype).removeprefix("torch."),
-               "kv_cache_bytes_per_token": {"before": before, "after": after}}
-    report = Report(None, "share-kv", options, error, [], t, None, decoding=decoding)
-    report.fit = result.fit
-    if output is not None:
-        with _timed(t, "save", progress):
-            report.output = _write_result(
-                output, transform="share-kv", options=options, source=source, loaded=loaded, error=error,
-                extra={"calibrated_fit": result.fit, "decoding": decoding.as_dict()}, timings=t, state_dict=result.state_dict, config=config, spec=spec, seed=seed,
-                force=force,
-            )
-    return report
+            if "rope" not in state:
+                state["rope"] = _rope_table(skeleton(plan.config), seq_len)
+            cos, sin = state["rope"]
+            eps = float(getattr(plan.config, "rms_norm_eps", 1e-6) or 1e-6)
+            calibration = Calibration({i: attn_input}, seq_len, cos, sin, eps)
+        return share_kv_layer(sd, plan.spec, plan.dims, i, mode=mode, kv_heads=kv_heads, init=init,
+                              calibration=calibration, stock_kv_heads=state["stock"][1] if export == "stock" else None,
+                              pos2d=pos2d)
+
+    config_for = (lambda entries: state["stock"][0]) if export == "stock" else None
+
+    def finish(report, plan):
+        out_dtype = getattr(torch, report.options["dtype"])
+        report.options["kv_heads"] = state["N"]
+        report.options["kv_cache_bytes_per_token"] = {
+            "before": kv_cache_bytes_per_token(plan.config, plan.spec, out_dtype),
+            "after": kv_cache_bytes_per_token(report.converted_config, plan.spec, out_dtype),
+        }
+
+    return _pipeline(
+        model, output, name="share-kv",
+        options={"mode": mode or "none", "kv_heads": None, "init": init, "export": export, "pos2d": pos2d,
+                 "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed},
+        layer_fn=layer, exact=False, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=dtype,
+        force=force, allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device,
+        calibrate=init == "calibrated", held_out=init == "calibrated", refuse=refuse, config_for=config_for,
+        details=lambda r: {"calibrated_fit": r.fit}, finish=finish,
+    )

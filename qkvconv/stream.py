@@ -1,0 +1,906 @@
+"""The streaming driver: convert a checkpoint one decoder layer at a time, disk to disk, and verify it on the way.
+
+Memory holds one layer of the input (its float64 working copy and its converted tensors), the embedding rows and
+the LM head the calibration tokens need, and the calibration hidden states, never the model:
+
+    for each layer i:   read layer i (safe_open, tensor by tensor; each checked against what config.json implies
+                        and for NaN/Inf) → run the original layer i on the original stream of hidden states
+                        (capturing its attention inputs for calibrated transforms) → transform (float64) → one
+                        cast → write each tensor to the output shard as it comes → run the converted layer i on
+                        the converted stream
+    at the end:         final norm + LM head (streamed over the vocabulary) on both streams → LogitError (and
+                        Exactness, for exact transforms: float64 and output-dtype streams side by side)
+
+A layer runs as the model's own module (the skeleton is built on the meta device and one layer at a time is given
+real weights), fed the hidden states and the keyword arguments the model itself passes its layers (captured from
+the model's forward), so no family's attention code is re-implemented here. A checkpoint that is not sharded
+safetensors (GGUF, a hub id, pickled .bin) is loaded into memory first and streamed from there: the same driver.
+
+Like mergekit's lazy loader + tensor writer and llm-compressor's sequential calibration pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import signal
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from qkvconv.archs import ArchSpec, Dims, dims_of, spec_for
+from qkvconv.errors import CheckpointError, QkvconvError, TransformError
+
+# ------------------------------------------------------------------------------------------ reading
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class TensorSource:
+    """Named tensors of a checkpoint, read one at a time. Subclasses: SafetensorsSource (lazy), StateDictSource."""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self.get(key)[start:stop]
+
+    def nbytes(self, key: str) -> int:
+        n = 1
+        for s in self.shape(key):
+            n *= s
+        return n * (torch.finfo(self.dtype(key)).bits // 8 if self.dtype(key).is_floating_point else
+                    torch.iinfo(self.dtype(key)).bits // 8)
+
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(k) for k in self.keys())
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSource(TensorSource):
+    """The *.safetensors files of an HF directory (one file or an index of shards), read with safe_open."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+        self._handles = {f: safe_open(str(path / f), framework="pt") for f in files}
+        self._where: dict[str, str] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for f, h in self._handles.items():
+            for k in h.keys():
+                if k in self._where:
+                    raise CheckpointError(f"{path}: tensor {k} is stored twice ({self._where[k]} and {f})")
+                self._where[k] = f
+                s = h.get_slice(k)
+                self._meta[k] = (tuple(s.get_shape()), _ST_DTYPES.get(s.get_dtype(), torch.float32))
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handles[self._where[key]].get_tensor(key)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._handles[self._where[key]].get_slice(key)[start:stop]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class RenamedSource(TensorSource):
+    """`source` with some keys under other names: {name here: name in the files}. transformers 5 renames a few
+    legacy checkpoint names on load (GPT-NeoX's embed_out → lm_head); qkvconv streams under the module's names."""
+
+    def __init__(self, source: TensorSource, aliases: dict[str, str]):
+        self.inner, self.aliases = source, aliases
+        back = {v: k for k, v in aliases.items()}
+        self._keys = [back.get(k, k) for k in source.keys()]
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def _k(self, key: str) -> str:
+        return self.aliases.get(key, key)
+
+    def shape(self, key):
+        return self.inner.shape(self._k(key))
+
+    def dtype(self, key):
+        return self.inner.dtype(self._k(key))
+
+    def get(self, key):
+        return self.inner.get(self._k(key))
+
+    def rows(self, key, start, stop):
+        return self.inner.rows(self._k(key), start, stop)
+
+
+def module_names(source: TensorSource, config, spec: ArchSpec) -> TensorSource:
+    """`source` under the names the model's modules have, where the files use a legacy name for the output
+    embedding (the spec's output_embedding) that the model's module no longer has."""
+    key = output_embedding_key(config)
+    have = set(source.keys())
+    if key and key not in have and spec.output_embedding in have and key != spec.output_embedding:
+        return RenamedSource(source, {key: spec.output_embedding})
+    return source
+
+
+def output_embedding_key(config) -> str | None:
+    """The state-dict key of the model's output embedding (LM head) weight, by the model's own module name."""
+    model = skeleton(config)
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return f"{name}.weight" if name else None
+
+
+class StateDictSource(TensorSource):
+    """An in-memory state dict (a GGUF dequantized by transformers, a hub or pickled checkpoint) as a source."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        self.sd = state_dict
+
+    def keys(self) -> list[str]:
+        return list(self.sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.sd[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.sd[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.sd[key]
+
+
+def check_finite(key: str, t: torch.Tensor) -> torch.Tensor:
+    """Refuse a NaN or Inf weight, naming the tensor (nothing is written)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{key} holds {bad} NaN/Inf value{'s' if bad > 1 else ''} of {t.numel()}; "
+                              "the checkpoint is corrupt (re-download or re-export it); nothing written")
+    return t
+
+
+# ------------------------------------------------------------------------------------ model skeletons
+def model_class(config):
+    """The class a checkpoint with `config` loads as: qkvconv's own for a converted checkpoint, else the stock one."""
+    from transformers import AutoModelForCausalLM
+
+    from qkvconv.checkpoint import qkvconv_block
+
+    block = qkvconv_block(config)
+    if block:
+        from qkvconv.modeling import modeling_qkvconv
+
+        return getattr(modeling_qkvconv, f"Qkvconv{block['base_class']}")
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model on the meta device (parameters only: buffers such as RoPE tables are real), in eval mode."""
+    from accelerate import init_empty_weights
+
+    from qkvconv.compat import no_init_weights
+
+    config = copy.deepcopy(config)
+    config.dtype = dtype
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        model = model_class(config)(config)
+    for m in model.modules():  # float buffers (RoPE tables, compute-dtype markers) follow the compute dtype
+        for name, b in m._buffers.items():
+            if b is not None and b.is_floating_point() and not name.startswith("inv_freq"):
+                m._buffers[name] = b.to(dtype)
+    return model.eval()
+
+
+def expected_tensors(config, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor `config` implies, with its shape (from the model built on the meta device); the output
+    embedding is left out when the config ties it to the input embedding."""
+    model = skeleton(config)
+    tied = getattr(config, "tie_word_embeddings", False)
+    head = output_embedding_key(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == head)}
+
+
+def check_against_config(source: TensorSource, config, spec: ArchSpec, where: str) -> None:
+    """Every tensor the config implies exists with the shape it implies, and no tensor is left unexplained."""
+    expected = expected_tensors(config, spec)
+    have = set(source.keys())
+    missing = [k for k in expected if k not in have]
+    if missing:
+        layers = getattr(config, "num_hidden_layers", "?")
+        raise CheckpointError(
+            f"{where}: config.json implies {len(missing)} tensor{'s' if len(missing) > 1 else ''} that no weight file "
+            f"holds, e.g. {missing[0]} of shape {list(expected[missing[0]])} (config says {layers} layers); config "
+            "and weights disagree: fix config.json or re-export the checkpoint"
+        )
+    for k, shape in expected.items():
+        got = source.shape(k)
+        if got != shape:
+            dims = [f"dimension {d}: {a} in the weights, {b} in config.json" for d, (a, b) in
+                    enumerate(zip(got, shape)) if a != b] or [f"rank {len(got)} in the weights, {len(shape)} in config.json"]
+            raise CheckpointError(f"{where}: {k} has shape {list(got)}, config.json implies {list(shape)} "
+                                  f"({dims[0]}); config and weights disagree")
+    tied = getattr(config, "tie_word_embeddings", False)
+    extra = sorted(have - set(expected) - ({output_embedding_key(config), spec.output_embedding} if tied else set()))
+    if extra:
+        raise CheckpointError(
+            f"{where}: {len(extra)} tensor{'s' if len(extra) > 1 else ''} that config.json does not explain, e.g. "
+            f"{extra[0]}; refusing to drop weights silently (is num_hidden_layers or the architecture wrong?)"
+        )
+
+
+def _params_only(module: nn.Module) -> Iterator[tuple[nn.Module, str]]:
+    for m in module.modules():
+        for name in list(m._parameters):
+            if m._parameters[name] is not None:
+                yield m, name
+
+
+def materialize(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+    """Give `module` (meta parameters) real ones from `tensors` (keys relative to it): each keeps its own dtype
+    (folded maps stay at theirs), on `device`; a missing or unexpected tensor is an internal error."""
+    missing, unexpected = module.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False,
+                                                 assign=True)
+    left = [n for n in missing if _is_param(module, n)]
+    if left or unexpected:
+        raise TransformError(f"internal: layer tensors do not fit the module (missing {left[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def _is_param(module: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    m = module.get_submodule(owner) if owner else module
+    return leaf in m._parameters
+
+
+def release(module: nn.Module) -> None:
+    """Put `module`'s parameters back on the meta device (frees their memory; buffers stay)."""
+    for m, name in _params_only(module):
+        p = m._parameters[name]
+        m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+
+
+def _set_buffers_dtype(module: nn.Module, dtype: torch.dtype) -> None:
+    for m in module.modules():
+        for name, b in m._buffers.items():
+            if b is not None and b.is_floating_point() and not name.startswith("inv_freq"):
+                m._buffers[name] = b.to(dtype)
+
+
+# ----------------------------------------------------------------------------------- running layers
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for layer 0: records what the model passes its layers, then stops the forward."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.attention_type = getattr(layer, "attention_type", None)
+        self.seen: tuple | None = None
+
+    def forward(self, hidden, *args, **kwargs):
+        self.seen = (hidden, args, kwargs)
+        raise _Stop
+
+
+class _Inject(nn.Module):
+    """Stands in for the whole layer stack: returns the given final hidden states, so the model's own tail
+    (final norm, LM head, softcapping) computes the logits."""
+
+    def __init__(self, layer: nn.Module, hidden: torch.Tensor):
+        super().__init__()
+        self.attention_type = getattr(layer, "attention_type", None)
+        self.hidden = hidden
+
+    def forward(self, hidden, *args, **kwargs):
+        return self.hidden
+
+
+class _LazyHead(nn.Module):
+    """The LM head computed over the vocabulary in chunks from a weight kept in the checkpoint's dtype, so a
+    float64 stream never holds a float64 copy of the (vocab, d) matrix."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, rows: int = 8192):
+        super().__init__()
+        self.w, self.b, self.dtype, self.chunk = weight, bias, dtype, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        parts = []
+        for s in range(0, self.w.shape[0], self.chunk):
+            w = self.w[s : s + self.chunk].to(device=x.device, dtype=self.dtype)
+            y = x @ w.T
+            if self.b is not None:
+                y = y + self.b[s : s + self.chunk].to(device=x.device, dtype=self.dtype)
+            parts.append(y)
+        return torch.cat(parts, -1)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _float64_norms(*modules: nn.Module):
+    from qkvconv.verify import pure_float64
+
+    return pure_float64(*modules)
+
+
+class Stream:
+    """The model's non-layer parts in one compute dtype: embeds calibration ids into the hidden states layer 0
+    sees (with the keyword arguments the model passes its layers) and turns final hidden states into logits.
+
+    The embedding holds only the rows the calibration ids use; the LM head stays in the checkpoint's dtype."""
+
+    def __init__(self, config, spec: ArchSpec, source: TensorSource, dtype: torch.dtype, ids: torch.Tensor,
+                 device, batch_size: int):
+        self.spec, self.dtype, self.device, self.batch_size = spec, dtype, device, batch_size
+        self.model = skeleton(config, dtype)
+        self.layers = self.model.get_submodule(spec.layers)
+        prefix = spec.layers + "."
+        emb = self.model.get_input_embeddings()
+        emb_key = next(k for k in spec.input_embeddings if k.endswith("weight"))
+        self.vocab_ids, self.ids = torch.unique(ids, return_inverse=True)  # compact embedding: used rows only
+        rows = torch.stack([source.rows(emb_key, int(t), int(t) + 1)[0] for t in self.vocab_ids])
+        emb.weight = nn.Parameter(check_finite(emb_key, rows).to(device=device, dtype=dtype), requires_grad=False)
+        head_key = output_embedding_key(config)
+        tied = getattr(config, "tie_word_embeddings", False) or head_key not in source.keys()
+        w_key = emb_key if tied else head_key
+        head_w = check_finite(w_key, source.get(w_key))
+        bias_key = head_key.removesuffix("weight") + "bias"
+        head_b = source.get(bias_key) if bias_key in source.keys() else None
+        rest = {k: check_finite(k, source.get(k)) for k in source.keys()
+                if not k.startswith(prefix) and k not in (emb_key, head_key, bias_key)}
+        head_path = head_key.removesuffix(".weight")
+        _set_module(self.model, head_path, _LazyHead(head_w, head_b, dtype))
+        for k, v in rest.items():
+            owner, _, leaf = k.rpartition(".")
+            m = self.model.get_submodule(owner)
+            m._parameters[leaf] = nn.Parameter(v.to(device=device, dtype=dtype), requires_grad=False)
+        _set_buffers_dtype(self.model, dtype)
+        self.model.to(device) if device != "cpu" else None
+        self.layer0 = self.layers[0]
+        self.kwargs: dict[int, tuple] = {}
+
+    def embed(self) -> torch.Tensor:
+        """(n, L, d) hidden states entering layer 0, for every calibration sequence."""
+        out = []
+        for s in range(0, len(self.ids), self.batch_size):
+            batch = self.ids[s : s + self.batch_size].to(self.device)
+            hidden, args, kwargs = self._catch(batch)
+            self.kwargs.setdefault(len(batch), (args, kwargs))
+            out.append(hidden)
+        return torch.cat(out)
+
+    def _catch(self, batch: torch.Tensor):
+        catcher = _Catcher(self.layer0)
+        self.layers[0] = catcher
+        try:
+            with torch.no_grad(), self._f64():
+                self.model(input_ids=batch, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            self.layers[0] = self.layer0
+        if catcher.seen is None:
+            raise TransformError("internal: the model's forward never reached its first layer")
+        return catcher.seen
+
+    def _f64(self):
+        return _float64_norms(self.model) if self.dtype == torch.float64 else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer `layer` (materialized, this stream's dtype) over hidden states (n, L, d), batch by batch."""
+        out = []
+        ctx = _float64_norms(layer) if self.dtype == torch.float64 else contextlib.nullcontext()
+        with ctx:
+            for s in range(0, len(hidden), self.batch_size):
+                h = hidden[s : s + self.batch_size]
+                args, kwargs = self._kwargs_for(len(h))
+                y = layer(h, *args, **kwargs)
+                out.append(y[0] if isinstance(y, tuple) else y)
+        return torch.cat(out)
+
+    def _kwargs_for(self, batch: int):
+        if batch not in self.kwargs:
+            _, args, kwargs = self._catch(self.ids[:batch].to(self.device))
+            self.kwargs[batch] = (args, kwargs)
+        return self.kwargs[batch]
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor, seq: int) -> torch.Tensor:
+        """Logits (1, L, vocab) of calibration sequence `seq` from its final hidden states."""
+        stack = self.model.get_submodule(self.spec.layers)
+        parent, _, name = self.spec.layers.rpartition(".")
+        owner = self.model.get_submodule(parent) if parent else self.model
+        setattr(owner, name, nn.ModuleList([_Inject(self.layer0, hidden[None])]))
+        try:
+            with self._f64():
+                return self.model(input_ids=self.ids[seq : seq + 1].to(self.device), use_cache=False).logits
+        finally:
+            setattr(owner, name, stack)
+
+
+# ------------------------------------------------------------------------------------------ writing
+_HEADER_BYTES = 1 << 16  # header room reserved at the start of each shard (a shard closes early when it is full)
+
+
+class ShardWriter:
+    """Writes tensors into sharded safetensors as they come: each tensor's bytes go to disk at once (nothing is
+    buffered beyond the tensor itself); the shard's header is written into room reserved at its start when the
+    shard closes (valid safetensors: the JSON header is padded with spaces, as safetensors itself pads it).
+
+    huggingface_hub's split_torch_state_dict_into_shards and safetensors' save_file both need every tensor of a
+    shard in memory at once; streaming is the point here, hence this writer."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.dir, self.max = directory, max_shard_bytes
+        self.shards: list[tuple[str, list[str]]] = []
+        self.total = 0
+        self._f = None
+        self._entries: dict = {}
+        self._offset = 0
+
+    def _open(self) -> None:
+        name = f"shard-{len(self.shards) + 1:05d}.tmp"
+        self._f = open(self.dir / name, "wb")
+        self._f.write(b"\0" * (8 + _HEADER_BYTES))
+        self._entries, self._offset = {}, 0
+        self.shards.append((name, []))
+
+    def _header(self, entries: dict) -> bytes:
+        return json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        n = t.numel() * t.element_size()
+        entry = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, self._offset + n]}
+        if self._f is not None and self._entries and (
+            self._offset + n > self.max or len(self._header({**self._entries, key: entry})) > _HEADER_BYTES
+        ):
+            self._close()
+        if self._f is None:
+            self._open()
+            entry["data_offsets"] = [0, n]
+        if n:
+            self._f.write(memoryview(t.view(torch.uint8).numpy() if t.dim() else t.reshape(1).view(torch.uint8).numpy()))
+        self._entries[key] = entry
+        self._offset += n
+        self.total += n
+        self.shards[-1][1].append(key)
+
+    def _close(self) -> None:
+        header = self._header(self._entries)
+        header += b" " * (_HEADER_BYTES - len(header))
+        self._f.seek(0)
+        self._f.write(struct.pack("<Q", _HEADER_BYTES) + header)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+
+    def finish(self) -> list[str]:
+        """Close the last shard and give the shards their final names (plus the index when there are several)."""
+        if self._f is not None:
+            self._close()
+        if not self.shards:
+            self._open()
+            self._close()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        weight_map = {}
+        for (tmp, keys), name in zip(self.shards, names):
+            (self.dir / tmp).rename(self.dir / name)
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+# ------------------------------------------------------------------------------ atomic output, signals
+TMP_TAG = ".qkvconv-tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Temporary directories left next to `out` by a killed run (SIGKILL, power loss) whose process is gone."""
+    removed = []
+    for p in out.parent.glob(f".{out.name}{TMP_TAG}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def interrupts_as_keyboard_interrupt():
+    """SIGTERM (and SIGHUP) raise KeyboardInterrupt in the main thread like SIGINT does, so every exit path runs
+    the cleanup that removes the temporary output."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def disk_free(path: Path) -> int:
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, *, force: bool, need_bytes: int | None = None) -> Iterator[Path]:
+    """A temporary directory next to `out` that becomes `out` only if the block completes; on any error or
+    interrupt it is removed. A full disk becomes one clear error."""
+    import errno
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    if need_bytes is not None:
+        free = disk_free(out.parent)
+        if need_bytes > free:
+            raise CheckpointError(f"not enough disk space for {out}: the output needs about {need_bytes / 1e9:.2f} GB, "
+                                  f"{free / 1e9:.2f} GB free; nothing written")
+    tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        with interrupts_as_keyboard_interrupt():
+            yield tmp
+            trash = None
+            if out.exists():
+                if not force:
+                    raise CheckpointError(f"output {out} already exists; pass --force to replace it")
+                trash = out.parent / f".{out.name}.qkvconv-old-{os.getpid()}"
+                out.rename(trash)
+            tmp.rename(out)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"no space left on the device while writing {out}; nothing written "
+                                  f"(the temporary files were removed)") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------- driver
+LayerFn = Callable[[dict, int, dict, "torch.Tensor | None"], "object"]
+
+
+@dataclass
+class Plan:
+    """What the driver needs to know about the input before reading any weight."""
+
+    source: object  # checkpoint.Source
+    config: object
+    spec: ArchSpec
+    dims: Dims
+    tensors: TensorSource
+    tokenizer: object
+    generation_config: object = None
+    loaded: object = None  # the in-memory model for sources that are not sharded safetensors
+
+    @property
+    def layer_prefix(self) -> str:
+        return self.spec.layers + "."
+
+    def layer_keys(self, i: int) -> list[str]:
+        p = f"{self.spec.layers}.{i}."
+        return [k for k in self.tensors.keys() if k.startswith(p)]
+
+    def rest_keys(self) -> list[str]:
+        return [k for k in self.tensors.keys() if not k.startswith(self.layer_prefix)]
+
+    def source_dtype(self) -> torch.dtype:
+        floats = [self.tensors.dtype(k) for k in self.layer_keys(0) if self.tensors.dtype(k).is_floating_point]
+        return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def open_plan(source, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Plan:
+    """Read the config, check the weights against it (headers only) and open them for streaming."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from qkvconv.checkpoint import _load_config, load, qkvconv_block
+
+    path = Path(source.path)
+    if source.kind == "hf_dir" and any(path.glob("*.safetensors")):
+        config = _load_config(source, trust_remote_code)
+        block = qkvconv_block(config)
+        spec = spec_for(block["model_type"] if block else getattr(config, "model_type", None))
+        if (getattr(config, "auto_map", None) or {}) and not block and not trust_remote_code:
+            raise CheckpointError(f"{path} ships its own modeling code (auto_map); pass --trust-remote-code if you "
+                                  "trust it")
+        tensors = module_names(SafetensorsSource(path), config, spec)
+        check_against_config(tensors, config, spec, str(path))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            tokenizer = None
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+        except OSError:
+            generation = None
+        return Plan(source, config, spec, dims_of(config, spec), tensors, tokenizer, generation)
+    loaded = load(source, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    sd = loaded.model.state_dict()
+    if getattr(loaded.config, "tie_word_embeddings", False):
+        sd.pop(output_embedding_key(loaded.config), None)
+    return Plan(source, loaded.config, loaded.spec, dims_of(loaded.config, loaded.spec), StateDictSource(sd),
+                loaded.tokenizer, getattr(loaded.model, "generation_config", None), loaded)
+
+
+class Float64View:
+    """A layer's tensors as float64, upcast on first access (a lossy transform reads only its attention weights)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._src, self._cache = tensors, {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._cache:
+            t = self._src[key]
+            self._cache[key] = t.double() if t.is_floating_point() else t
+        return self._cache[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._src
+
+    def __iter__(self):
+        return iter(self._src)
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def keys(self):
+        return self._src.keys()
+
+    def items(self):
+        return ((k, self[k]) for k in self._src)
+
+    def values(self):
+        return (self[k] for k in self._src)
+
+    def get(self, key, default=None):
+        return self[key] if key in self._src else default
+
+
+@dataclass
+class Streamed:
+    """What the driver measured and produced."""
+
+    entries: list[dict]  # each layer's entry in the qkvconv block
+    infos: list[dict]  # what the transform reported per layer
+    error: object = None  # verify.LogitError (None without verification)
+    exactness: object = None  # verify.Exactness (exact transforms)
+    output_bytes: int = 0
+    converted_config: object = None
+    timings: dict = field(default_factory=dict)
+
+
+def _relative(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def stream_convert(
+    plan: Plan,
+    out_dir: Path | None,
+    layer_fn: Callable,
+    *,
+    dtype: torch.dtype,
+    config_for: Callable[[list[dict]], object],
+    ids: torch.Tensor | None = None,
+    verify_rows: list[int] | None = None,
+    calib_rows: list[int] | None = None,
+    exact: bool = False,
+    keep_dtypes: Callable[[object], dict[str, torch.dtype]] | None = None,
+    device: str = "cpu",
+    batch_size: int = 4,
+    max_shard_bytes: int = 2 * 1024**3,
+    progress: Callable[[str], None] | None = None,
+    source_label: str = "",
+) -> Streamed:
+    """Convert `plan`'s checkpoint layer by layer into `out_dir` (tensors only; None: write nothing), verifying on
+    the way when `ids` are given.
+
+    layer_fn(sd64, i, attn_input) -> LayerResult: the transform of layer i on its float64 tensors (attn_input: the
+    original layer's calibration attention inputs (n·L, d) over `calib_rows`, when calib_rows is given).
+    config_for(entries) -> the converted config; keep_dtypes(converted skeleton) -> {key: dtype} of tensors that
+    keep their own precision (folded maps). exact: also run float64 streams and measure Exactness."""
+    from qkvconv.verify import Exactness, _Accumulator, _Stat
+
+    t0 = time.perf_counter()
+    spec, dims, src = plan.spec, plan.dims, plan.tensors
+    n_layers = dims.num_hidden_layers
+    writer = ShardWriter(out_dir, max_shard_bytes) if out_dir is not None else None
+    variants = ([torch.float64] if exact and dtype != torch.float64 else []) + [dtype] if ids is not None else []
+    verify_rows = list(range(len(ids))) if ids is not None and verify_rows is None else (verify_rows or [])
+    orig_rows = sorted(set(verify_rows) | set(calib_rows or []))
+    streams = {v: Stream(plan.config, spec, src, v, ids, device, batch_size) for v in variants}
+    h_orig = {v: streams[v].embed()[orig_rows] for v in variants}
+    pos = {r: j for j, r in enumerate(orig_rows)}
+    ver_in_orig = [pos[r] for r in verify_rows]
+    h_conv = {v: h_orig[v][ver_in_orig].clone() for v in variants}
+    calib_in_orig = [pos[r] for r in calib_rows] if calib_rows else None
+    orig_skel = {v: streams[v].layers for v in variants}
+    conv_skels: dict[tuple[str, torch.dtype], nn.Module] = {}
+    entries, infos = [], []
+    timings = {"transform": 0.0, "verify": 0.0, "io": 0.0}
+
+    def conv_layers(entry: dict, v: torch.dtype) -> nn.Module:
+        key = (json.dumps(entry, sort_keys=True), v)
+        if key not in conv_skels:
+            conv_skels[key] = skeleton(config_for([entry] * n_layers), v).get_submodule(spec.layers)
+        return conv_skels[key]
+
+    if writer is not None:  # the non-layer tensors (embeddings, final norm, LM head) pass through
+        t = time.perf_counter()
+        for k in plan.rest_keys():
+            writer.add(k, check_finite(k, src.get(k)).to(dtype))
+        timings["io"] += time.perf_counter() - t
+    keep: dict[str, torch.dtype] = {}
+    for i in range(n_layers):
+        if progress:
+            progress(f"layer {i + 1}/{n_layers}")
+        prefix = f"{spec.layers}.{i}."
+        t = time.perf_counter()
+        layer_src = {k: check_finite(k, src.get(k)) for k in plan.layer_keys(i)}
+        timings["io"] += time.perf_counter() - t
+        sd64 = Float64View(layer_src)
+        attn_input = None
+        t = time.perf_counter()
+        for v in variants:  # the original layer i on the original streams
+            module = orig_skel[v][i]
+            materialize(module, _relative({k: (sd64[k] if v == torch.float64 else x.to(v)) for k, x in
+                                           layer_src.items()}, prefix), device)
+            captured: list[torch.Tensor] = []
+            hook = None
+            if calib_rows and v == dtype:
+                hook = module.get_submodule(spec.attn_norm).register_forward_hook(
+                    lambda _m, _i, out: captured.append(out.detach()))
+            h_orig[v] = streams[v].run_layer(module, h_orig[v])
+            if hook is not None:
+                hook.remove()
+                attn_input = torch.cat(captured)[calib_in_orig].reshape(-1, dims.hidden_size).cpu()
+            release(module)
+        timings["verify"] += time.perf_counter() - t
+        t = time.perf_counter()
+        res = layer_fn(sd64, i, attn_input)
+        timings["transform"] += time.perf_counter() - t
+        entries.append(res.entry)
+        infos.append(res.info)
+        if not keep or i == 0:
+            found = keep_dtypes(conv_layers(res.entry, dtype)) if keep_dtypes is not None else {}
+            keep = {f"{spec.layers}.{k}": v for k, v in found.items()}  # keys relative to the layer list
+        kept = {k: x for k, x in layer_src.items() if k not in set(res.removed)}
+        out = {k: x.to(keep.get(k, dtype)) for k, x in kept.items()}
+        out.update({k: x.to(keep.get(k, dtype)) for k, x in res.tensors.items()})
+        if writer is not None:
+            t = time.perf_counter()
+            for k, x in out.items():
+                writer.add(k, x)
+            timings["io"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for v in variants:  # the converted layer i on the converted streams
+            module = conv_layers(res.entry, v)[i]
+            if v == torch.float64:
+                new = {k: sd64[k] for k in kept}
+                new.update({k: x.double() if x.is_floating_point() else x for k, x in res.tensors.items()})
+            else:
+                new = out
+            materialize(module, _relative(new, prefix), device)
+            h_conv[v] = streams[v].run_layer(module, h_conv[v])
+            release(module)
+        timings["verify"] += time.perf_counter() - t
+        del layer_src, sd64, out, kept, res
+    result = Streamed(entries, infos, converted_config=config_for(entries))
+    if writer is not None:
+        t = time.perf_counter()
+        writer.finish()
+        result.output_bytes = writer.total
+        timings["io"] += time.perf_counter() - t
+    if variants:
+        t = time.perf_counter()
+        if progress:
+            progress("logits")
+        acc = _Accumulator()
+        algebra, r_orig, r_conv, scale = _Stat(), _Stat(), _Stat(), 0.0
+        for j, r in enumerate(verify_rows):
+            o = ver_in_orig[j]
+            ref = streams[dtype].logits(h_orig[dtype][o], r).cpu()
+            new = streams[dtype].logits(h_conv[dtype][j], r).cpu()
+            acc.add(ref, new)
+            if exact:
+                s64 = streams.get(torch.float64, streams[dtype])
+                ref64 = s64.logits(h_orig[s64.dtype][o], r).double().cpu()
+                new64 = s64.logits(h_conv[s64.dtype][j], r).double().cpu()
+                algebra.add(ref64, new64)
+                r_orig.add(ref, ref64)
+                r_conv.add(new, new64)
+                scale = max(scale, float(ref64.abs().max()))
+        result.error = acc.result(source_label)
+        if exact:
+            result.exactness = Exactness(
+                dtype=_dtype_name(dtype), algebraic_max_abs=algebra.max, algebraic_rel=algebra.max / max(scale, 1e-30),
+                rounding_original=r_orig.mean, rounding_converted=r_conv.mean, rounding_original_max=r_orig.max,
+                rounding_converted_max=r_conv.max, tokens=acc.count,
+            )
+        timings["verify"] += time.perf_counter() - t
+    result.timings = {k: round(v, 3) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 3)}
+    return result
