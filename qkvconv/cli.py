@@ -41,6 +41,57 @@ DataDir = Annotated[
     typer.Option("--data-dir", envvar="QKVCONV_DATA_DIR", help="Offline data folder (lambada_openai/, wikitext-2-raw-v1/, ...)."),
 ]
 Dtype = Annotated[str, typer.Option("--dtype", help="float32 | float64 | bfloat16 | float16.")]
+OutDtype = Annotated[str, typer.Option("--dtype", help="Output dtype: auto (the checkpoint's own) | float32 | float64 | bfloat16 | float16.")]
+Verify = Annotated[bool, typer.Option("--verify/--no-verify", help="Verify on calibration text while streaming (--no-verify: only convert and write).")]
+DecodeCheck = Annotated[str, typer.Option("--decode-check", help="auto (when both models fit in a quarter of free memory) | always | never.")]
+ConvDevice = Annotated[str, typer.Option("--device", help="Where calibration, fits and verification run: cpu | cuda | cuda:N.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Check the input and show what would change, the memory, disk and time it needs; write nothing.")]
+
+
+def _out_dtype(name: str):
+    return None if name == "auto" else _dtype(name)
+
+
+def _conversion(fn, *, dry_run: bool, **kwargs):
+    """Run a converting library call under a status line that follows its progress; returns its report."""
+    if dry_run:
+        return fn(dry_run=True, **kwargs)
+    with err.status("starting") as status:
+        return fn(progress=lambda step: status.update(f"{step}…"), **kwargs)
+
+
+def dry_run_table(d) -> Table:
+    gb = 1e9
+    t = Table(title=f"{d.transform} --dry-run: {d.source} (nothing written)", title_justify="left", show_header=False)
+    t.add_column(justify="left")
+    t.add_column(justify="left")
+    removed = ", ".join(d.removed) or "none"
+    added = ", ".join(d.added) or "none"
+    t.add_row("layers", f"{d.layers}, output dtype {d.dtype}")
+    t.add_row("tensors removed per layer", removed)
+    t.add_row("tensors added or rewritten per layer", added)
+    t.add_row("parameters", f"{d.params_before:,} → {d.params_after:,} ({d.params_after - d.params_before:+,})")
+    kb, ka = d.kv_cache_bytes_per_token
+    t.add_row("KV cache per token", f"{kb:,} → {ka:,} bytes ({ka / kb:.1%})" if kb else f"{kb:,} → {ka:,} bytes")
+    t.add_row("checkpoint / output on disk", f"{d.checkpoint_bytes / gb:.2f} GB / {d.output_bytes / gb:.2f} GB "
+              f"({d.disk_free_bytes / gb:.1f} GB free)")
+    t.add_row("estimated peak memory", f"{d.peak_memory_bytes / gb:.2f} GB")
+    t.add_row("plain copy (estimate)", f"{d.copy_seconds:.1f} s (read measured at {d.read_bytes_per_s / gb:.2f} GB/s "
+              "on layer 0, write assumed as fast)")
+    t.caption = "; ".join(d.notes)
+    t.caption_justify = "left"
+    return t
+
+
+def _print_report(report, table) -> None:
+    from qkvconv.convert import DryRun
+
+    if isinstance(report, DryRun):
+        out.print(dry_run_table(report))
+        return
+    out.print(table(report))
+    if report.output is not None:
+        out.print(f"wrote [bold]{report.output}[/]")
 
 
 def _dtype(name: str):
@@ -196,25 +247,28 @@ def absorb_query(
     num_seqs: Annotated[int, typer.Option("--num-seqs", help="Calibration sequences.")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration sequence length.")] = 128,
     atol: Annotated[Optional[float], typer.Option("--atol", help="exact: also fail if max |Δlogit| exceeds this (an extra absolute bound).")] = None,
-    dtype: Dtype = "float32",
+    dtype: OutDtype = "auto",
     folded_dtype: Annotated[str, typer.Option("--folded-dtype", help="exact: precision of the folded maps (norm affine, W_Q⁻¹W_K, W_Q⁻¹W_V): float64, float32, or output (the --dtype).")] = "float64",
     seed: Seed = 0,
     force: Force = False,
     allow_pickle: AllowPickle = False,
+    verify: Verify = True,
+    decode_check: DecodeCheck = "auto",
+    device: ConvDevice = "cpu",
+    dry_run: DryRun = False,
 ) -> None:
     """Make the query projection the identity (METHODS.md §1), verify against the original, write OUTPUT."""
     from qkvconv.convert import absorb_query_checkpoint
 
     if mode not in ("exact", "drop"):
         raise QkvconvError(f"--mode must be exact or drop, not {mode!r}")
-    with err.status("starting") as status:
-        report = absorb_query_checkpoint(
-            model, output, mode=mode, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
-            dtype=_dtype(dtype), folded_dtype=None if folded_dtype == "output" else _dtype(folded_dtype),
-            force=force, allow_pickle=allow_pickle, progress=lambda step: status.update(f"{step}…"),
-        )
-    out.print(verification_table(report))
-    out.print(f"wrote [bold]{report.output}[/]")
+    report = _conversion(
+        absorb_query_checkpoint, dry_run=dry_run, model=model, output=output, mode=mode, calib=calib,
+        num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=_out_dtype(dtype),
+        folded_dtype=None if folded_dtype == "output" else _dtype(folded_dtype), force=force,
+        allow_pickle=allow_pickle, verify=verify, decode=decode_check, device=device,
+    )
+    _print_report(report, verification_table)
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -323,9 +377,24 @@ def demo(
     out.print(eval_table(results))
 
 
+def _unverified_table(report) -> Table:
+    t = Table(title=f"{report.transform}: not verified (--no-verify)", title_justify="left")
+    t.add_column("output")
+    t.add_column("timings")
+    t.add_row(f"{report.output_bytes / 1e9:.2f} GB", ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()
+                                                             if isinstance(v, (int, float))))
+    return t
+
+
+def _timings_line(timings: dict) -> str:
+    return ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if isinstance(v, (int, float)))
+
+
 def verification_table(report) -> Table:
     import statistics
 
+    if report.error is None:
+        return _unverified_table(report)
     e, cond = report.error, [c for c in report.wq_condition if c == c]
     t = Table(title=f"{report.transform} --mode {report.options['mode']}: verification", title_justify="left")
     for col in ("max |Δlogit|", "mean |Δlogit|", "max rel", "KL (nats/token)", "top-1 agree", "cond(W_Q) min/med/max"):
@@ -333,8 +402,8 @@ def verification_table(report) -> Table:
     t.add_row(f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.max_rel:.3g}", f"{e.kl:.3g}", f"{100 * e.top1_agreement:.2f}%",
               f"{min(cond):.3g} / {statistics.median(cond):.3g} / {max(cond):.3g}" if cond else "n/a")
     verdict = exactness_line(report.exactness) if report.exactness is not None else "lossy by design: finetune to heal"
-    timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
-    t.caption = f"on {e.tokens} tokens, {e.source}; {timings}\n{verdict}\n{decoding_line(report.decoding)}"
+    t.caption = (f"on {e.tokens} tokens, {e.source}; {_timings_line(report.timings)}\n{verdict}\n"
+                 f"{decoding_line(report.decoding, report.decode_skipped)}")
     t.caption_justify = "left"
     return t
 
@@ -346,10 +415,10 @@ def exactness_line(x) -> str:
             f"{x.rounding_max_ratio:.2f}× at the max (bounds {x.ratio_bound:g}×, {x.max_ratio_bound:g}×): passed")
 
 
-def decoding_line(d) -> str:
+def decoding_line(d, skipped: str | None = None) -> str:
     """The decode check in one line: cached vs uncached greedy decoding, and agreement with the original."""
     if d is None:
-        return "decoding: not checked"
+        return f"decoding: not checked ({skipped})" if skipped else "decoding: not checked"
     return (f"decoding ({d.prompts} prompts × {d.new_tokens} greedy tokens): cached = uncached on "
             f"{100 * d.cached_vs_uncached:.1f}% (max |Δlogit| {d.max_abs_gap:.2g}, original's own {d.original_gap:.2g}; "
             f"{d.mismatches} beyond ties: passed), cache holds {d.cache_tokens}/{d.expected_cache_tokens} tokens; "
@@ -363,15 +432,16 @@ AttachAtol = Annotated[Optional[float], typer.Option("--atol", help="Also fail i
 
 
 def _attach_table(report) -> Table:
+    if report.error is None:
+        return _unverified_table(report)
     e = report.error
     t = Table(title=f"{report.transform}: verification at step 0", title_justify="left")
     for col in ("max |Δlogit|", "mean |Δlogit|", "KL (nats/token)", "top-1 agree", "added parameters"):
         t.add_column(col, justify="right")
     added = ", ".join(f"{k} {v:,}" for k, v in report.added.items())
     t.add_row(f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.kl:.3g}", f"{100 * e.top1_agreement:.2f}%", added)
-    timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
-    t.caption = (f"on {e.tokens} tokens, {e.source}; {timings}\n{exactness_line(report.exactness)}\n"
-                 f"{decoding_line(report.decoding)}")
+    t.caption = (f"on {e.tokens} tokens, {e.source}; {_timings_line(report.timings)}\n"
+                 f"{exactness_line(report.exactness)}\n{decoding_line(report.decoding, report.decode_skipped)}")
     t.caption_justify = "left"
     return t
 
@@ -387,21 +457,24 @@ def attach_query_mlp(
     num_seqs: CalibSeqs = 4,
     seq_len: CalibLen = 64,
     atol: AttachAtol = None,
-    dtype: Dtype = "float32",
+    dtype: OutDtype = "auto",
     seed: Seed = 0,
     force: Force = False,
     allow_pickle: AllowPickle = False,
+    verify: Verify = True,
+    decode_check: DecodeCheck = "auto",
+    device: ConvDevice = "cpu",
+    dry_run: DryRun = False,
 ) -> None:
     """Add a zero-started nonlinear residual query q = X + f(X) (METHODS.md §2), verify, write OUTPUT."""
     from qkvconv.convert import attach_query_mlp_checkpoint
 
-    with err.status("starting") as status:
-        report = attach_query_mlp_checkpoint(
-            model, output, rank=rank, act=act, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
-            dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle, progress=lambda s: status.update(f"{s}…"),
-        )
-    out.print(_attach_table(report))
-    out.print(f"wrote [bold]{report.output}[/]")
+    report = _conversion(
+        attach_query_mlp_checkpoint, dry_run=dry_run, model=model, output=output, rank=rank, act=act, calib=calib,
+        num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=_out_dtype(dtype), force=force,
+        allow_pickle=allow_pickle, verify=verify, decode=decode_check, device=device,
+    )
+    _print_report(report, _attach_table)
 
 
 @app.command("attach-preproj")
@@ -415,21 +488,24 @@ def attach_preproj(
     num_seqs: CalibSeqs = 4,
     seq_len: CalibLen = 64,
     atol: AttachAtol = None,
-    dtype: Dtype = "float32",
+    dtype: OutDtype = "auto",
     seed: Seed = 0,
     force: Force = False,
     allow_pickle: AllowPickle = False,
+    verify: Verify = True,
+    decode_check: DecodeCheck = "auto",
+    device: ConvDevice = "cpu",
+    dry_run: DryRun = False,
 ) -> None:
     """Add a zero-started pre-projection MLP (+ content skip) before Q/K/V (METHODS.md §5), verify, write OUTPUT."""
     from qkvconv.convert import attach_preproj_checkpoint
 
-    with err.status("starting") as status:
-        report = attach_preproj_checkpoint(
-            model, output, expansion=expansion, skip=skip, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol,
-            dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle, progress=lambda s: status.update(f"{s}…"),
-        )
-    out.print(_attach_table(report))
-    out.print(f"wrote [bold]{report.output}[/]")
+    report = _conversion(
+        attach_preproj_checkpoint, dry_run=dry_run, model=model, output=output, expansion=expansion, skip=skip,
+        calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=_out_dtype(dtype), force=force,
+        allow_pickle=allow_pickle, verify=verify, decode=decode_check, device=device,
+    )
+    _print_report(report, _attach_table)
 
 
 @app.command("finetune")
@@ -506,20 +582,26 @@ def share_kv(
     calib: Calib = None,
     num_seqs: Annotated[Optional[int], typer.Option("--num-seqs", help="Calibration sequences (default 16; 40 for --init calibrated, 1 in 5 held out).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Calibration sequence length (default 128; 256 for --init calibrated).")] = None,
-    dtype: Dtype = "float32",
+    dtype: OutDtype = "auto",
     seed: Seed = 0,
     force: Force = False,
     allow_pickle: AllowPickle = False,
+    verify: Verify = True,
+    decode_check: DecodeCheck = "auto",
+    device: ConvDevice = "cpu",
+    dry_run: DryRun = False,
 ) -> None:
     """Share projections (K=V, Q=K, Q=K=V) and/or pool KV heads (METHODS.md §3), report the damage, write OUTPUT."""
     from qkvconv.convert import share_kv_checkpoint
 
-    with err.status("starting") as status:
-        report = share_kv_checkpoint(
-            model, output, mode=mode, kv_heads=kv_heads, init=init, export=export, calib=calib, num_seqs=num_seqs,
-            seq_len=seq_len, seed=seed, dtype=_dtype(dtype), force=force, allow_pickle=allow_pickle,
-            progress=lambda step: status.update(f"{step}…"), pos2d=pos2d,
-        )
+    report = _conversion(
+        share_kv_checkpoint, dry_run=dry_run, model=model, output=output, mode=mode, kv_heads=kv_heads, init=init,
+        export=export, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=_out_dtype(dtype),
+        force=force, allow_pickle=allow_pickle, pos2d=pos2d, verify=verify, decode=decode_check, device=device,
+    )
+    if dry_run:
+        out.print(dry_run_table(report))
+        return
     out.print(verification_table(report))
     kv = report.options["kv_cache_bytes_per_token"]
     out.print(f"KV cache: {kv['before']:,} → {kv['after']:,} bytes/token ({kv['after'] / kv['before']:.1%})")

@@ -215,7 +215,7 @@ def _pipeline(
     progress: Progress | None, verify: bool = True, decode: str = "auto", device: str = "cpu",
     calibrate: bool = False, held_out: bool = False, refuse: Callable | None = None,
     config_for: Callable | None = None, keep_dtypes: Callable | None = None, details: Callable | None = None,
-    finish: Callable | None = None, max_shard_bytes: int | None = None,
+    finish: Callable | None = None, max_shard_bytes: int | None = None, dry_run: bool = False,
 ) -> Report:
     """One conversion: open (headers and checks), calibration ids, stream (transform, verify, write), exactness and
     decode checks, record; nothing is left at `output` unless every check passed.
@@ -234,6 +234,9 @@ def _pipeline(
         refuse(plan.config, source)
     dtype = dtype or plan.source_dtype()
     options = {**options, "dtype": str(dtype).removeprefix("torch.")}
+    if dry_run:
+        return _dry_run(plan, name, layer_fn, dtype, config_for or (lambda entries: _converted(plan, entries, dtype)),
+                        keep_dtypes, out, calibrate=calibrate)
     ids, calib_source, verify_rows, calib_rows = None, "", None, None
     if verify or calibrate:
         with _timed(t, "calibrate", progress):
@@ -314,6 +317,91 @@ def _pipeline(
     return report
 
 
+@dataclass
+class DryRun:
+    """What a conversion would do, from the headers and one converted layer; nothing is written."""
+
+    transform: str
+    source: str
+    layers: int
+    dtype: str
+    removed: list[str]  # layer 0's tensors that go away (relative names)
+    added: list[str]  # layer 0's new or rewritten tensors
+    params_before: int
+    params_after: int
+    kv_cache_bytes_per_token: tuple[int, int]
+    checkpoint_bytes: int
+    output_bytes: int
+    peak_memory_bytes: int
+    disk_free_bytes: int
+    read_bytes_per_s: float
+    copy_seconds: float  # a plain copy at the measured read speed, the write assumed as fast
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _dry_run(plan, name: str, layer_fn: Callable, dtype: torch.dtype, config_for: Callable, keep_dtypes, out,
+             *, calibrate: bool) -> DryRun:
+    """Check the input (headers against config.json), convert layer 0 in memory, and extrapolate to the model."""
+    import psutil
+
+    from qkvconv.describe import kv_cache_bytes_per_token
+    from qkvconv.stream import Float64View, check_finite, disk_free, skeleton
+
+    src, spec, dims = plan.tensors, plan.spec, plan.dims
+    n = dims.num_hidden_layers
+    t = time.perf_counter()
+    layer0 = {k: check_finite(k, src.get(k)) for k in plan.layer_keys(0)}
+    read_s = max(time.perf_counter() - t, 1e-6)
+    layer_bytes = sum(x.numel() * x.element_size() for x in layer0.values())
+    attn_input = torch.randn(256, dims.hidden_size, dtype=torch.float64) if calibrate else None  # shapes only
+    res = layer_fn(plan, Float64View(layer0), 0, attn_input)
+    entries = [res.entry] * n
+    config = config_for(entries)
+    layers = skeleton(config, dtype).get_submodule(spec.layers)
+    keep = {f"{spec.layers}.{k}": v for k, v in (keep_dtypes(layers) if keep_dtypes else {}).items()}
+    kept = {k: x for k, x in layer0.items() if k not in set(res.removed)}
+    out_layer = {k: (x.shape, keep.get(k, dtype)) for k, x in kept.items()}
+    out_layer.update({k: (x.shape, keep.get(k, dtype)) for k, x in res.tensors.items()})
+    out_layer_bytes = sum(_numel(s) * _dtype_bytes(d) for s, d in out_layer.values())
+    rest = plan.rest_keys()
+    rest_bytes = sum(_numel(src.shape(k)) for k in rest) * _dtype_bytes(dtype)
+    total = src.total_bytes()
+    params_layer_before = sum(x.numel() for x in layer0.values())
+    params_layer_after = sum(_numel(s) for s, _ in out_layer.values())
+    params_rest = sum(_numel(src.shape(k)) for k in rest)
+    prefix = f"{spec.layers}.0."
+    head = max((src.nbytes(k) for k in rest), default=0)
+    # one layer as read, its float64 copy, the converted layer, the LM head as stored, 4 float64 hidden streams
+    peak = (psutil.Process().memory_info().rss + layer_bytes + 8 * params_layer_before + out_layer_bytes + head
+            + 4 * 8 * 8 * 128 * dims.hidden_size)
+    note = ["layer 0 converted; every layer assumed to have its shape"]
+    if calibrate:
+        note.append("calibrated fit: shapes from random attention inputs (the fit itself runs on the real ones)")
+    return DryRun(
+        transform=name, source=str(plan.source.path), layers=n, dtype=str(dtype).removeprefix("torch."),
+        removed=sorted(k.removeprefix(prefix) for k in res.removed),
+        added=sorted(k.removeprefix(prefix) for k in res.tensors),
+        params_before=params_rest + n * params_layer_before, params_after=params_rest + n * params_layer_after,
+        kv_cache_bytes_per_token=(kv_cache_bytes_per_token(plan.config, spec, dtype),
+                                  kv_cache_bytes_per_token(config, spec, dtype)),
+        checkpoint_bytes=total, output_bytes=rest_bytes + n * out_layer_bytes, peak_memory_bytes=int(peak),
+        disk_free_bytes=disk_free(Path(out).parent if out is not None else Path.cwd()),
+        read_bytes_per_s=layer_bytes / read_s, copy_seconds=2 * total / (layer_bytes / read_s), notes=note,
+    )
+
+
 def _source_hash(source) -> str | None:
     from qkvconv.manifest import hash_path
 
@@ -371,6 +459,7 @@ def absorb_query_checkpoint(
     verify: bool = True,
     decode: str = "auto",
     device: str = "cpu",
+    dry_run: bool = False,
 ) -> Report:
     """absorb-query on a checkpoint, streamed layer by layer, verified against the original; writes `output` unless
     it is None. dtype None keeps the checkpoint's own.
@@ -400,8 +489,10 @@ def absorb_query_checkpoint(
         layer_fn=layer, exact=exact, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=dtype,
         atol=atol if exact else None, force=force, allow_pickle=allow_pickle, progress=progress, verify=verify,
         decode=decode, device=device, calibrate=not exact, refuse=_refuse_absorbed, keep_dtypes=folded_dtypes,
-        details=details,
+        details=details, dry_run=dry_run,
     )
+    if dry_run:
+        return report
     keep = folded_dtype if exact and folded_dtype is not None and folded_dtype != chosen.get("dtype") else None
     report.options["folded_dtype"] = str(keep).removeprefix("torch.") if keep is not None else None
     return report
@@ -442,6 +533,7 @@ def attach_query_mlp_checkpoint(
     verify: bool = True,
     decode: str = "auto",
     device: str = "cpu",
+    dry_run: bool = False,
 ) -> Report:
     """Add a zero-started nonlinear residual query (METHODS.md §2), verify exactness, write `output`."""
     return _attach(
@@ -450,7 +542,7 @@ def attach_query_mlp_checkpoint(
         {"rank": rank, "act": act, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
          "seed": seed, "atol": atol},
         calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=dtype, force=force,
-        allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device,
+        allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device, dry_run=dry_run,
     )
 
 
@@ -472,6 +564,7 @@ def attach_preproj_checkpoint(
     verify: bool = True,
     decode: str = "auto",
     device: str = "cpu",
+    dry_run: bool = False,
 ) -> Report:
     """Add a zero-started pre-projection MLP and content skip (METHODS.md §5), verify exactness, write `output`."""
     return _attach(
@@ -481,7 +574,7 @@ def attach_preproj_checkpoint(
         {"expansion": expansion, "skip": skip, "calib": str(calib) if calib else None, "num_seqs": num_seqs,
          "seq_len": seq_len, "seed": seed, "atol": atol},
         calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=dtype, force=force,
-        allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device,
+        allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device, dry_run=dry_run,
     )
 
 
@@ -529,6 +622,7 @@ def share_kv_checkpoint(
     verify: bool = True,
     decode: str = "auto",
     device: str = "cpu",
+    dry_run: bool = False,
 ) -> Report:
     """share-kv on a checkpoint (lossy: reported, never refused), streamed layer by layer, written to `output`
     unless it is None.
@@ -587,5 +681,5 @@ def share_kv_checkpoint(
         layer_fn=layer, exact=False, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=dtype,
         force=force, allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device,
         calibrate=init == "calibrated", held_out=init == "calibrated", refuse=refuse, config_for=config_for,
-        details=lambda r: {"calibrated_fit": r.fit}, finish=finish,
+        details=lambda r: {"calibrated_fit": r.fit}, finish=finish, dry_run=dry_run,
     )

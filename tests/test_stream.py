@@ -1,0 +1,284 @@
+"""Streaming conversion (qkvconv.stream): sharded input and output, streamed verification equal to the in-memory
+one, checks as the stream passes, atomic output under signals and a full disk, dry runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import qkvconv
+from qkvconv.archs import dims_of
+from qkvconv.checkpoint import load
+from qkvconv.convert import absorb_query_checkpoint, share_kv_checkpoint
+from qkvconv.errors import CheckpointError
+from qkvconv.transforms import absorb_query
+from qkvconv.verify import calibration_ids, compare_model, logits_of
+
+from test_cli import one_error_line, run
+
+FAST = {"num_seqs": 3, "seq_len": 32}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _reshard(src: Path, dst: Path, shards: int = 3) -> Path:
+    """The checkpoint as `shards` safetensors files plus an index (the layout of every large hub model)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    sd = load_file(src / "model.safetensors")
+    keys = list(sd)
+    parts = [keys[i::shards] for i in range(shards)]
+    weight_map = {}
+    for j, part in enumerate(parts, 1):
+        name = f"model-{j:05d}-of-{shards:05d}.safetensors"
+        save_file({k: sd[k] for k in part}, dst / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def _edit_weights(path: Path, fn) -> None:
+    f = path / "model.safetensors"
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+def _snapshot(path: Path) -> dict[str, tuple[int, float]]:
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime) for p in sorted(path.rglob("*"))}
+
+
+# ------------------------------------------------------------------------------------------ equality
+def test_streamed_output_equals_the_in_memory_transform_across_shards(tiny_models, tmp_path, monkeypatch):
+    """A 3-shard input converted with 1-KB output shards: every output tensor equals the whole-model transform's
+    (float64 algebra, one cast; the folded maps kept in float64), the output is a valid sharded checkpoint, and the
+    input is untouched."""
+    src = _reshard(tiny_models["llama"], tmp_path / "sharded")
+    before = _snapshot(src)
+    monkeypatch.setattr("qkvconv.checkpoint.DEFAULT_SHARD_BYTES", 1024)
+    report = absorb_query_checkpoint(src, tmp_path / "o", **FAST)
+    assert _snapshot(src) == before
+    out = tmp_path / "o"
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 3 and (out / "model.safetensors.index.json").is_file()
+    streamed = {}
+    for s in shards:
+        with safe_open(str(s), "pt") as f:
+            streamed.update({k: f.get_tensor(k) for k in f.keys()})
+    loaded = load(src, dtype=torch.float64)
+    whole = absorb_query(loaded.model.state_dict(), loaded.spec, dims_of(loaded.config, loaded.spec))
+    assert set(streamed) == set(whole.state_dict)
+    folded = set(whole.folded)
+    for k, v in whole.state_dict.items():
+        assert torch.equal(streamed[k], v if k in folded else v.to(torch.float32)), k
+    assert report.exactness.passed and qkvconv.load(out)
+
+
+@pytest.mark.parametrize("how", ["absorb-query", "share-kv"])
+def test_streamed_verification_equals_the_in_memory_verification(tiny_models, tmp_path, how):
+    """The LogitError measured layer by layer while streaming equals the one of the two whole models loaded from
+    disk and compared on the same tokens."""
+    src = tiny_models["qwen2"]
+    if how == "absorb-query":
+        report = absorb_query_checkpoint(src, tmp_path / "o", **FAST)
+    else:
+        report = share_kv_checkpoint(src, tmp_path / "o", mode="k=v", kv_heads=1, **FAST)
+    original = load(src)
+    converted = load(tmp_path / "o")
+    ids, source = calibration_ids(original.model, original.tokenizer, **FAST)
+    memory = compare_model(logits_of(original.model, ids), converted.model, ids, source)
+    streamed = report.error
+    print(f"\n{how}: streamed {streamed.as_dict()}\n   in memory {memory.as_dict()}")
+    assert streamed.tokens == memory.tokens
+    for field in ("max_abs", "mean_abs", "kl"):
+        a, b = getattr(streamed, field), getattr(memory, field)
+        assert abs(a - b) <= 1e-4 * max(abs(b), 1e-3), (field, a, b)
+    assert abs(streamed.top1_agreement - memory.top1_agreement) <= 1 / memory.tokens
+
+
+def test_bf16_in_bf16_out(tiny_models, tmp_path):
+    src = tmp_path / "bf16"
+    loaded = load(tiny_models["llama"], dtype=torch.bfloat16)
+    loaded.model.save_pretrained(src)
+    loaded.tokenizer.save_pretrained(src)
+    report = share_kv_checkpoint(src, tmp_path / "o", mode="k=v", **FAST)
+    assert report.options["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_no_verify_converts_without_calibration(tiny_models, tmp_path):
+    report = absorb_query_checkpoint(tiny_models["llama"], tmp_path / "o", verify=False)
+    assert report.error is None and report.decoding is None
+    model, _ = qkvconv.load(tmp_path / "o")
+    record = json.loads((tmp_path / "o" / "qkvconv.json").read_text())["history"][-1]
+    assert record["verification"] is None and record["decoding"] == {"skipped": "verification off (--no-verify)"}
+
+
+# ------------------------------------------------------------------------------------- checks, one line
+def _refused(result, tmp_path: Path, out: Path, match: str) -> str:
+    assert result.exit_code == 1, result.output
+    line = one_error_line(result)
+    assert match in line, line
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "qkvconv-tmp" in p.name]
+    return line
+
+
+def test_config_claiming_more_layers_than_the_weights_is_refused(tiny_models, tmp_path):
+    src = _copy(tiny_models["llama"], tmp_path / "in")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (src / "config.json").write_text(json.dumps(cfg))
+    line = _refused(run("absorb-query", src, "-o", tmp_path / "o"), tmp_path, tmp_path / "o",
+                    "model.layers.2.")
+    print("\n" + line)
+    assert "config says 3 layers" in line
+
+
+def test_tensors_the_config_does_not_explain_are_refused(tiny_models, tmp_path):
+    src = _copy(tiny_models["llama"], tmp_path / "in")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (src / "config.json").write_text(json.dumps(cfg))
+    line = _refused(run("share-kv", src, "-o", tmp_path / "o", "--mode", "k=v"), tmp_path, tmp_path / "o",
+                    "does not explain")
+    assert "model.layers.1." in line
+
+
+def test_nan_weight_is_named(tiny_models, tmp_path):
+    src = _copy(tiny_models["llama"], tmp_path / "in")
+
+    def poison(sd):
+        sd["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+
+    _edit_weights(src, poison)
+    line = _refused(run("absorb-query", src, "-o", tmp_path / "o"), tmp_path, tmp_path / "o",
+                    "model.layers.1.mlp.down_proj.weight holds 1 NaN/Inf value")
+    print("\n" + line)
+
+
+def test_shape_mismatch_names_tensor_and_dimension(tiny_models, tmp_path):
+    src = _copy(tiny_models["llama"], tmp_path / "in")
+
+    def shrink(sd):
+        sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"][:16].clone()
+
+    _edit_weights(src, shrink)
+    line = _refused(run("attach-preproj", src, "-o", tmp_path / "o"), tmp_path, tmp_path / "o",
+                    "model.layers.0.self_attn.k_proj.weight has shape [16, 64], config.json implies [32, 64]")
+    assert "dimension 0: 16 in the weights, 32 in config.json" in line
+
+
+# ---------------------------------------------------------------------------------- atomic output
+def _qkvconv(*args) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("qkvconv")
+    return subprocess.Popen([str(exe), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_conversion_leaves_nothing(tiny_models, tmp_path, sig):
+    """The signal arrives once the temporary output exists: the command exits non-zero with one line, removes it,
+    and writes no output; the input is untouched."""
+    src = tiny_models["gpt2"]
+    before = _snapshot(src)
+    out = tmp_path / "o"
+    proc = _qkvconv("share-kv", src, "-o", out, "--mode", "k=v", "--init", "calibrated", "--num-seqs", "10",
+                    "--seq-len", "64")
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".o.qkvconv-tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the conversion finished before the signal could be sent"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    print(f"\n{sig.name}: exit {proc.returncode}: {stderr.strip()}")
+    assert proc.returncode != 0
+    assert "interrupted" in stderr and "nothing was written" in stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert _snapshot(src) == before
+
+
+def test_sigkill_leftover_is_clearly_named_and_removed_by_the_next_run(tiny_models, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".o.qkvconv-tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "shard-00001.tmp").write_bytes(b"\0" * 100)
+    alive = tmp_path / f".o.qkvconv-tmp-{os.getpid()}-not-ours"  # not a pid suffix: left alone
+    alive.mkdir()
+    absorb_query_checkpoint(tiny_models["llama"], tmp_path / "o", verify=False)
+    assert not stale.exists() and alive.exists() and (tmp_path / "o").is_dir()
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "160k"):
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_full_disk_is_refused_up_front(tiny_models, small_disk):
+    result = run("absorb-query", tiny_models["llama"], "-o", small_disk / "o", "--no-verify")
+    line = one_error_line(result)
+    print("\n" + line)
+    assert "not enough disk space" in line and list(small_disk.iterdir()) == []
+
+
+def test_disk_filling_up_mid_write_is_one_line(tiny_models, small_disk, monkeypatch):
+    """With the up-front check fooled, the disk fills during the write: one line, the temporary files removed."""
+    monkeypatch.setattr("qkvconv.stream.disk_free", lambda path: 1 << 40)
+    result = run("absorb-query", tiny_models["llama"], "-o", small_disk / "o", "--no-verify")
+    line = one_error_line(result)
+    print("\n" + line)
+    assert "no space left on the device" in line and list(small_disk.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ dry run
+def test_dry_run_reports_and_writes_nothing(tiny_models, tmp_path):
+    src = tiny_models["llama"]
+    before = _snapshot(src)
+    result = run("share-kv", src, "-o", tmp_path / "o", "--mode", "k=v", "--kv-heads", "1", "--dry-run")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    print("\n" + text)
+    for words in ("tensors removed per layer", "self_attn.k_proj.weight", "self_attn.s_proj.weight", "KV cache per token",
+                  "estimated peak memory", "plain copy (estimate)", "nothing written"):
+        assert words in text, words
+    assert "(25.0%)" in text  # k=v and 2 → 1 heads: a quarter of the cache
+    assert list(tmp_path.iterdir()) == [] and _snapshot(src) == before
+
+
+def test_dry_run_parameter_delta_matches_the_real_conversion(tiny_models, tmp_path):
+    from qkvconv.convert import attach_query_mlp_checkpoint
+
+    dry = attach_query_mlp_checkpoint(tiny_models["llama"], tmp_path / "o", dry_run=True)
+    real = attach_query_mlp_checkpoint(tiny_models["llama"], tmp_path / "o", verify=False)
+    assert dry.params_after - dry.params_before == real.added["query_mlp"]
+    assert abs(dry.output_bytes - real.output_bytes) <= 0.01 * real.output_bytes
