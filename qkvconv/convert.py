@@ -25,6 +25,7 @@ from qkvconv.modeling.modeling_qkvconv import restore_folded, to_dtype_keeping_f
 from qkvconv.transforms.absorb_query import absorb_query_layer
 from qkvconv.transforms.attach import attach_preproj_layer, attach_query_mlp_layer, stock_layers
 from qkvconv.transforms.share_kv import share_kv_layer
+from qkvconv.stream import folded_dtypes
 from qkvconv.verify import DecodeCheck, Exactness, LogitError, calibration_ids, decode_check
 
 
@@ -46,16 +47,6 @@ class Report:
     fit: list[dict] = field(default_factory=list)  # share-kv --init calibrated: the chosen candidate per layer
     decode_skipped: str | None = None  # why the decode check did not run
     output_bytes: int = 0
-
-
-def folded_dtypes(model) -> dict[str, torch.dtype]:
-    """State-dict key -> dtype of every parameter a converted model keeps at its own precision (keep_folded)."""
-    out = {}
-    for name, module in model.named_modules():
-        if getattr(module, "_qkvconv_folded", None) is not None:
-            for p, _ in module.named_parameters(recurse=False):
-                out[f"{name}.{p}" if name else p] = module._qkvconv_folded
-    return out
 
 
 def _cast_output(state_dict: dict, dtype: torch.dtype, keep: dict[str, torch.dtype]) -> dict:

@@ -264,6 +264,16 @@ def check_against_config(source: TensorSource, config, spec: ArchSpec, where: st
         )
 
 
+def folded_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """State-dict key -> dtype of every parameter a converted model keeps at its own precision (keep_folded)."""
+    out = {}
+    for name, module in model.named_modules():
+        if getattr(module, "_qkvconv_folded", None) is not None:
+            for p, _ in module.named_parameters(recurse=False):
+                out[f"{name}.{p}" if name else p] = module._qkvconv_folded
+    return out
+
+
 def _params_only(module: nn.Module) -> Iterator[tuple[nn.Module, str]]:
     for m in module.modules():
         for name in list(m._parameters):
@@ -355,6 +365,19 @@ class _LazyHead(nn.Module):
         return torch.cat(parts, -1)
 
 
+def _real_tensors_to(model: nn.Module, device) -> None:
+    """Move buffers and materialized parameters to `device`; meta parameters (layers not yet read) stay meta."""
+    if str(device) == "cpu":
+        return
+    for m in model.modules():
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = b.to(device)
+        for name, p in m._parameters.items():
+            if p is not None and p.device.type != "meta":
+                m._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=False)
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -392,13 +415,14 @@ class Stream:
         rest = {k: check_finite(k, source.get(k)) for k in source.keys()
                 if not k.startswith(prefix) and k not in (emb_key, head_key, bias_key)}
         head_path = head_key.removesuffix(".weight")
-        _set_module(self.model, head_path, _LazyHead(head_w, head_b, dtype))
+        _set_module(self.model, head_path, _LazyHead(head_w.to(device), None if head_b is None else head_b.to(device),
+                                                     dtype))
         for k, v in rest.items():
             owner, _, leaf = k.rpartition(".")
             m = self.model.get_submodule(owner)
             m._parameters[leaf] = nn.Parameter(v.to(device=device, dtype=dtype), requires_grad=False)
         _set_buffers_dtype(self.model, dtype)
-        self.model.to(device) if device != "cpu" else None
+        _real_tensors_to(self.model, device)
         self.layer0 = self.layers[0]
         self.kwargs: dict[int, tuple] = {}
 
@@ -799,6 +823,7 @@ def stream_convert(
     h_conv = {v: h_orig[v][ver_in_orig].clone() for v in variants}
     calib_in_orig = [pos[r] for r in calib_rows] if calib_rows else None
     orig_skel = {v: streams[v].layers for v in variants}
+    orig_keep = {f"{spec.layers}.{k}": d for k, d in folded_dtypes(orig_skel[dtype]).items()} if variants else {}
     conv_skels: dict[tuple[str, torch.dtype], nn.Module] = {}
     entries, infos = [], []
     timings = {"transform": 0.0, "verify": 0.0, "io": 0.0}
@@ -806,7 +831,9 @@ def stream_convert(
     def conv_layers(entry: dict, v: torch.dtype) -> nn.Module:
         key = (json.dumps(entry, sort_keys=True), v)
         if key not in conv_skels:
-            conv_skels[key] = skeleton(config_for([entry] * n_layers), v).get_submodule(spec.layers)
+            model = skeleton(config_for([entry] * n_layers), v)
+            _real_tensors_to(model, device)
+            conv_skels[key] = model.get_submodule(spec.layers)
         return conv_skels[key]
 
     if writer is not None:  # the non-layer tensors (embeddings, final norm, LM head) pass through
@@ -827,8 +854,8 @@ def stream_convert(
         t = time.perf_counter()
         for v in variants:  # the original layer i on the original streams
             module = orig_skel[v][i]
-            materialize(module, _relative({k: (sd64[k] if v == torch.float64 else x.to(v)) for k, x in
-                                           layer_src.items()}, prefix), device)
+            materialize(module, _relative({k: (sd64[k] if v == torch.float64 else x.to(orig_keep.get(k, v)))
+                                           for k, x in layer_src.items()}, prefix), device)
             captured: list[torch.Tensor] = []
             hook = None
             if calib_rows and v == dtype:

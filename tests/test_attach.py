@@ -154,16 +154,16 @@ def test_attach_on_absorbed_and_stacked(tiny_models, tmp_path):
 def test_verification_failure_writes_nothing(tiny_models, tmp_path, monkeypatch):
     import qkvconv.convert as convert
 
-    real = convert.attach_query_mlp
+    real = convert.attach_query_mlp_layer
 
     def broken(*a, **kw):
         res = real(*a, **kw)
-        for k in res.state_dict:
+        for k in res.tensors:
             if k.endswith("query_mlp.out_norm.weight"):
-                res.state_dict[k] = torch.ones_like(res.state_dict[k])  # not zero-started: not exact
+                res.tensors[k] = torch.ones_like(res.tensors[k])  # not zero-started: not exact
         return res
 
-    monkeypatch.setattr(convert, "attach_query_mlp", broken)
+    monkeypatch.setattr(convert, "attach_query_mlp_layer", broken)
     with pytest.raises(VerificationError, match="attach-query-mlp is not exact: in float64"):
         attach_query_mlp_checkpoint(tiny_models["llama"], tmp_path / "o", num_seqs=1, seq_len=16)
     assert not (tmp_path / "o").exists()

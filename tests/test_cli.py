@@ -162,17 +162,10 @@ def test_pickle_only_checkpoint_needs_flag(tiny_models, tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(tiny_models, tmp_path, monkeypatch):
-
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    from qkvconv.checkpoint import write_checkpoint as original
-
-    def interrupted(out, **kw):
-        kw["tokenizer"] = type("T", (), {"save_pretrained": staticmethod(boom)})()
-        return original(out, **kw)
-
-    monkeypatch.setattr("qkvconv.checkpoint.write_checkpoint", interrupted)  # called by write_with_history
+    monkeypatch.setattr("qkvconv.convert.write_metadata", boom)  # after the weights, before the rename
     result = run("absorb-query", tiny_models["llama"], "-o", tmp_path / "out", "--num-seqs", "1", "--seq-len", "16")
     assert result.exit_code == 130
     assert list(tmp_path.iterdir()) == []  # no output, no temporary directory

@@ -3,6 +3,7 @@ against the original's own. The checks pass when the kernel path changes and ref
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 
@@ -57,18 +58,33 @@ def test_absorbed_checkpoint_keeps_folded_maps_in_float64(tiny_models, tmp_path)
 
 
 def _with(monkeypatch, **options):
-    """Every conversion in the test runs with these options changed (another kernel path)."""
-    real = convert.measure_exactness
-    monkeypatch.setattr(convert, "measure_exactness", functools.partial(real, **options))
+    """Every conversion in the test streams with these options changed (another kernel path)."""
+    import qkvconv.stream as stream
+
+    monkeypatch.setattr(stream, "stream_convert", functools.partial(stream.stream_convert, **options))
 
 
-@pytest.mark.parametrize("path", ["1 thread", "sdpa", "batch 1", "batch 3"])
+def _attention(monkeypatch, implementation: str):
+    """Every model skeleton the streams run (original and converted layers) uses this attention kernel."""
+    import qkvconv.stream as stream
+
+    real = stream.skeleton
+
+    def skeleton(config, dtype=torch.float32):
+        config = copy.deepcopy(config)
+        config._attn_implementation = implementation
+        return real(config, dtype)
+
+    monkeypatch.setattr(stream, "skeleton", skeleton)
+
+
+@pytest.mark.parametrize("path", ["1 thread", "eager", "batch 1", "batch 3"])
 def test_exact_passes_when_the_kernel_path_changes(tiny_models, tmp_path, monkeypatch, path):
     threads = torch.get_num_threads()
     if path == "1 thread":
         torch.set_num_threads(1)
-    elif path == "sdpa":
-        monkeypatch.setattr(convert, "load", functools.partial(convert.load, attn_implementation="sdpa"))
+    elif path == "eager":  # the streams run SDPA by default
+        _attention(monkeypatch, "eager")
     else:
         _with(monkeypatch, batch_size=int(path.split()[1]))
     try:
@@ -82,10 +98,13 @@ def test_exact_passes_when_the_kernel_path_changes(tiny_models, tmp_path, monkey
 
 
 def _perturb_one_weight(real, key_part):
-    def wrapped(*args, **kwargs):
-        res = real(*args, **kwargs)
-        key = next(k for k in res.state_dict if key_part in k)
-        res.state_dict[key] = res.state_dict[key] * (1 + 1e-4)  # one tensor, one part in 1e4
+    """The layer transform, with the layer's tensor whose key contains `key_part` off by one part in 1e4."""
+
+    def wrapped(sd, *args, **kwargs):
+        res = real(sd, *args, **kwargs)
+        for key in [k for k in res.tensors if key_part in k] or [k for k in sd if key_part in k]:
+            res.tensors[key] = (res.tensors.get(key, sd[key])) * (1 + 1e-4)  # one tensor, one part in 1e4
+            break
         return res
 
     return wrapped
@@ -93,8 +112,10 @@ def _perturb_one_weight(real, key_part):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_one_part_in_1e4_is_refused_in_every_dtype(tiny_models, tmp_path, monkeypatch, dtype):
-    monkeypatch.setattr(convert, "absorb_query", _perturb_one_weight(convert.absorb_query, "layers.1.self_attn.k_proj"))
-    monkeypatch.setattr(convert, "attach_preproj", _perturb_one_weight(convert.attach_preproj, "layers.0.mlp.up_proj"))
+    monkeypatch.setattr(convert, "absorb_query_layer", _perturb_one_weight(convert.absorb_query_layer,
+                                                                           "layers.1.self_attn.k_proj"))
+    monkeypatch.setattr(convert, "attach_preproj_layer", _perturb_one_weight(convert.attach_preproj_layer,
+                                                                             "layers.0.mlp.up_proj"))
     for name in ("absorb-query", "attach-preproj"):
         out = tmp_path / name
         with pytest.raises(VerificationError, match=f"{name} is not exact: in float64") as e:
