@@ -461,11 +461,10 @@ def absorb_query_checkpoint(
     if mode not in ("exact", "drop"):
         raise TransformError(f"unknown absorb-query mode {mode!r}; use exact or drop")
     exact = mode == "exact"
-    chosen: dict = {}
 
     def layer(plan, sd, i, attn_input):
         res = absorb_query_layer(sd, plan.spec, plan.dims, i, mode=mode, attn_input=attn_input)
-        out_dtype = chosen.setdefault("dtype", dtype or plan.source_dtype())
+        out_dtype = dtype or plan.source_dtype()
         if exact and folded_dtype is not None and folded_dtype != out_dtype:
             res.entry["folded_dtype"] = str(folded_dtype).removeprefix("torch.")
         return res
@@ -473,20 +472,20 @@ def absorb_query_checkpoint(
     def details(report):
         return {"wq_condition": report.wq_condition}
 
-    report = _pipeline(
+    def finish(report, plan):
+        out_dtype = getattr(torch, report.options["dtype"])
+        keep = folded_dtype if exact and folded_dtype is not None and folded_dtype != out_dtype else None
+        report.options["folded_dtype"] = str(keep).removeprefix("torch.") if keep is not None else None
+
+    return _pipeline(
         model, output, name="absorb-query",
         options={"mode": mode, "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len,
                  "seed": seed, "atol": atol},
         layer_fn=layer, exact=exact, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=dtype,
         atol=atol if exact else None, force=force, allow_pickle=allow_pickle, progress=progress, verify=verify,
         decode=decode, device=device, calibrate=not exact, refuse=_refuse_absorbed, keep_dtypes=folded_dtypes,
-        details=details, dry_run=dry_run,
+        details=details, finish=finish, dry_run=dry_run,
     )
-    if dry_run:
-        return report
-    keep = folded_dtype if exact and folded_dtype is not None and folded_dtype != chosen.get("dtype") else None
-    report.options["folded_dtype"] = str(keep).removeprefix("torch.") if keep is not None else None
-    return report
 
 
 # ------------------------------------------------------------------------ attach-query-mlp / attach-preproj

@@ -517,6 +517,13 @@ class ShardWriter:
         return json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
 
     def add(self, key: str, t: torch.Tensor) -> None:
+        try:
+            self._add(key, t)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _add(self, key: str, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous()
         n = t.numel() * t.element_size()
         entry = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, self._offset + n]}
@@ -546,8 +553,12 @@ class ShardWriter:
 
     def finish(self) -> list[str]:
         """Close the last shard and give the shards their final names (plus the index when there are several)."""
-        if self._f is not None:
-            self._close()
+        try:
+            if self._f is not None:
+                self._close()
+        except BaseException:
+            self.abort()
+            raise
         if not self.shards:
             self._open()
             self._close()
@@ -564,7 +575,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # a full disk refuses the final flush too
+                pass
             self._f = None
 
 
@@ -809,10 +823,26 @@ def stream_convert(
     keep their own precision (folded maps). exact: also run float64 streams and measure Exactness."""
     from qkvconv.verify import Exactness, _Accumulator, _Stat
 
+    try:
+        return _stream_convert(plan, out_dir, layer_fn, dtype=dtype, config_for=config_for, ids=ids,
+                               verify_rows=verify_rows, calib_rows=calib_rows, exact=exact, keep_dtypes=keep_dtypes,
+                               device=device, batch_size=batch_size, max_shard_bytes=max_shard_bytes,
+                               progress=progress, source_label=source_label, writers=(writers := []))
+    except BaseException:
+        for w in writers:
+            w.abort()  # close the open shard, so the caller can remove the temporary directory (and unmount)
+        raise
+
+
+def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_rows, calib_rows, exact, keep_dtypes,
+                    device, batch_size, max_shard_bytes, progress, source_label, writers: list) -> Streamed:
+    from qkvconv.verify import Exactness, _Accumulator, _Stat
+
     t0 = time.perf_counter()
     spec, dims, src = plan.spec, plan.dims, plan.tensors
     n_layers = dims.num_hidden_layers
     writer = ShardWriter(out_dir, max_shard_bytes) if out_dir is not None else None
+    writers.append(writer) if writer is not None else None
     variants = ([torch.float64] if exact and dtype != torch.float64 else []) + [dtype] if ids is not None else []
     verify_rows = list(range(len(ids))) if ids is not None and verify_rows is None else (verify_rows or [])
     orig_rows = sorted(set(verify_rows) | set(calib_rows or []))
