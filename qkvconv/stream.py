@@ -336,13 +336,13 @@ class _Inject(nn.Module):
     """Stands in for the whole layer stack: returns the given final hidden states, so the model's own tail
     (final norm, LM head, softcapping) computes the logits."""
 
-    def __init__(self, layer: nn.Module, hidden: torch.Tensor):
+    def __init__(self, layer: nn.Module, hidden: torch.Tensor, as_tuple: bool):
         super().__init__()
         self.attention_type = getattr(layer, "attention_type", None)
-        self.hidden = hidden
+        self.hidden, self.as_tuple = hidden, as_tuple
 
     def forward(self, hidden, *args, **kwargs):
-        return self.hidden
+        return (self.hidden,) if self.as_tuple else self.hidden  # the real layers' output type
 
 
 class _LazyHead(nn.Module):
@@ -425,6 +425,7 @@ class Stream:
         _real_tensors_to(self.model, device)
         self.layer0 = self.layers[0]
         self.kwargs: dict[int, tuple] = {}
+        self.layer_returns_tuple = False
 
     def embed(self) -> torch.Tensor:
         """(n, L, d) hidden states entering layer 0, for every calibration sequence."""
@@ -463,6 +464,7 @@ class Stream:
                 h = hidden[s : s + self.batch_size]
                 args, kwargs = self._kwargs_for(len(h))
                 y = layer(h, *args, **kwargs)
+                self.layer_returns_tuple = isinstance(y, tuple)  # transformers < 5.x: (hidden, ...)
                 out.append(y[0] if isinstance(y, tuple) else y)
         return torch.cat(out)
 
@@ -478,7 +480,7 @@ class Stream:
         stack = self.model.get_submodule(self.spec.layers)
         parent, _, name = self.spec.layers.rpartition(".")
         owner = self.model.get_submodule(parent) if parent else self.model
-        setattr(owner, name, nn.ModuleList([_Inject(self.layer0, hidden[None])]))
+        setattr(owner, name, nn.ModuleList([_Inject(self.layer0, hidden[None], self.layer_returns_tuple)]))
         try:
             with self._f64():
                 return self.model(input_ids=self.ids[seq : seq + 1].to(self.device), use_cache=False).logits
