@@ -916,7 +916,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
                 writer.add(k, x)
             timings["io"] += time.perf_counter() - t
         t = time.perf_counter()
-        for v in variants:  # the converted layer i on the converted streams
+        for v in variants if verify_rows else []:  # the converted layer i on the converted streams
             module = conv_layers(res.entry, v)[i]
             if v == torch.float64:
                 new = {k: sd64[k] for k in kept}
@@ -934,7 +934,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         writer.finish()
         result.output_bytes = writer.total
         timings["io"] += time.perf_counter() - t
-    if variants:
+    if variants and verify_rows:
         t = time.perf_counter()
         if progress:
             progress("logits")

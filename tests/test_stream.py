@@ -282,3 +282,13 @@ def test_dry_run_parameter_delta_matches_the_real_conversion(tiny_models, tmp_pa
     real = attach_query_mlp_checkpoint(tiny_models["llama"], tmp_path / "o", verify=False)
     assert dry.params_after - dry.params_before == real.added["query_mlp"]
     assert abs(dry.output_bytes - real.output_bytes) <= 0.01 * real.output_bytes
+
+
+def test_calibrated_fits_run_without_verification(tiny_models, tmp_path):
+    """--no-verify still pushes the calibration tokens through the original (the fits need them), but no
+    converted stream, no logits and no decode check."""
+    r = share_kv_checkpoint(tiny_models["llama"], tmp_path / "kv", mode="k=v", init="calibrated", num_seqs=5,
+                            seq_len=32, verify=False)
+    assert r.error is None and len(r.fit) == 2
+    r = absorb_query_checkpoint(tiny_models["qwen2"], tmp_path / "drop", mode="drop", verify=False, **FAST)
+    assert r.error is None and qkvconv.load(tmp_path / "drop")
