@@ -746,12 +746,12 @@ def open_plan(source, *, allow_pickle: bool = False, trust_remote_code: bool = F
 class Float64View:
     """A layer's tensors as float64, upcast on first access (a lossy transform reads only its attention weights)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self._src, self._cache = tensors, {}
+    def __init__(self, tensors: dict[str, torch.Tensor], device="cpu"):
+        self._src, self._cache, self.device = tensors, {}, device
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._cache:
-            t = self._src[key]
+            t = self._src[key].to(self.device)
             self._cache[key] = t.double() if t.is_floating_point() else t
         return self._cache[key]
 
@@ -881,7 +881,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         t = time.perf_counter()
         layer_src = {k: check_finite(k, src.get(k)) for k in plan.layer_keys(i)}
         timings["io"] += time.perf_counter() - t
-        sd64 = Float64View(layer_src)
+        sd64 = Float64View(layer_src, device)
         attn_input = None
         t = time.perf_counter()
         for v in variants:  # the original layer i on the original streams
@@ -896,11 +896,12 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
             h_orig[v] = streams[v].run_layer(module, h_orig[v])
             if hook is not None:
                 hook.remove()
-                attn_input = torch.cat(captured)[calib_in_orig].reshape(-1, dims.hidden_size).cpu()
+                attn_input = torch.cat(captured)[calib_in_orig].reshape(-1, dims.hidden_size)
             release(module)
         timings["verify"] += time.perf_counter() - t
         t = time.perf_counter()
-        res = layer_fn(sd64, i, attn_input)
+        with torch.device(device):  # the transform's own new tensors (eye, zeros, ...) on the same device
+            res = layer_fn(sd64, i, attn_input)
         timings["transform"] += time.perf_counter() - t
         entries.append(res.entry)
         infos.append(res.info)
