@@ -64,6 +64,10 @@ class TensorSource:
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         return self.get(key)[start:stop]
 
+    def take_rows(self, key: str, index: list[int]) -> torch.Tensor:
+        """Rows `index` of a 2-D tensor (the embedding rows the calibration tokens use)."""
+        return self.get(key)[index]
+
     def nbytes(self, key: str) -> int:
         n = 1
         for s in self.shape(key):
@@ -79,7 +83,10 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
-    """The *.safetensors files of an HF directory (one file or an index of shards), read with safe_open."""
+    """The *.safetensors files of an HF directory (one file or an index of shards), read with safe_open.
+
+    Each read opens its shard afresh: a tensor's memory map lives as long as the tensor, so the input's pages
+    leave the process with the layer that used them (a handle kept open maps the whole file for the whole run)."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -91,16 +98,16 @@ class SafetensorsSource(TensorSource):
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
-        self._handles = {f: safe_open(str(path / f), framework="pt") for f in files}
         self._where: dict[str, str] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        for f, h in self._handles.items():
-            for k in h.keys():
-                if k in self._where:
-                    raise CheckpointError(f"{path}: tensor {k} is stored twice ({self._where[k]} and {f})")
-                self._where[k] = f
-                s = h.get_slice(k)
-                self._meta[k] = (tuple(s.get_shape()), _ST_DTYPES.get(s.get_dtype(), torch.float32))
+        for f in files:
+            with safe_open(str(path / f), framework="pt") as h:
+                for k in h.keys():
+                    if k in self._where:
+                        raise CheckpointError(f"{path}: tensor {k} is stored twice ({self._where[k]} and {f})")
+                    self._where[k] = f
+                    s = h.get_slice(k)
+                    self._meta[k] = (tuple(s.get_shape()), _ST_DTYPES.get(s.get_dtype(), torch.float32))
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -111,14 +118,23 @@ class SafetensorsSource(TensorSource):
     def dtype(self, key: str) -> torch.dtype:
         return self._meta[key][1]
 
+    def _open(self, key: str):
+        from safetensors import safe_open
+
+        return safe_open(str(self.path / self._where[key]), framework="pt")
+
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
+        with self._open(key) as h:
+            return h.get_tensor(key)
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self._handles[self._where[key]].get_slice(key)[start:stop]
+        with self._open(key) as h:
+            return h.get_slice(key)[start:stop]
 
-    def close(self) -> None:
-        self._handles.clear()
+    def take_rows(self, key: str, index: list[int]) -> torch.Tensor:
+        with self._open(key) as h:
+            s = h.get_slice(key)
+            return torch.stack([s[i : i + 1][0] for i in index])
 
 
 class RenamedSource(TensorSource):
@@ -147,6 +163,9 @@ class RenamedSource(TensorSource):
 
     def rows(self, key, start, stop):
         return self.inner.rows(self._k(key), start, stop)
+
+    def take_rows(self, key, index):
+        return self.inner.take_rows(self._k(key), index)
 
 
 def module_names(source: TensorSource, config, spec: ArchSpec) -> TensorSource:
@@ -404,7 +423,7 @@ class Stream:
         emb = self.model.get_input_embeddings()
         emb_key = next(k for k in spec.input_embeddings if k.endswith("weight"))
         self.vocab_ids, self.ids = torch.unique(ids, return_inverse=True)  # compact embedding: used rows only
-        rows = torch.stack([source.rows(emb_key, int(t), int(t) + 1)[0] for t in self.vocab_ids])
+        rows = source.take_rows(emb_key, [int(t) for t in self.vocab_ids])
         emb.weight = nn.Parameter(check_finite(emb_key, rows).to(device=device, dtype=dtype), requires_grad=False)
         head_key = output_embedding_key(config)
         tied = getattr(config, "tie_word_embeddings", False) or head_key not in source.keys()
