@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from qkvconv.archs import ArchSpec, dims_of, spec_for
-from qkvconv.checkpoint import Loaded, check_output, history_record, load, qkvconv_block, resolve_source, write_metadata
+from qkvconv.checkpoint import check_output, history_record, load, qkvconv_block, resolve_source, write_metadata
 from qkvconv.compat import no_init_weights
 from qkvconv.errors import QkvconvError, TransformError, VerificationError
 from qkvconv.modeling import FORMAT
@@ -47,11 +47,6 @@ class Report:
     fit: list[dict] = field(default_factory=list)  # share-kv --init calibrated: the chosen candidate per layer
     decode_skipped: str | None = None  # why the decode check did not run
     output_bytes: int = 0
-
-
-def _cast_output(state_dict: dict, dtype: torch.dtype, keep: dict[str, torch.dtype]) -> dict:
-    """The one cast of the float64 algebra to the output dtype; keys in `keep` to their own dtype."""
-    return {k: v.to(keep.get(k, dtype)) for k, v in state_dict.items()}
 
 
 def check_exactness(name: str, exact: Exactness, error: LogitError, atol: float | None, cond: list[float]) -> None:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from qkvconv.archs import ArchSpec, Dims, dims_of, spec_for
-from qkvconv.errors import CheckpointError, QkvconvError, TransformError
+from qkvconv.errors import CheckpointError, TransformError
 
 # ------------------------------------------------------------------------------------------ reading
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -60,9 +60,6 @@ class TensorSource:
 
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
-
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self.get(key)[start:stop]
 
     def take_rows(self, key: str, index: list[int]) -> torch.Tensor:
         """Rows `index` of a 2-D tensor (the embedding rows the calibration tokens use)."""
@@ -127,10 +124,6 @@ class SafetensorsSource(TensorSource):
         with self._open(key) as h:
             return h.get_tensor(key)
 
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        with self._open(key) as h:
-            return h.get_slice(key)[start:stop]
-
     def take_rows(self, key: str, index: list[int]) -> torch.Tensor:
         with self._open(key) as h:
             s = h.get_slice(key)
@@ -160,9 +153,6 @@ class RenamedSource(TensorSource):
 
     def get(self, key):
         return self.inner.get(self._k(key))
-
-    def rows(self, key, start, stop):
-        return self.inner.rows(self._k(key), start, stop)
 
     def take_rows(self, key, index):
         return self.inner.take_rows(self._k(key), index)
@@ -842,8 +832,6 @@ def stream_convert(
     original layer's calibration attention inputs (n·L, d) over `calib_rows`, when calib_rows is given).
     config_for(entries) -> the converted config; keep_dtypes(converted skeleton) -> {key: dtype} of tensors that
     keep their own precision (folded maps). exact: also run float64 streams and measure Exactness."""
-    from qkvconv.verify import Exactness, _Accumulator, _Stat
-
     try:
         return _stream_convert(plan, out_dir, layer_fn, dtype=dtype, config_for=config_for, ids=ids,
                                verify_rows=verify_rows, calib_rows=calib_rows, exact=exact, keep_dtypes=keep_dtypes,

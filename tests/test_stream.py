@@ -21,7 +21,6 @@ import qkvconv
 from qkvconv.archs import dims_of
 from qkvconv.checkpoint import load
 from qkvconv.convert import absorb_query_checkpoint, share_kv_checkpoint
-from qkvconv.errors import CheckpointError
 from qkvconv.transforms import absorb_query
 from qkvconv.verify import calibration_ids, compare_model, logits_of
 
