@@ -126,6 +126,53 @@ def test_data_free_inits(tiny_models):
         share_kv_checkpoint(tiny_models["qwen2"], None, mode="q=k", init="value", **FAST)
 
 
+
+def _per_candidate_error(c, cand, y: torch.Tensor, H: int, bias: bool) -> float:
+    """One candidate the unbatched float64 way: masked-softmax attention, ridge W_O, explicit residual."""
+    n, dh = len(c.h), c.dh
+    q = cand.q.repeat_interleave(H // cand.q.shape[1], 1)
+    k, v = (x.repeat_interleave(H // x.shape[1], 1) for x in (cand.k, cand.v))  # (n, H, dh)
+    q, k, v = (x.reshape(c.B, c.L, H, dh).transpose(1, 2) for x in (q, k, v))
+    logits = c.rope(q) @ c.rope(k).transpose(-1, -2) * dh**-0.5
+    probs = logits.masked_fill(torch.ones(c.L, c.L, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    X = (probs @ v).transpose(1, 2).reshape(n, H * dh)
+    if bias:
+        X = torch.cat([X, torch.ones(n, 1, dtype=X.dtype)], 1)
+    A = X.T @ X
+    W = torch.linalg.solve(A + 1e-6 * A.diagonal().mean() * torch.eye(len(A), dtype=A.dtype), X.T @ y)
+    return float((X @ W - y).pow(2).sum() / y.pow(2).sum())
+
+
+@pytest.mark.parametrize("mode,kvh", [("k=v", 1), ("q=k", None), ("q=k=v", None), (None, 1)])
+def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kvh):
+    """--init calibrated scores all candidates of a layer in one batched float32 attention, then refits the best in
+    float64: scores and the winner's error equal the per-candidate float64 evaluation, and the winner is its argmin."""
+    import importlib
+
+    from qkvconv.checkpoint import load
+    from qkvconv.convert import _rope_table
+    from qkvconv.verify import attention_inputs, calibration_ids
+
+    skv = importlib.import_module("qkvconv.transforms.share_kv")
+    loaded = load(tiny_models["qwen2"])  # q/k/v biases, RoPE
+    spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
+    ids, _ = calibration_ids(loaded.model, loaded.tokenizer, calib="sample", num_seqs=8, seq_len=32)
+    cos, sin = _rope_table(loaded.model, 32)
+    cal = skv.Calibration(attention_inputs(loaded.model, spec, ids), 32, cos, sin, loaded.config.rms_norm_eps)
+    N = skv.check_share_options(mode, kvh, "calibrated", dims)
+    H = dims.num_attention_heads
+    for i in range(dims.num_hidden_layers):
+        L, c = skv._read_layer(loaded.model.state_dict(), spec, dims, i), skv._Calib(cal, i, dims)
+        cands, y = skv._candidates(L, mode, c, dims, N)
+        bias = L.o.b is not None
+        ref = torch.tensor([_per_candidate_error(c, cd, y, H, bias) for cd in cands], dtype=torch.float64)
+        for dtype, rtol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+            _, err = skv._fit_o(skv._head_outputs(c, cands, H, dtype), y, bias)
+            torch.testing.assert_close(err, ref, rtol=rtol, atol=0)
+        w, info = skv._choose(c, cands, y, H, bias)
+        assert info["relative_error"] == pytest.approx(float(ref.min()), rel=1e-9)
+        assert w["o"].W.shape == (H * dims.head_dim, dims.hidden_size)
+
 # ------------------------------------------------------------------------------------------- CLI
 runner = CliRunner()
 

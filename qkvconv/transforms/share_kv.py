@@ -35,8 +35,11 @@ Nothing here is lossless on a pretrained model. Inits:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from qkvconv.archs import ArchSpec, Dims
 from qkvconv.archs.layout import Proj, qkv_keys, read_qkv
@@ -172,12 +175,14 @@ def _members(H: int, G: int, N: int, n: int) -> list[int]:
 
 def _pool(p: Proj, H: int, G: int, N: int, dh: int, align=None) -> Proj:
     """G heads → N heads by averaging the heads serving each new group (weighted by query heads served).
-    align(member, reference) -> Proj maps a member head onto the reference's coordinates first."""
+    align(member, reference) -> T (dh, dh), head indices of `p`: the member head is mapped onto the group's first
+    head (the reference) as member·T first."""
     out = []
     for n in range(N):
-        members = [_head(p, g, dh) for g in _members(H, G, N, n)]
+        idx = _members(H, G, N, n)
+        members = [_head(p, g, dh) for g in idx]
         if align is not None:
-            members = [members[0]] + [align(m, members[0]) for m in members[1:]]
+            members = [members[0]] + [_times(m, align(g, idx[0])) for m, g in zip(members[1:], idx[1:])]
         out.append(_combine([(1 / len(members), m) for m in members]))
     return _cat(out)
 
@@ -194,50 +199,109 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tens
 
 
 class _Calib:
-    """Calibration activations of one layer, shaped for attention: (B, n, L, dh)."""
+    """Calibration activations of one layer, shaped for attention: (C·B, n, L, dh) for C candidates at once."""
 
     def __init__(self, c: Calibration, i: int, dims: Dims):
         self.h = c.attn_inputs[i].double()
         self.L, self.dh, self.eps = c.seq_len, dims.head_dim, c.norm_eps
         self.B = self.h.shape[0] // self.L
-        self.cos, self.sin = c.cos, c.sin
+        self.cos = None if c.cos is None else c.cos.double()
+        self.sin = None if c.sin is None else c.sin.double()
         self.rotary = dims.rotary_dim
 
-    def heads(self, x: torch.Tensor) -> torch.Tensor:  # (B·L, n·dh) -> (B, n, L, dh)
-        return x.reshape(self.B, self.L, -1, self.dh).transpose(1, 2)
+    def heads(self, x: torch.Tensor) -> torch.Tensor:  # (C, B·L, n·dh) or (B·L, n·dh) -> (C·B, n, L, dh)
+        return x.reshape(-1, self.L, x.shape[-1] // self.dh, self.dh).transpose(1, 2)
 
     def rope(self, x: torch.Tensor) -> torch.Tensor:
         if self.cos is None or not self.rotary:
             return x
         r = self.cos.shape[-1]
-        cos, sin = self.cos.double(), self.sin.double()
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
         xr = x[..., :r]
         rot = torch.cat([-xr[..., r // 2 :], xr[..., : r // 2]], -1)
         return torch.cat([xr * cos + rot * sin, x[..., r:]], -1)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Causal softmax attention; q (B, H, L, dh), k/v (B, N, L, dh) -> head outputs (B·L, H·dh)."""
+        """Causal softmax attention; q (C·B, Hq, L, dh), k/v (C·B, N, L, dh) -> head outputs (C, B·L, Hq·dh)."""
         rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        logits = q @ k.transpose(-1, -2) * scale
-        mask = torch.ones(self.L, self.L, dtype=torch.bool).triu(1)
-        probs = logits.masked_fill(mask, float("-inf")).softmax(-1)
-        return (probs @ v).transpose(1, 2).reshape(self.B * self.L, -1)
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # softmax(q·kᵀ·scale + causal)·v
+        return o.transpose(1, 2).reshape(-1, self.B * self.L, q.shape[1] * self.dh)
 
 
-def _fit_o(o_new: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[Proj, float]:
-    """Ridge least squares o_new·W + b ≈ y; returns (W_O', b_O') and the relative error ‖Δy‖²/‖y‖²."""
-    X = torch.cat([o_new, torch.ones(len(o_new), 1, dtype=o_new.dtype)], 1) if bias else o_new
-    A = X.T @ X
-    A = A + 1e-6 * A.diagonal().mean().clamp_min(1e-30) * torch.eye(len(A), dtype=A.dtype)  # (p, p)
-    sol = torch.linalg.solve(A, X.T @ y)
-    err = float((X @ sol - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
-    return (Proj(sol[:-1], sol[-1]) if bias else Proj(sol, None)), err
+@dataclass
+class _Candidate:
+    """One choice of projections (W_O still to be refit) and what attention reads from it on the calibration tokens,
+    before RoPE, float64: q (n, Hq, dh) after q_norm (Hq = H, or N where queries come from S: one per group);
+    k, v (n, N, dh), k after k_norm."""
+
+    w: dict  # name -> Proj, or a function returning it (built only if the candidate wins)
+    info: dict
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
 
 
-def _value_directions(c: _Calib, v: Proj) -> torch.Tensor:
-    """(dh, dh) principal directions of one value head's calibration activations, strongest first."""
-    x = _act(c.h, v)
+def _head_outputs(c: _Calib, cands: list[_Candidate], H: int, dtype: torch.dtype) -> torch.Tensor:
+    """Attention outputs of all candidates in one batched causal attention in `dtype`: (C, n, H·dh)."""
+    def stack(name: str) -> torch.Tensor:
+        return c.heads(torch.stack([getattr(cd, name).reshape(len(c.h), -1) for cd in cands]).to(dtype))
+
+    q, k = c.rope(stack("q")), c.rope(stack("k"))
+    o = c.attend(q, k, stack("v"), c.dh**-0.5)  # (C, n, Hq·dh)
+    Hq = q.shape[1]
+    if Hq < H:  # queries shared from S: the H/Hq query heads of a group see the same logits and values
+        o = o.reshape(len(cands), -1, Hq, 1, c.dh).expand(-1, -1, -1, H // Hq, -1).reshape(len(cands), -1, H * c.dh)
+    return o
+
+
+def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge least squares X_c·W + b ≈ y for each of C candidates at once; X (C, n, p), y (n, d) float64.
+
+    The Gram XᵀX and Xᵀy are formed in X's dtype (float32 only to score candidates), the solve is float64.
+    Returns the solutions (C, p+1 with bias, d) and the relative errors ‖Δy‖²/‖y‖² (C,), the latter from the normal
+    equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩.
+    """
+    C, n, p = X.shape
+    A = (X.transpose(1, 2) @ X).double()  # (C, p, p)
+    b = (X.transpose(1, 2) @ y.to(X.dtype)).double()  # (C, p, d)
+    if bias:  # a column of ones: Xᵀ1 and 1ᵀ1 = n, 1ᵀy
+        s = X.sum(1).double()  # (C, p)
+        A = torch.cat([torch.cat([A, s[:, :, None]], 2),
+                       torch.cat([s, torch.full((C, 1), float(n), dtype=torch.float64)], 1)[:, None]], 1)
+        b = torch.cat([b, y.sum(0).expand(C, 1, -1)], 1)
+    eye = torch.eye(A.shape[-1], dtype=torch.float64)
+    ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # (C,)
+    sol = torch.linalg.solve(A + ridge[:, None, None] * eye, b)
+    yy = y.pow(2).sum()
+    err = (yy - 2 * (sol * b).sum((1, 2)) + (sol * (A @ sol)).sum((1, 2))) / yy.clamp_min(1e-30)
+    return sol, err
+
+
+SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+1e-6) of the best are decided in float64
+
+
+def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: bool) -> tuple[dict, dict]:
+    """The candidate whose refit W_O leaves the smallest relative error, with that W_O (step 4).
+
+    All candidates are scored in one float32 attention and batched Gram products; the best — and any within
+    SCORE_TIE of it, where float32 rounding could decide — are then refit in float64, which picks the winner."""
+    if len(cands) > 1:
+        _, score = _fit_o(_head_outputs(c, cands, H, torch.float32), y, bias)
+        best = float(score.min())  # near 0 (more weights than tokens) float32 scores can even come out < 0
+        close = [cd for cd, e in zip(cands, score.tolist()) if e <= best + SCORE_TIE * abs(best) + 1e-6]
+        cands = close or cands  # all of them where a score is not finite
+    sol, err = _fit_o(_head_outputs(c, cands, H, torch.float64), y, bias)
+    best = int(err.argmin())
+    s = sol[best]
+    o = Proj(s[:-1], s[-1]) if bias else Proj(s, None)
+    w = {k: p() if callable(p) else p for k, p in cands[best].w.items()}  # deferred weights (W_Q') built now
+    return w | {"o": o}, cands[best].info | {"relative_error": float(err[best])}
+
+
+def _value_directions(x: torch.Tensor) -> torch.Tensor:
+    """(dh, dh) principal directions of one value head's calibration activations x (n, dh), strongest first."""
     x = x - x.mean(0)
     _, vecs = torch.linalg.eigh(x.T @ x)
     return vecs.flip(1)
@@ -249,27 +313,32 @@ def _key_units(dh: int, rotary: int) -> list[list[int]]:
     return [[f, f + half] for f in range(half)] + [[u] for u in range(rotary, dh)]
 
 
-def _swap_in_values(c: _Calib, base: Proj, v: Proj, q_rows: torch.Tensor, frac: float) -> Proj:
-    """Replace the least logit-important units of `base` (one head, (d, dh)) with the top value directions."""
+def _swap_in_values(base: Proj, s: torch.Tensor, v: Proj, vx: torch.Tensor, E: torch.Tensor, q2: torch.Tensor,
+                    frac: float, rotary: int) -> tuple[Proj, torch.Tensor]:
+    """Replace the least logit-important units of `base` (one head, (d, dh)) with the top value directions E of `v`.
+
+    s = h·base, vx = h·v (n, dh): calibration activations; q2 (dh,): E q_u² over the query heads the head serves.
+    Returns the new head and its activations (n, dh)."""
     dh = base.W.shape[1]
     if frac == 0:
-        return base
-    s, qq = _act(c.h, base), q_rows
-    units = _key_units(dh, c.rotary)
-    importance = torch.tensor([float(s[:, u].pow(2).mean(0).sum() * qq[:, u].pow(2).mean(0).sum()) for u in units])
+        return base, s
+    units = _key_units(dh, rotary)
+    s2 = s.pow(2).mean(0)  # (dh,) E s_u²
+    importance = torch.tensor([float(s2[u].sum() * q2[u].sum()) for u in units])  # E|q_u|²·E|k_u|² per unit
     dims_out: list[int] = []
     for idx in importance.argsort().tolist():
         if len(dims_out) >= round(frac * dh):
             break
         dims_out += units[idx]
-    E = _value_directions(c, v)[:, : len(dims_out)]  # (dh, m)
-    vW, vb = v.W @ E, None if v.b is None else v.b @ E
-    scale = _act(c.h, base).std().clamp_min(1e-12) / _act(c.h, Proj(vW, vb)).std().clamp_min(1e-12)
-    W, b = base.W.clone(), None if base.b is None else base.b.clone()
+    Em = E[:, : len(dims_out)]  # (dh, m)
+    vW, vb, vxm = v.W @ Em, None if v.b is None else v.b @ Em, vx @ Em  # vxm = h·vW + vb
+    scale = s.std().clamp_min(1e-12) / vxm.std().clamp_min(1e-12)
+    W, b, x = base.W.clone(), None if base.b is None else base.b.clone(), s.clone()
     W[:, dims_out] = scale * vW
+    x[:, dims_out] = scale * vxm
     if b is not None:
         b[dims_out] = scale * vb
-    return Proj(W, b)
+    return Proj(W, b), x
 
 
 # ------------------------------------------------------------------------------------- one layer
@@ -294,88 +363,103 @@ def _data_free(L: _Layer, mode: str | None, init: str, H: int, G: int, N: int, d
 
 def _calibrated(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
                 target: torch.Tensor | None = None) -> tuple[dict, dict]:
+    cands, y = _candidates(L, mode, c, dims, N, target)
+    return _choose(c, cands, y, dims.num_attention_heads, L.o.b is not None)
+
+
+def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
+                target: torch.Tensor | None = None) -> tuple[list[_Candidate], torch.Tensor]:
+    """Steps 1–3 for every candidate of the family, and the original layer's attention output y (n, d)."""
     H, G, dh, r = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim, dims.rotary_dim
-    eps, scale = c.eps, dh**-0.5
-    h = c.h
+    h, n = c.h, len(c.h)
 
-    def keys_of(p: Proj) -> torch.Tensor:  # pre-RoPE keys (B·L, n, dh)
-        return _rms_norm(_act(h, p).reshape(len(h), -1, dh), L.k_norm, eps)
+    def split(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:  # (n, m·dh) -> (n, m, dh), normed by w
+        return _rms_norm(x.reshape(n, -1, dh), w, c.eps)
 
-    def align_key(m: Proj, ref: Proj) -> Proj:
-        return _times(m, _rope_commuting_refit(keys_of(m)[:, 0], keys_of(ref)[:, 0], r))
+    def cols(x: torch.Tensor, g: int) -> torch.Tensor:  # head g of (n, m·dh)
+        return x[:, g * dh : (g + 1) * dh]
 
-    def align_value(m: Proj, ref: Proj) -> Proj:
-        return _times(m, torch.linalg.lstsq(_act(h, m), _act(h, ref)).solution)
+    # the original layer's projections (each computed once) and attention output y
+    q_flat, k_act, v_act = _act(h, L.q), _act(h, L.k), _act(h, L.v)  # (n, H·dh), (n, G·dh), (n, G·dh)
+    k_old = split(k_act, L.k_norm)  # (n, G, dh) keys before RoPE
+    if target is None:
+        o0 = c.attend(c.rope(c.heads(split(q_flat, L.q_norm).reshape(n, -1))), c.rope(c.heads(k_old.reshape(n, -1))),
+                      c.heads(v_act), dh**-0.5)[0]
+        y = _act(o0, L.o)  # (n, d)
+    else:
+        y = target.double()
 
-    # the original layer's attention output y
-    q0 = c.rope(c.heads(_rms_norm(_act(h, L.q).reshape(len(h), H, dh), L.q_norm, eps).reshape(len(h), -1)))
-    k0 = c.rope(c.heads(keys_of(L.k).reshape(len(h), -1)))
-    y = _act(c.attend(q0, k0, c.heads(_act(h, L.v)), scale), L.o) if target is None else target.double()  # (B·L, d)
+    @cache
+    def align_key(g: int, ref: int) -> torch.Tensor:
+        return _rope_commuting_refit(k_old[:, g], k_old[:, ref], r)
+
+    @cache
+    def align_value(g: int, ref: int) -> torch.Tensor:
+        return torch.linalg.lstsq(cols(v_act, g), cols(v_act, ref)).solution
+
     K = _pool(L.k, H, G, N, dh, align_key) if G > N else L.k
     V = _pool(L.v, H, G, N, dh, align_value) if G > N else L.v
-    Qbar = _pool(L.q, H, H, N, dh)
-    q_flat = _act(h, L.q)
+    K_act = _act(h, K) if G > N else k_act  # (n, N·dh)
+    V_act = _act(h, V) if G > N else v_act
 
-    def group_q_rows(n: int) -> torch.Tensor:  # the query activations of the heads served by new head n
-        return torch.cat([q_flat[:, j * dh : (j + 1) * dh] for j in range(n * (H // N), (n + 1) * (H // N))])
-
-    def refit_queries(S_keys: Proj) -> Proj:
-        """Per query head, W_Q·Tᵀ with k_orig ≈ k_new·T (RoPE-commuting); identity under QK-norm."""
+    def refit_queries(s_keys: torch.Tensor) -> tuple[Callable[[], Proj], torch.Tensor]:
+        """Per query head, W_Q·Tᵀ with k_orig ≈ k_new·T (RoPE-commuting); identity under QK-norm.
+        s_keys (n, N, dh): the new keys before RoPE. Returns W_Q' (deferred) and its queries (n, H, dh)."""
         if L.q_norm is not None:
-            return L.q
-        old, new = keys_of(L.k), keys_of(S_keys)
-        heads = []
-        for j in range(H):
-            T = _rope_commuting_refit(new[:, j // (H // N)], old[:, j // (H // G)], r)
-            heads.append(_times(_head(L.q, j, dh), T.T))
-        return _cat(heads)
+            return lambda: L.q, split(q_flat, L.q_norm)
+        T = {pair: _rope_commuting_refit(s_keys[:, pair[0]], k_old[:, pair[1]], r)
+             for pair in {(j // (H // N), j // (H // G)) for j in range(H)}}
+        Tj = torch.stack([T[j // (H // N), j // (H // G)] for j in range(H)])  # (H, dh, dh)
 
-    def evaluate(w: dict) -> tuple[dict, float]:
-        S = w.get("s")
-        kp = w.get("k", S)
-        vp = w.get("v", S)
-        if "q" in w:
-            qa = _rms_norm(_act(h, w["q"]).reshape(len(h), H, dh), L.q_norm, eps)
-        else:  # queries from S, expanded over the groups
-            qa = _rms_norm(_act(h, S).reshape(len(h), N, dh), L.q_norm, eps).repeat_interleave(H // N, 1)
-        qh = c.rope(c.heads(qa.reshape(len(h), -1)))
-        kh = c.rope(c.heads(keys_of(kp).reshape(len(h), -1)))
-        o_new = c.attend(qh, kh, c.heads(_act(h, vp)), scale)
-        o, err = _fit_o(o_new, y, L.o.b is not None)
-        return w | {"o": o}, err
+        def weights() -> Proj:  # built for the chosen candidate only
+            return _cat([_times(_head(L.q, j, dh), Tj[j].T) for j in range(H)])
 
-    def mix(lam: float) -> Proj:  # q=k: between keys and group-mean queries at the original logit scale
-        heads = []
-        for n in range(N):
-            kn, qn = _head(K, n, dh), _head(Qbar, n, dh)
-            rk, rq = _act(h, kn).pow(2).mean().sqrt(), _act(h, qn).pow(2).mean().sqrt()
-            g = (rk * rq).sqrt()
-            heads.append(_combine([(float(g * (1 - lam) / rk), kn), (float(g * lam / rq), qn)]))
-        return _cat(heads)
+        return weights, torch.einsum("nhd,hed->nhe", q_flat.reshape(n, H, dh), Tj)  # q' = q·Tᵀ per head
 
-    def with_values(base: Proj, frac: float) -> Proj:
-        return _cat([_swap_in_values(c, _head(base, n, dh), _head(V, n, dh), group_q_rows(n), frac) for n in range(N)])
+    def mix(lam: float) -> tuple[Proj, torch.Tensor]:  # q=k: between keys and group-mean queries at the logit scale
+        Qbar = _pool(L.q, H, H, N, dh)
+        Qbar_act = q_flat.reshape(n, N, H // N, dh).mean(2).reshape(n, -1)  # = h·Q̄ + b̄
+        heads, acts = [], []
+        for g in range(N):
+            ka, qa = cols(K_act, g), cols(Qbar_act, g)
+            rk, rq = ka.pow(2).mean().sqrt(), qa.pow(2).mean().sqrt()
+            s = (rk * rq).sqrt()
+            a, b = float(s * (1 - lam) / rk), float(s * lam / rq)
+            heads.append(_combine([(a, _head(K, g, dh)), (b, _head(Qbar, g, dh))]))
+            acts.append(a * ka + b * qa)
+        return _cat(heads), torch.cat(acts, 1)
 
-    candidates: list[tuple[dict, dict]] = []
+    q2 = q_flat.reshape(n, N, H // N, dh).pow(2).mean((0, 2))  # (N, dh): E q_u² over each group's query heads
+    E = [_value_directions(cols(V_act, g)) for g in range(N)] if mode in ("k=v", "q=k=v") else []
+
+    def with_values(base: Proj, base_act: torch.Tensor, frac: float) -> tuple[Proj, torch.Tensor]:
+        heads = [_swap_in_values(_head(base, g, dh), cols(base_act, g), _head(V, g, dh), cols(V_act, g), E[g], q2[g],
+                                 frac, r) for g in range(N)]
+        return _cat([p for p, _ in heads]), torch.cat([x for _, x in heads], 1)
+
+    cands: list[_Candidate] = []
     if mode is None:
-        candidates.append(({"q": refit_queries(K), "k": K, "v": V}, {}))
+        Q, qa = refit_queries(split(K_act, L.k_norm))
+        cands.append(_Candidate({"q": Q, "k": K, "v": V}, {}, qa, split(K_act, L.k_norm), split(V_act)))
     elif mode == "k=v":
         for frac in REPLACE_FRACTIONS:
-            S = with_values(K, frac)
-            candidates.append(({"q": refit_queries(S), "s": S}, {"value_fraction": frac}))
+            S, S_act = with_values(K, K_act, frac)
+            Q, qa = refit_queries(split(S_act, L.k_norm))
+            cands.append(_Candidate({"q": Q, "s": S}, {"value_fraction": frac}, qa, split(S_act, L.k_norm),
+                                    split(S_act)))
     elif mode == "q=k":
-        candidates += [({"s": mix(lam), "v": V}, {"query_weight": lam}) for lam in QK_MIX]
+        for lam in QK_MIX:
+            S, S_act = mix(lam)
+            cands.append(_Candidate({"s": S, "v": V}, {"query_weight": lam}, split(S_act, L.q_norm),
+                                    split(S_act, L.k_norm), split(V_act)))
     else:
         for lam in (0.0, 0.5):
+            base, base_act = mix(lam)
             for frac in REPLACE_FRACTIONS:
-                candidates.append(({"s": with_values(mix(lam), frac)}, {"query_weight": lam, "value_fraction": frac}))
-    best = None
-    for w, info in candidates:
-        fitted, err = evaluate(w)
-        if best is None or err < best[2]:
-            best = (fitted, info, err)
-    fitted, info, err = best
-    return fitted, info | {"relative_error": err}
+                S, S_act = with_values(base, base_act, frac)
+                cands.append(_Candidate({"s": S}, {"query_weight": lam, "value_fraction": frac},
+                                        split(S_act, L.q_norm), split(S_act, L.k_norm), split(S_act)))
+    return cands, y
 
 
 # ------------------------------------------------------------------------------------ state dicts
