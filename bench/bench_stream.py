@@ -30,7 +30,7 @@ os.sync() before each run so the previous run's writeback does not land in the n
     g  peer: mergekit passthrough merge of all layers (mergekit-yaml CFG OUT --lazy-unpickle
        --out-shard-size <params of one of our shards>), dtype matching the checkpoint
 --extra FLAG (repeatable; write --extra=--flag for flags) is appended to the qkvconv runs c–f; --match-dtype adds
-`--dtype bfloat16|float32` matching the checkpoint to them (qkvconv's own default --dtype is float32).
+`--dtype bfloat16|float32` matching the checkpoint to them (qkvconv keeps the checkpoint's dtype by default, --dtype auto).
 
 Memory: the whole process tree (the run's process and all its descendants) is sampled every --interval
 seconds (default 0.02) from /proc/PID/status; per sample VmRSS and RssAnon are summed over the tree, and the
