@@ -147,10 +147,14 @@ def build_converted(config, state_dict: dict[str, torch.Tensor], dtype: torch.dt
 
 def base_class_of(loaded) -> str:
     """The transformers class name a converted checkpoint's Qkvconv class derives from."""
+    return _base_class(loaded.config)
+
+
+def _base_class(config) -> str:
     from qkvconv.stream import model_class
 
-    block = qkvconv_block(loaded.config)
-    return block["base_class"] if block else model_class(loaded.config).__name__
+    block = qkvconv_block(config)
+    return block["base_class"] if block else model_class(config).__name__
 
 
 def _refuse_absorbed(config, source) -> None:
@@ -200,7 +204,7 @@ def _pipeline(
     seed: int, dtype: torch.dtype | None, atol: float | None = None, force: bool, allow_pickle: bool,
     progress: Progress | None, verify: bool = True, decode: str = "auto", device: str = "cpu",
     calibrate: bool = False, held_out: bool = False, refuse: Callable | None = None,
-    config_for: Callable | None = None, keep_dtypes: Callable | None = None, details: Callable | None = None,
+    config_for: Callable | None = None, details: Callable | None = None,
     finish: Callable | None = None, max_shard_bytes: int | None = None, dry_run: bool = False,
 ) -> Report:
     """One conversion: open (headers and checks), calibration ids, stream (transform, verify, write), exactness and
@@ -222,7 +226,7 @@ def _pipeline(
     options = {**options, "dtype": str(dtype).removeprefix("torch.")}
     if dry_run:
         return _dry_run(plan, name, layer_fn, dtype, config_for or (lambda entries: _converted(plan, entries, dtype)),
-                        keep_dtypes, out, calibrate=calibrate)
+                        out, calibrate=calibrate)
     ids, calib_source, verify_rows, calib_rows = None, "", None, None
     if verify or calibrate:
         with _timed(t, "calibrate", progress):
@@ -250,7 +254,7 @@ def _pipeline(
             streamed = stream_convert(
                 plan, tmp, lambda sd, i, x: layer_fn(plan, sd, i, x), dtype=dtype, config_for=config_for,
                 ids=ids if (verify or calibrate) else None, verify_rows=verify_rows if verify else [],
-                calib_rows=calib_rows, exact=exact and verify, keep_dtypes=keep_dtypes, device=device,
+                calib_rows=calib_rows, exact=exact and verify, device=device,
                 max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=progress, source_label=calib_source,
             )
         t["stream"] = streamed.timings
@@ -337,7 +341,7 @@ def _numel(shape) -> int:
     return n
 
 
-def _dry_run(plan, name: str, layer_fn: Callable, dtype: torch.dtype, config_for: Callable, keep_dtypes, out,
+def _dry_run(plan, name: str, layer_fn: Callable, dtype: torch.dtype, config_for: Callable, out,
              *, calibrate: bool) -> DryRun:
     """Check the input (headers against config.json), convert layer 0 in memory, and extrapolate to the model."""
     import psutil
@@ -356,7 +360,7 @@ def _dry_run(plan, name: str, layer_fn: Callable, dtype: torch.dtype, config_for
     entries = [res.entry] * n
     config = config_for(entries)
     layers = skeleton(config, dtype).get_submodule(spec.layers)
-    keep = {f"{spec.layers}.{k}": v for k, v in (keep_dtypes(layers) if keep_dtypes else {}).items()}
+    keep = {f"{spec.layers}.{k}": v for k, v in folded_dtypes(layers).items()}
     kept = {k: x for k, x in layer0.items() if k not in set(res.removed)}
     out_layer = {k: (x.shape, keep.get(k, dtype)) for k, x in kept.items()}
     out_layer.update({k: (x.shape, keep.get(k, dtype)) for k, x in res.tensors.items()})
@@ -405,11 +409,7 @@ def _calibration(plan, source, calib, num_seqs: int, seq_len: int, seed: int):
 
 
 def _converted(plan, entries: list[dict], dtype: torch.dtype):
-    from qkvconv.stream import model_class
-
-    block = qkvconv_block(plan.config)
-    base = block["base_class"] if block else model_class(plan.config).__name__
-    config = converted_config(plan.config, plan.spec, base, entries)
+    config = converted_config(plan.config, plan.spec, _base_class(plan.config), entries)
     config.dtype = dtype
     return config
 
@@ -478,7 +478,7 @@ def absorb_query_checkpoint(
                  "seed": seed, "atol": atol},
         layer_fn=layer, exact=exact, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=dtype,
         atol=atol if exact else None, force=force, allow_pickle=allow_pickle, progress=progress, verify=verify,
-        decode=decode, device=device, calibrate=not exact, refuse=_refuse_absorbed, keep_dtypes=folded_dtypes,
+        decode=decode, device=device, calibrate=not exact, refuse=_refuse_absorbed,
         details=details, finish=finish, dry_run=dry_run,
     )
 
@@ -496,8 +496,7 @@ def _attach(model, output, name: str, one: Callable, options: dict, **kw) -> Rep
     def details(report):
         return {"added_parameters": report.added}
 
-    return _pipeline(model, output, name=name, options=options, layer_fn=layer, exact=True, details=details,
-                     keep_dtypes=folded_dtypes, **kw)
+    return _pipeline(model, output, name=name, options=options, layer_fn=layer, exact=True, details=details, **kw)
 
 
 def attach_query_mlp_checkpoint(

@@ -38,6 +38,7 @@ from torch import nn
 
 from qkvconv.archs import ArchSpec, Dims, dims_of, spec_for
 from qkvconv.errors import CheckpointError, TransformError
+from qkvconv.modeling.modeling_qkvconv import _set_module
 
 # ------------------------------------------------------------------------------------------ reading
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -158,19 +159,18 @@ class RenamedSource(TensorSource):
         return self.inner.take_rows(self._k(key), index)
 
 
-def module_names(source: TensorSource, config, spec: ArchSpec) -> TensorSource:
-    """`source` under the names the model's modules have, where the files use a legacy name for the output
+def module_names(source: TensorSource, model: nn.Module, spec: ArchSpec) -> TensorSource:
+    """`source` under the names `model`'s modules have, where the files use a legacy name for the output
     embedding (the spec's output_embedding) that the model's module no longer has."""
-    key = output_embedding_key(config)
+    key = output_embedding_key(model)
     have = set(source.keys())
     if key and key not in have and spec.output_embedding in have and key != spec.output_embedding:
         return RenamedSource(source, {key: spec.output_embedding})
     return source
 
 
-def output_embedding_key(config) -> str | None:
-    """The state-dict key of the model's output embedding (LM head) weight, by the model's own module name."""
-    model = skeleton(config)
+def output_embedding_key(model: nn.Module) -> str | None:
+    """The state-dict key of `model`'s output embedding (LM head) weight, by its own module name."""
     head = model.get_output_embeddings()
     name = next((n for n, m in model.named_modules() if m is head), None)
     return f"{name}.weight" if name else None
@@ -229,25 +229,23 @@ def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     config.dtype = dtype
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = model_class(config)(config)
-    for m in model.modules():  # float buffers (RoPE tables, compute-dtype markers) follow the compute dtype
-        for name, b in m._buffers.items():
-            if b is not None and b.is_floating_point() and not name.startswith("inv_freq"):
-                m._buffers[name] = b.to(dtype)
+    _set_buffers_dtype(model, dtype)  # RoPE tables, compute-dtype markers follow the compute dtype
     return model.eval()
 
 
-def expected_tensors(config, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor `config` implies, with its shape (from the model built on the meta device); the output
-    embedding is left out when the config ties it to the input embedding."""
-    model = skeleton(config)
-    tied = getattr(config, "tie_word_embeddings", False)
-    head = output_embedding_key(config)
+def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every tensor `model`'s config implies, with its shape (`model` built on the meta device: skeleton); the
+    output embedding is left out when the config ties it to the input embedding."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    head = output_embedding_key(model)
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == head)}
 
 
-def check_against_config(source: TensorSource, config, spec: ArchSpec, where: str) -> None:
-    """Every tensor the config implies exists with the shape it implies, and no tensor is left unexplained."""
-    expected = expected_tensors(config, spec)
+def check_against_config(source: TensorSource, model: nn.Module, spec: ArchSpec, where: str) -> None:
+    """Every tensor the config of `model` (a skeleton) implies exists with the shape it implies, and no tensor is
+    left unexplained."""
+    config = model.config
+    expected = expected_tensors(model)
     have = set(source.keys())
     missing = [k for k in expected if k not in have]
     if missing:
@@ -265,7 +263,7 @@ def check_against_config(source: TensorSource, config, spec: ArchSpec, where: st
             raise CheckpointError(f"{where}: {k} has shape {list(got)}, config.json implies {list(shape)} "
                                   f"({dims[0]}); config and weights disagree")
     tied = getattr(config, "tie_word_embeddings", False)
-    extra = sorted(have - set(expected) - ({output_embedding_key(config), spec.output_embedding} if tied else set()))
+    extra = sorted(have - set(expected) - ({output_embedding_key(model), spec.output_embedding} if tied else set()))
     if extra:
         raise CheckpointError(
             f"{where}: {len(extra)} tensor{'s' if len(extra) > 1 else ''} that config.json does not explain, e.g. "
@@ -387,11 +385,6 @@ def _real_tensors_to(model: nn.Module, device) -> None:
                 m._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=False)
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
 def _float64_norms(*modules: nn.Module):
     from qkvconv.verify import pure_float64
 
@@ -415,7 +408,7 @@ class Stream:
         self.vocab_ids, self.ids = torch.unique(ids, return_inverse=True)  # compact embedding: used rows only
         rows = source.take_rows(emb_key, [int(t) for t in self.vocab_ids])
         emb.weight = nn.Parameter(check_finite(emb_key, rows).to(device=device, dtype=dtype), requires_grad=False)
-        head_key = output_embedding_key(config)
+        head_key = output_embedding_key(self.model)
         tied = getattr(config, "tie_word_embeddings", False) or head_key not in source.keys()
         w_key = emb_key if tied else head_key
         head_w = check_finite(w_key, source.get(w_key))
@@ -430,7 +423,6 @@ class Stream:
             owner, _, leaf = k.rpartition(".")
             m = self.model.get_submodule(owner)
             m._parameters[leaf] = nn.Parameter(v.to(device=device, dtype=dtype), requires_grad=False)
-        _set_buffers_dtype(self.model, dtype)
         _real_tensors_to(self.model, device)
         self.layer0 = self.layers[0]
         self.kwargs: dict[int, tuple] = {}
@@ -733,8 +725,9 @@ def open_plan(source, *, allow_pickle: bool = False, trust_remote_code: bool = F
         if (getattr(config, "auto_map", None) or {}) and not block and not trust_remote_code:
             raise CheckpointError(f"{path} ships its own modeling code (auto_map); pass --trust-remote-code if you "
                                   "trust it")
-        tensors = module_names(SafetensorsSource(path), config, spec)
-        check_against_config(tensors, config, spec, str(path))
+        model = skeleton(config)  # what config.json implies, on the meta device
+        tensors = module_names(SafetensorsSource(path), model, spec)
+        check_against_config(tensors, model, spec, str(path))
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, KeyError, TypeError):
@@ -747,7 +740,7 @@ def open_plan(source, *, allow_pickle: bool = False, trust_remote_code: bool = F
     loaded = load(source, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     sd = loaded.model.state_dict()
     if getattr(loaded.config, "tie_word_embeddings", False):
-        sd.pop(output_embedding_key(loaded.config), None)
+        sd.pop(output_embedding_key(loaded.model), None)
     return Plan(source, loaded.config, loaded.spec, dims_of(loaded.config, loaded.spec), StateDictSource(sd),
                 loaded.tokenizer, getattr(loaded.model, "generation_config", None), loaded)
 
@@ -818,7 +811,6 @@ def stream_convert(
     verify_rows: list[int] | None = None,
     calib_rows: list[int] | None = None,
     exact: bool = False,
-    keep_dtypes: Callable[[object], dict[str, torch.dtype]] | None = None,
     device: str = "cpu",
     batch_size: int = 4,
     max_shard_bytes: int = 2 * 1024**3,
@@ -830,11 +822,11 @@ def stream_convert(
 
     layer_fn(sd64, i, attn_input) -> LayerResult: the transform of layer i on its float64 tensors (attn_input: the
     original layer's calibration attention inputs (n·L, d) over `calib_rows`, when calib_rows is given).
-    config_for(entries) -> the converted config; keep_dtypes(converted skeleton) -> {key: dtype} of tensors that
-    keep their own precision (folded maps). exact: also run float64 streams and measure Exactness."""
+    config_for(entries) -> the converted config. Tensors the converted model keeps at their own precision (folded
+    maps, folded_dtypes) are cast to it, the rest to `dtype`. exact: also run float64 streams and measure Exactness."""
     try:
         return _stream_convert(plan, out_dir, layer_fn, dtype=dtype, config_for=config_for, ids=ids,
-                               verify_rows=verify_rows, calib_rows=calib_rows, exact=exact, keep_dtypes=keep_dtypes,
+                               verify_rows=verify_rows, calib_rows=calib_rows, exact=exact,
                                device=device, batch_size=batch_size, max_shard_bytes=max_shard_bytes,
                                progress=progress, source_label=source_label, writers=(writers := []))
     except BaseException:
@@ -843,7 +835,7 @@ def stream_convert(
         raise
 
 
-def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_rows, calib_rows, exact, keep_dtypes,
+def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_rows, calib_rows, exact,
                     device, batch_size, max_shard_bytes, progress, source_label, writers: list) -> Streamed:
     from qkvconv.verify import Exactness, _Accumulator, _Stat
 
@@ -880,7 +872,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         for k in plan.rest_keys():
             writer.add(k, check_finite(k, src.get(k)).to(dtype))
         timings["io"] += time.perf_counter() - t
-    keep: dict[str, torch.dtype] = {}
+    keeps: dict[str, dict[str, torch.dtype]] = {}  # layer entry -> {key: dtype} of its folded maps
     for i in range(n_layers):
         if progress:
             progress(f"layer {i + 1}/{n_layers}")
@@ -912,9 +904,10 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         timings["transform"] += time.perf_counter() - t
         entries.append(res.entry)
         infos.append(res.info)
-        if not keep or i == 0:
-            found = keep_dtypes(conv_layers(res.entry, dtype)) if keep_dtypes is not None else {}
-            keep = {f"{spec.layers}.{k}": v for k, v in found.items()}  # keys relative to the layer list
+        entry_key = json.dumps(res.entry, sort_keys=True)
+        if entry_key not in keeps:  # keys relative to the layer list, made full
+            keeps[entry_key] = {f"{spec.layers}.{k}": d for k, d in folded_dtypes(conv_layers(res.entry, dtype)).items()}
+        keep = keeps[entry_key]
         kept = {k: x for k, x in layer_src.items() if k not in set(res.removed)}
         out = {k: x.to(keep.get(k, dtype)) for k, x in kept.items()}
         out.update({k: x.to(keep.get(k, dtype)) for k, x in res.tensors.items()})
