@@ -285,9 +285,13 @@ def write_checkpoint(
     need = sum(t.numel() * t.element_size() for t in state_dict.values())
     with atomic_output(out_p, force=force, need_bytes=need) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
-        for k, v in state_dict.items():
-            writer.add(k, v)
-        writer.finish()
+        try:
+            for k, v in state_dict.items():
+                writer.add(k, v)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
         write_metadata(tmp, config=config, tokenizer=tokenizer, record=record, generation_config=generation_config)
     return out_p
 
