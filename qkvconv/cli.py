@@ -410,7 +410,8 @@ def verification_table(report) -> Table:
 
 def exactness_line(x) -> str:
     """Algebra and rounding of an exact conversion, with the bounds it passed."""
-    return (f"exact: float64 algebra max |Δlogit| {x.algebraic_max_abs:.2g} = {x.algebraic_rel:.2g} of max |logit| "
+    on = f" on {x.algebra_tokens} tokens" if x.algebra_tokens and x.algebra_tokens != x.tokens else ""
+    return (f"exact: float64 algebra{on} max |Δlogit| {x.algebraic_max_abs:.2g} = {x.algebraic_rel:.2g} of max |logit| "
             f"(bound {x.algebraic_bound:g}); {x.dtype} rounding {x.rounding_ratio:.2f}× the original's own on average, "
             f"{x.rounding_max_ratio:.2f}× at the max (bounds {x.ratio_bound:g}×, {x.max_ratio_bound:g}×): passed")
 

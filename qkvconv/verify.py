@@ -304,6 +304,7 @@ class Exactness:
     rounding_original_max: float
     rounding_converted_max: float
     tokens: int
+    algebra_tokens: int | None = None  # tokens of the float64 pair (and of the rounding ratios), when fewer
     algebraic_bound: float = ALGEBRAIC_REL_BOUND
     ratio_bound: float = ROUNDING_RATIO_BOUND
     max_ratio_bound: float = ROUNDING_MAX_RATIO_BOUND
