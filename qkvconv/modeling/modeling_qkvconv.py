@@ -31,6 +31,10 @@ BASE_CLASSES = (
     "Qwen3ForCausalLM",
     "GPT2LMHeadModel",
     "GPTNeoXForCausalLM",
+    "Phi3ForCausalLM",
+    "PhiForCausalLM",
+    "StableLmForCausalLM",
+    "Olmo2ForCausalLM",
 )
 
 
@@ -212,18 +216,19 @@ class IdentityQueryFused(nn.Module):
 
     Output is packed like the stock fused module so the stock attention code splits it unchanged:
       fused_concat_conv1d: [q | k | v]                       (GPT-2)
+      fused_concat_linear: [q (H·dh) | k (G·dh) | v (G·dh)]  (Phi-3; kv_size = G·dh)
       fused_per_head:      per head [q_h | k_h | v_h], (H, 3, dh) (GPT-NeoX)
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layout: str, bias: bool):
+    def __init__(self, hidden_size: int, num_heads: int, layout: str, bias: bool, kv_size: int | None = None):
         super().__init__()
         self.num_heads, self.layout = num_heads, layout
-        self.kv = nn.Linear(hidden_size, 2 * hidden_size, bias=bias)
+        self.kv = nn.Linear(hidden_size, 2 * (kv_size or hidden_size), bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, v = self.kv(x).chunk(2, dim=-1)
         x = x.to(k.dtype)  # a folded layer's h' arrives at high precision; q = h' in the compute dtype
-        if self.layout == "fused_concat_conv1d":
+        if self.layout in ("fused_concat_conv1d", "fused_concat_linear"):
             return torch.cat([x, k, v], dim=-1)
         heads = (*x.shape[:-1], self.num_heads, -1)  # (..., H, dh)
         return torch.cat([x.reshape(heads), k.reshape(heads), v.reshape(heads)], dim=-1).flatten(-2)
@@ -252,8 +257,8 @@ class QueryMLP(nn.Module):
     """Nonlinear residual query q = X + f(X), f(X) = LayerNorm(act(RMSNorm(X)·W1)·W2), no biases
     (arXiv 2603.13381), applied to the query part of a projection's output, before q_norm and RoPE.
 
-    layout says where the query sits in that output: "separate" (all of it), "fused_concat_conv1d"
-    ([q | k | v]) or "fused_per_head" (per head [q_h | k_h | v_h]). Zero output-norm gain: f = 0 at start.
+    layout says where the query sits in that output: "separate" (all of it), "fused_concat_conv1d" or
+    "fused_concat_linear" ([q | k | v]) or "fused_per_head" (per head [q_h | k_h | v_h]). Zero output-norm gain: f = 0 at start.
     """
 
     def __init__(self, size: int, rank: int, act: str, layout: str, num_heads: int):
@@ -272,7 +277,7 @@ class QueryMLP(nn.Module):
         if self.layout == "separate":
             return y + self.f(y)
         size = self.norm.normalized_shape[0]
-        if self.layout == "fused_concat_conv1d":
+        if self.layout in ("fused_concat_conv1d", "fused_concat_linear"):
             q, rest = y.split([size, y.shape[-1] - size], dim=-1)
             return torch.cat([q + self.f(q), rest], dim=-1)
         heads = y.unflatten(-1, (self.num_heads, -1))  # (..., H, 3·dh)
@@ -543,7 +548,9 @@ def apply_qkvconv_layout(model: nn.Module, block: dict) -> None:
             else:
                 old = layer.get_submodule(paths["fused_qkv"])
                 bias = getattr(old, "bias", None) is not None
-                fused = IdentityQueryFused(d, cfg.num_attention_heads, paths["qkv_layout"], bias)
+                H = cfg.num_attention_heads
+                kv_size = (getattr(cfg, "num_key_value_heads", None) or H) * (getattr(cfg, "head_dim", None) or d // H)
+                fused = IdentityQueryFused(d, H, paths["qkv_layout"], bias, kv_size)
                 if folded:
                     keep_folded(fused.kv, folded)
                 _set_module(layer, paths["fused_qkv"], fused)

@@ -124,15 +124,18 @@ def read_o(sd: dict, spec: ArchSpec, dims: Dims, i: int) -> Proj:
 
 
 def join_fused_qkv(q: Proj, k: Proj, v: Proj, layout: str, dims: Dims) -> Proj:
-    """Inverse of layout.split_fused_qkv (all three with H heads): W (d, 3·H·dh).
+    """Inverse of layout.split_fused_qkv: W (d, fused_qkv_size).
 
-    fused_concat_conv1d (GPT-2): [q | k | v];  fused_per_head (GPT-NeoX): per head [q_h k_h v_h], (H, 3, dh).
+    fused_concat_conv1d (GPT-2): [q | k | v], H heads each;  fused_per_head (GPT-NeoX): per head [q_h k_h v_h],
+    (H, 3, dh);  fused_concat_linear (Phi-3): [q (H·dh) | k (G·dh) | v (G·dh)], G = the written KV heads.
     """
     d, H, dh = dims.hidden_size, dims.num_attention_heads, dims.head_dim
+    has_b = q.b is not None
+    if layout == "fused_concat_linear":
+        return Proj(torch.cat([q.W, k.W, v.W], 1), torch.cat([q.b, k.b, v.b]) if has_b else None)
     for p in (q, k, v):
         if tuple(p.W.shape) != (d, H * dh):
             raise ValueError(f"fused qkv needs {H} heads per projection, found W of shape {tuple(p.W.shape)}")
-    has_b = q.b is not None
     if layout == "fused_concat_conv1d":
         return Proj(torch.cat([q.W, k.W, v.W], 1), torch.cat([q.b, k.b, v.b]) if has_b else None)
     W = torch.stack([p.W.reshape(d, H, dh) for p in (q, k, v)], 2).reshape(d, 3 * H * dh)
