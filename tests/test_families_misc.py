@@ -48,10 +48,14 @@ def _config(name: str):
                                  short_factor=[1.0, 1.1, 1.2, 1.3], long_factor=[1.5, 2.0, 3.0, 4.0]))
     if name == "phi3_plain":  # Phi-3-mini: full rotary, default rope
         return transformers.Phi3Config(**common)
+    if name == "phi":  # Phi-2 shape: parallel attention + MLP on one LayerNorm, dense, partial rotary, QK LayerNorm
+        return transformers.PhiConfig(**common, partial_rotary_factor=0.5, qk_layernorm=True)
+    if name == "phi_plain":  # Phi-2 as released: no QK norm
+        return transformers.PhiConfig(**common, partial_rotary_factor=0.4)
     raise ValueError(name)
 
 
-FAMILIES = ("phi3", "phi3_plain")
+FAMILIES = ("phi3", "phi3_plain", "phi", "phi_plain")
 
 
 def _build(name: str, path, seed: int = 0):
@@ -160,5 +164,27 @@ def test_phi3(misc_models, tmp_path, name):
     _absorb(path, tmp_path, name)
     _attach(path, tmp_path, name)
     _share(path, tmp_path, name)
+    _export_stock(path, tmp_path, name)
+    _inspect(path)
+
+
+@pytest.mark.parametrize("name", ["phi", "phi_plain"])
+def test_phi(misc_models, tmp_path, name):
+    """The MLP reads the attention's norm: absorb-query puts h·W_Q + b_Q on the attention's input (attn_in), the
+    pre-projection MLP hangs there too; the norm and the MLP's input stay as they were."""
+    path = misc_models[name]
+    _absorb(path, tmp_path, name)
+    model, _ = qkvconv.load(tmp_path / "absorb")
+    layer = model.model.layers[0]
+    assert isinstance(layer.input_layernorm, torch.nn.LayerNorm) and hasattr(layer.self_attn, "attn_in")
+    _attach(path, tmp_path, name)
+    model, _ = qkvconv.load(tmp_path / "pre")
+    assert hasattr(model.model.layers[0].self_attn, "preproj")
+    cases = SHARE_CASES
+    if name == "phi":  # QK LayerNorm: the calibrated fit models RMSNorm only
+        cases = [c for c in SHARE_CASES if c[2] != "calibrated"]
+        with pytest.raises(TransformError, match="--init calibrated models per-head RMSNorm QK-norms only"):
+            share_kv_checkpoint(path, None, mode="k=v", init="calibrated", **FAST)
+    _share(path, tmp_path, name, cases)
     _export_stock(path, tmp_path, name)
     _inspect(path)

@@ -9,12 +9,15 @@ layout) comes from the config block, never from `model_type`.
 Config block (config.json, key "qkvconv"):
     {"format": 1, "base_class": "LlamaForCausalLM",
      "paths": {"layers": ..., "attn_norm": ..., "q_proj": ..., "fused_qkv": ..., "qkv_layout": ...},
-     "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "norm",
+     "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "attn_affine" | "norm",
                  optional share-kv keys: "kv": "shared", "qk": "shared", "kv_heads": N,
                  "pos2d": {"channels": p} (q=k only)}, ...]}
     "folded_dtype": "float64" (absorb-query: the folded maps kept at that precision, see keep_folded),
     optional per-layer keys: "query_mlp": {"size", "rank", "act"} (QueryMLP on the q projection),
-    "preproj": {"size", "inner", "expansion", "skip"} (PreProj on attn_norm, content skip on paths["attn"])
+    "preproj": {"size", "inner", "expansion", "skip", optional "on": "attention"} (PreProj on attn_norm, or on the
+    attention's input where no norm is private to it; content skip on paths["attn"])
+    "attn_affine": h' = h·M + c as `<attn>.attn_in` on the attention's input (absorb-query where the MLP reads the same
+    norm, or where there is no pre-attention norm), see attach_attention_input
 """
 
 from __future__ import annotations
@@ -211,6 +214,26 @@ class AffineNorm(nn.Module):
         return self.affine(self.norm(x))
 
 
+def _replace_attention_input(args, kwargs, fn):
+    """(args, kwargs) of an attention forward with its hidden_states (first positional, or keyword) mapped by fn."""
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+
+def _attn_in_hook(module, args, kwargs):
+    return _replace_attention_input(args, kwargs, lambda x: module.attn_in(x.to(module.attn_in.weight.dtype)))
+
+
+def attach_attention_input(attn: nn.Module, hidden_size: int, folded: torch.dtype | None) -> None:
+    """h' = h·M + c applied to the attention module's input only (`attn.attn_in`, a forward pre-hook): absorb-query's
+    map where it cannot live in a norm. folded: M, c kept at that precision and h' returned at it (see keep_folded)."""
+    attn.attn_in = nn.Linear(hidden_size, hidden_size, bias=True)
+    if folded is not None:
+        keep_folded(attn.attn_in, folded, hooks=False)
+    attn.register_forward_pre_hook(_attn_in_hook, with_kwargs=True)
+
+
 class IdentityQueryFused(nn.Module):
     """A fused QKV projection whose query part is the identity: q = x, [k | v] = kv(x).
 
@@ -308,6 +331,10 @@ def _preproj_hook(module, args, output):
     return output + module.preproj(x).to(output.dtype)  # x̃ = x̂ + W_down·SiLU(W_up·x̂)
 
 
+def _preproj_input_hook(module, args, kwargs):
+    return _replace_attention_input(args, kwargs, lambda x: _preproj_hook(module, None, x))
+
+
 def _content_skip_hook(module, args, kwargs, output):
     x = args[0] if args else kwargs["hidden_states"]  # the attention input, x̃
     out = output[0] if isinstance(output, tuple) else output
@@ -326,9 +353,14 @@ def attach_residual_modules(layer: nn.Module, spec: dict, paths: dict, num_heads
         target.register_forward_hook(_query_mlp_hook)
     if "preproj" in spec:
         m = spec["preproj"]
-        norm = layer.get_submodule(paths["attn_norm"])
-        norm.preproj = PreProj(m["size"], m["inner"])
-        norm.register_forward_hook(_preproj_hook)
+        if m.get("on") == "attention":  # x̃ = x̂ + g(x̂) on the attention's input only
+            attn = layer.get_submodule(paths["attn"])
+            attn.preproj = PreProj(m["size"], m["inner"])
+            attn.register_forward_pre_hook(_preproj_input_hook, with_kwargs=True)
+        else:
+            norm = layer.get_submodule(paths["attn_norm"])
+            norm.preproj = PreProj(m["size"], m["inner"])
+            norm.register_forward_hook(_preproj_hook)
         if m.get("skip", False):
             attn = layer.get_submodule(paths["attn"])
             attn.content_skip = nn.Linear(m["size"], m["size"], bias=False)
@@ -539,6 +571,8 @@ def apply_qkvconv_layout(model: nn.Module, block: dict) -> None:
         folded = getattr(torch, spec["folded_dtype"]) if spec.get("folded_dtype") else None
         if spec["attn_input"] == "affine":
             _set_module(layer, paths["attn_norm"], AffineNorm(layer.get_submodule(paths["attn_norm"]), d, folded))
+        elif spec["attn_input"] == "attn_affine":
+            attach_attention_input(layer.get_submodule(paths["attn"]), d, folded)
         if spec["query"] == "identity":
             if paths["qkv_layout"] == "separate":
                 _set_module(layer, paths["q_proj"], ComputeDtype() if folded else nn.Identity())

@@ -513,6 +513,12 @@ def share_kv_layer(
     L = _read_layer(sd, spec, dims, i)
     info: dict = {}
     if init == "calibrated":
+        has_qk_norm = any(k.startswith(tuple(f"{spec.layer(i, n)}." for n in spec.qk_norm)) for k in sd)
+        if has_qk_norm and (spec.norm_kind != "rmsnorm" or spec.qk_norm_scope != "head"):
+            raise TransformError(
+                f"{spec.family}: --init calibrated models per-head RMSNorm QK-norms only, this model's are "
+                f"{'whole-projection ' if spec.qk_norm_scope == 'projection' else ''}{spec.norm_kind}; "
+                "use --init key, value or mean")
         if calibration is None:
             raise TransformError("--init calibrated needs calibration attention inputs for every layer")
         w, info = _calibrated(L, mode, _Calib(calibration, i, dims), dims, N)
@@ -526,11 +532,13 @@ def share_kv_layer(
     attn = _attn_prefix(spec, i)
     for name, p in w.items():  # q, k, v, s, o -> q_proj, k_proj, v_proj, s_proj, o_proj
         _put(out, f"{attn}.{name}_proj", p, dtype)
-    for norm, new in zip(spec.qk_norm, ("q_norm", "k_norm")):
-        key = f"{spec.layer(i, norm)}.weight"
-        if key in sd and f"{attn}.{new}.weight" != key:
-            out[f"{attn}.{new}.weight"] = sd[key]
-            removed.append(key)
+    for norm, new in zip(spec.qk_norm, ("q_norm", "k_norm")):  # every tensor of the norm: weight, bias, per-head
+        prefix = f"{spec.layer(i, norm)}."
+        for key in [k for k in sd if k.startswith(prefix)]:
+            moved = f"{attn}.{new}.{key.removeprefix(prefix)}"
+            if moved != key:
+                out[moved] = sd[key]
+                removed.append(key)
     layer = {"query": "projection", "attn_input": "norm", "kv_heads": N}
     if mode in ("k=v", "q=k=v"):
         layer["kv"] = "shared"
