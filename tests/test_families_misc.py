@@ -52,10 +52,17 @@ def _config(name: str):
         return transformers.PhiConfig(**common, partial_rotary_factor=0.5, qk_layernorm=True)
     if name == "phi_plain":  # Phi-2 as released: no QK norm
         return transformers.PhiConfig(**common, partial_rotary_factor=0.4)
+    if name == "stablelm":  # LayerNorm with bias, partial rotary, one QK LayerNorm per head, parallel residual
+        return transformers.StableLmConfig(**common, partial_rotary_factor=0.25, qk_layernorm=True,
+                                           use_parallel_residual=True, use_qkv_bias=True)
+    if name == "stablelm_seq":  # StableLM-2 1.6B shape: sequential residual, q/k/v biases, no QK norm
+        return transformers.StableLmConfig(**common, partial_rotary_factor=0.25, use_qkv_bias=True)
+    if name == "olmo2":  # post-norm blocks (no pre-attention norm), RMSNorm QK-norm over the whole projection
+        return transformers.Olmo2Config(**common)
     raise ValueError(name)
 
 
-FAMILIES = ("phi3", "phi3_plain", "phi", "phi_plain")
+FAMILIES = ("phi3", "phi3_plain", "phi", "phi_plain", "stablelm", "stablelm_seq", "olmo2")
 
 
 def _build(name: str, path, seed: int = 0):
@@ -146,6 +153,7 @@ def _export_stock(path, tmp_path, name, cases=(("k=v", 1), ("q=k", None), ("q=k=
         assert not (b / "modeling_qkvconv.py").exists()
         stock = transformers.AutoModelForCausalLM.from_pretrained(b)  # the family's own code: no remote code
         remote, _ = qkvconv.load(a)
+        assert any(type(m).__name__ == "SharedProjectionAttention" for m in remote.modules())
         with torch.no_grad():
             err = (stock(IDS).logits - remote(IDS).logits).abs().max().item()
         print(f"{name} share-kv {mode} kv_heads={kvh}: stock export vs shared-cache model max |Δlogit| {err:.2e}")
@@ -187,4 +195,44 @@ def test_phi(misc_models, tmp_path, name):
             share_kv_checkpoint(path, None, mode="k=v", init="calibrated", **FAST)
     _share(path, tmp_path, name, cases)
     _export_stock(path, tmp_path, name)
+    _inspect(path)
+
+
+@pytest.mark.parametrize("name", ["stablelm", "stablelm_seq"])
+def test_stablelm(misc_models, tmp_path, name):
+    path = misc_models[name]
+    parallel = name == "stablelm"
+    _absorb(path, tmp_path, name)
+    model, _ = qkvconv.load(tmp_path / "absorb")
+    assert hasattr(model.model.layers[0].self_attn, "attn_in") == parallel  # parallel: the MLP reads the same norm
+    _attach(path, tmp_path, name)
+    cases, exports = SHARE_CASES, (("k=v", 1), ("q=k", None), ("q=k=v", None))
+    if parallel:  # one LayerNorm per head on q and k: no pooling, no calibrated fit
+        cases = [c for c in SHARE_CASES if c[2] != "calibrated" and c[1] is None]
+        exports = (("k=v", None), ("q=k", None), ("q=k=v", None))
+        with pytest.raises(TransformError, match="one weight per key/value head; pooling 2 → 1 heads"):
+            share_kv_checkpoint(path, None, mode="k=v", kv_heads=1, **FAST)
+        with pytest.raises(TransformError, match="--init calibrated models per-head RMSNorm QK-norms only"):
+            share_kv_checkpoint(path, None, mode="k=v", init="calibrated", **FAST)
+    _share(path, tmp_path, name, cases)
+    _export_stock(path, tmp_path, name, exports)
+    _inspect(path)
+
+
+def test_olmo2(misc_models, tmp_path):
+    """No pre-attention norm: absorb-query's h·W_Q is an explicit d×d map on the attention's input; the QK-norm over
+    the whole projection is kept (q = q_norm(h'), k = k_norm(h'·W_Q⁻¹W_K)). share-kv runs the whole-projection norm
+    per token on the cached states; pooling and the calibrated fit are refused."""
+    name, path = "olmo2", misc_models["olmo2"]
+    _absorb(path, tmp_path, name)
+    model, _ = qkvconv.load(tmp_path / "absorb")
+    assert hasattr(model.model.layers[0].self_attn, "attn_in")
+    _attach(path, tmp_path, name)
+    with pytest.raises(TransformError, match="k_norm normalises all 2 key heads of a token together"):
+        share_kv_checkpoint(path, None, mode="k=v", kv_heads=1, **FAST)
+    with pytest.raises(TransformError, match="whole-projection rmsnorm"):
+        share_kv_checkpoint(path, None, mode="q=k", init="calibrated", **FAST)
+    cases = [c for c in SHARE_CASES if c[2] != "calibrated" and c[1] is None]
+    _share(path, tmp_path, name, cases)
+    _export_stock(path, tmp_path, name, (("k=v", None), ("q=k", None), ("q=k=v", None)))
     _inspect(path)

@@ -38,7 +38,9 @@ class ArchSpec(BaseModel):
     output_embedding: str
     mlp_reads_attn_norm: bool  # GPT-J style shared norm: the MLP would need Θ⁻¹ too
     mlp_reads_attn_norm_when: str | None = None  # config flag that makes the MLP read the attention norm (stablelm)
-    qk_norm_scope: Literal["head", "projection"] = "head"  # projection: q/k norms span all heads (H·dh, olmo2)
+    # what one QK-norm spans: "head" one norm shared by every head (dh); "each_head" one norm per head (stablelm);
+    # "projection" one norm over the whole H·dh projection (olmo2)
+    qk_norm_scope: Literal["head", "each_head", "projection"] = "head"
 
     def layer(self, i: int, module: str) -> str:
         return f"{self.layers}.{i}.{module}"

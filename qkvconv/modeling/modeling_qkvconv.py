@@ -475,6 +475,7 @@ class SharedProjectionAttention(nn.Module):
         self.is_causal, self.attention_dropout = True, 0.0
         self._rotary = rotary  # a _RopeTable shared by the model's layers, None without RoPE
         self.cache_seen = False  # set by every forward; checked by _check_cache_reached
+        self.norm_over_heads = False  # QK-norms over the whole projection (set by _swap_shared_attention)
         if not self.qk_shared:
             self.q_proj = nn.Linear(d, H * dh, bias=qkv_bias)
         if self.kv_shared or self.qk_shared:
@@ -488,6 +489,14 @@ class SharedProjectionAttention(nn.Module):
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
         if spec.get("pos2d"):
             self.pos2d = Pos2D(spec["pos2d"]["channels"], H)
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A QK-norm on head-split states (B, n, T, dh); norm_over_heads: one norm over all n·dh of a token (olmo2's
+        q_norm/k_norm), per token, so it can run on cached pre-norm states at read time."""
+        if not self.norm_over_heads:
+            return norm(x)
+        B, n, T, dh = x.shape
+        return norm(x.transpose(1, 2).reshape(B, T, n * dh)).view(B, T, n, dh).transpose(1, 2)
 
     def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         if self._rotary is None:
@@ -507,16 +516,15 @@ class SharedProjectionAttention(nn.Module):
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         s = heads(self.s_proj(hidden_states)) if hasattr(self, "s_proj") else None
         q = s if self.qk_shared else heads(self.q_proj(hidden_states))
-        q = self.q_norm(q)
-        if self.qk_shared:
+        if self.qk_shared:  # before q_norm: a norm per query head, or over all H heads, sees what the stock one does
             q = q.repeat_interleave(self.num_key_value_groups, dim=1)  # (B, H, T, dh)
-        q = self._rotate(q, past)
+        q = self._rotate(self._norm(self.q_norm, q), past)
         if self.kv_shared:  # cache S once, pre-RoPE; keys = RoPE(k_norm(S)) over the whole past
             s_all = cache.update(s, s[..., :0], self.layer_idx)[0] if cache is not None else s
-            k_all, v_all = self._rotate(self.k_norm(s_all), 0), s_all
+            k_all, v_all = self._rotate(self._norm(self.k_norm, s_all), 0), s_all
         else:
             k = s if self.qk_shared else heads(self.k_proj(hidden_states))
-            k = self._rotate(self.k_norm(k), past)
+            k = self._rotate(self._norm(self.k_norm, k), past)
             v = heads(self.v_proj(hidden_states))
             k_all, v_all = cache.update(k, v, self.layer_idx) if cache is not None else (k, v)
         if hasattr(self, "pos2d"):
@@ -542,6 +550,7 @@ def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dic
     q_norm, k_norm = (norms + [None, None])[:2]
     new = SharedProjectionAttention(old, model.config, i, spec, rotary, getattr(qkv, "bias", None) is not None,
                                     getattr(o, "bias", None) is not None, q_norm, k_norm)
+    new.norm_over_heads = paths.get("qk_norm_scope") == "projection"
     _set_module(layer, paths["attn"], new)
 
 

@@ -512,8 +512,15 @@ def share_kv_layer(
     dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
     L = _read_layer(sd, spec, dims, i)
     info: dict = {}
+    has_qk_norm = any(k.startswith(tuple(f"{spec.layer(i, n)}." for n in spec.qk_norm)) for k in sd)
+    if has_qk_norm and N < G and spec.qk_norm_scope == "each_head":
+        raise TransformError(f"{spec.family}: the QK-norms have one weight per key/value head; pooling {G} → {N} heads "
+                             "leaves no exact place for them, so --kv-heads is refused (k=v, q=k, q=k=v work)")
+    if has_qk_norm and N < G and spec.qk_norm_scope == "projection":
+        raise TransformError(f"{spec.family}: k_norm normalises all {G} key heads of a token together (one RMS over "
+                             f"{G}·head_dim); pooled heads change that statistic, so --kv-heads is refused "
+                             "(k=v, q=k, q=k=v work: the norm runs per token on the cached states)")
     if init == "calibrated":
-        has_qk_norm = any(k.startswith(tuple(f"{spec.layer(i, n)}." for n in spec.qk_norm)) for k in sd)
         if has_qk_norm and (spec.norm_kind != "rmsnorm" or spec.qk_norm_scope != "head"):
             raise TransformError(
                 f"{spec.family}: --init calibrated models per-head RMSNorm QK-norms only, this model's are "
