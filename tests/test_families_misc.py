@@ -132,8 +132,8 @@ def _share(path, tmp_path, name, cases=SHARE_CASES):
     dims = dims_of(orig.config, spec)
     base = kv_cache_bytes_per_token(orig.config, spec, torch.float32)
     ids = tok(["The quick brown fox"], return_tensors="pt").input_ids
-    for mode, kvh, init in cases:
-        out = tmp_path / f"share-{mode}-{kvh}-{init}"
+    for j, (mode, kvh, init) in enumerate(cases):
+        out = tmp_path / f"share{j}"
         r = share_kv_checkpoint(path, out, mode=mode, kv_heads=kvh, init=init, **FAST)
         model, _ = qkvconv.load(out)
         N = kvh or dims.num_key_value_heads
@@ -142,12 +142,15 @@ def _share(path, tmp_path, name, cases=SHARE_CASES):
         _check_cached_equals_uncached(model, ids, 6, per_token)
         print(f"{name} share-kv {mode} kv_heads={kvh} init={init}: KL {r.error.kl:.3g}, "
               f"cache {base} -> {per_token} bytes/token")
-    _same_in_plain_transformers(tmp_path / "share-k=v-None-key")
+    _same_in_plain_transformers(tmp_path / "share0")
 
 
-def _export_stock(path, tmp_path, name, cases=(("k=v", 1), ("q=k", None), ("q=k=v", None))):
+EXPORTS = (("k=v", 1), ("q=k", None), ("q=k=v", None))
+
+
+def _export_stock(path, tmp_path, name, cases=EXPORTS):
     for mode, kvh in cases:
-        a, b = tmp_path / f"remote-{mode}-{kvh}", tmp_path / f"stock-{mode}-{kvh}"
+        a, b = tmp_path / f"remote{mode}{kvh}".replace("=", ""), tmp_path / f"stock{mode}{kvh}".replace("=", "")
         share_kv_checkpoint(path, a, mode=mode, kv_heads=kvh, **FAST)
         share_kv_checkpoint(path, b, mode=mode, kv_heads=kvh, export="stock", **FAST)
         assert not (b / "modeling_qkvconv.py").exists()
@@ -166,13 +169,17 @@ def _inspect(path):
     assert "cond(W_Q)" in result.stdout
 
 
+# the second size of a family checks its other quirks with fewer share-kv runs (runtime)
+VARIANT_CASES, VARIANT_EXPORTS = [("k=v", 1, "calibrated"), ("q=k=v", None, "key")], (("k=v", 1),)
+
+
 @pytest.mark.parametrize("name", ["phi3", "phi3_plain"])
 def test_phi3(misc_models, tmp_path, name):
     path = misc_models[name]
     _absorb(path, tmp_path, name)
     _attach(path, tmp_path, name)
-    _share(path, tmp_path, name)
-    _export_stock(path, tmp_path, name)
+    _share(path, tmp_path, name, SHARE_CASES if name == "phi3" else VARIANT_CASES)
+    _export_stock(path, tmp_path, name, EXPORTS if name == "phi3" else VARIANT_EXPORTS)
     _inspect(path)
 
 
@@ -188,13 +195,13 @@ def test_phi(misc_models, tmp_path, name):
     _attach(path, tmp_path, name)
     model, _ = qkvconv.load(tmp_path / "pre")
     assert hasattr(model.model.layers[0].self_attn, "preproj")
-    cases = SHARE_CASES
+    cases, exports = VARIANT_CASES, VARIANT_EXPORTS
     if name == "phi":  # QK LayerNorm: the calibrated fit models RMSNorm only
-        cases = [c for c in SHARE_CASES if c[2] != "calibrated"]
+        cases, exports = [c for c in SHARE_CASES if c[2] != "calibrated"], EXPORTS
         with pytest.raises(TransformError, match="--init calibrated models per-head RMSNorm QK-norms only"):
             share_kv_checkpoint(path, None, mode="k=v", init="calibrated", **FAST)
     _share(path, tmp_path, name, cases)
-    _export_stock(path, tmp_path, name)
+    _export_stock(path, tmp_path, name, exports)
     _inspect(path)
 
 
@@ -206,7 +213,7 @@ def test_stablelm(misc_models, tmp_path, name):
     model, _ = qkvconv.load(tmp_path / "absorb")
     assert hasattr(model.model.layers[0].self_attn, "attn_in") == parallel  # parallel: the MLP reads the same norm
     _attach(path, tmp_path, name)
-    cases, exports = SHARE_CASES, (("k=v", 1), ("q=k", None), ("q=k=v", None))
+    cases, exports = VARIANT_CASES, VARIANT_EXPORTS
     if parallel:  # one LayerNorm per head on q and k: no pooling, no calibrated fit
         cases = [c for c in SHARE_CASES if c[2] != "calibrated" and c[1] is None]
         exports = (("k=v", None), ("q=k", None), ("q=k=v", None))
