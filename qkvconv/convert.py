@@ -118,6 +118,7 @@ def converted_config(config, spec: ArchSpec, base_class: str, layers: list[dict]
             "attn": spec.o_proj.rsplit(".", 1)[0],  # the attention block, relative to a layer
             "o_proj": spec.o_proj,
             "qk_norm": spec.qk_norm,
+            "qk_norm_scope": spec.qk_norm_scope,
         },
         "layers": layers,
     }

@@ -998,8 +998,9 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
             captured: list[torch.Tensor] = []
             hook = None
             if calib_rows and v == dtype:
-                hook = module.get_submodule(spec.attn_norm).register_forward_hook(
-                    lambda _m, _i, out: captured.append(out.detach()))
+                from qkvconv.verify import capture_attention_input
+
+                hook = capture_attention_input(module, spec, captured.append)
             h_orig[v] = streams[v].run_layer(module, h_orig[v])
             if hook is not None:
                 hook.remove()

@@ -160,15 +160,23 @@ def compare_model(ref_logits: torch.Tensor, model, ids: torch.Tensor, source: st
     return acc.result(source)
 
 
+def capture_attention_input(layer, spec, fn):
+    """Call fn(h) with each input h the layer's attention block sees: the pre-attention norm's output, or the
+    attention module's own input where there is no such norm (olmo2 reads the raw residual). Returns the hook."""
+    if spec.attn_norm is not None:
+        return layer.get_submodule(spec.attn_norm).register_forward_hook(lambda _m, _i, out: fn(out.detach()))
+    attn = layer.get_submodule(spec.o_proj.rsplit(".", 1)[0])
+    return attn.register_forward_pre_hook(
+        lambda _m, args, kwargs: fn((args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
+
+
 @torch.no_grad()
 def attention_inputs(model, spec, ids: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
     """Per layer, the inputs the attention block sees (output of the pre-attention norm), (n_tokens, d)."""
     layers = model.get_submodule(spec.layers)
     store: list[list[torch.Tensor]] = [[] for _ in layers]
     hooks = [
-        layer.get_submodule(spec.attn_norm).register_forward_hook(
-            lambda _m, _i, out, i=i: store[i].append(out.detach().reshape(-1, out.shape[-1]).cpu())
-        )
+        capture_attention_input(layer, spec, lambda out, i=i: store[i].append(out.reshape(-1, out.shape[-1]).cpu()))
         for i, layer in enumerate(layers)
     ]
     try:

@@ -24,9 +24,9 @@ class ArchSpec(BaseModel):
     family: str
     model_types: list[str]
     layers: str  # module path of the decoder-layer list
-    attn_norm: str  # pre-attention norm, relative to a layer
+    attn_norm: str | None  # pre-attention norm, relative to a layer; None: attention reads the raw residual (olmo2)
     norm_kind: Literal["rmsnorm", "layernorm"]
-    qkv_layout: Literal["separate", "fused_concat_conv1d", "fused_per_head"]
+    qkv_layout: Literal["separate", "fused_concat_conv1d", "fused_per_head", "fused_concat_linear"]
     q_proj: str | None
     k_proj: str | None
     v_proj: str | None
@@ -37,6 +37,10 @@ class ArchSpec(BaseModel):
     input_embeddings: list[str]
     output_embedding: str
     mlp_reads_attn_norm: bool  # GPT-J style shared norm: the MLP would need Θ⁻¹ too
+    mlp_reads_attn_norm_when: str | None = None  # config flag that makes the MLP read the attention norm (stablelm)
+    # what one QK-norm spans: "head" one norm shared by every head (dh); "each_head" one norm per head (stablelm);
+    # "projection" one norm over the whole H·dh projection (olmo2)
+    qk_norm_scope: Literal["head", "each_head", "projection"] = "head"
 
     def layer(self, i: int, module: str) -> str:
         return f"{self.layers}.{i}.{module}"
@@ -52,6 +56,7 @@ class Dims:
     num_key_value_heads: int
     head_dim: int
     rotary_dim: int  # 0 without RoPE
+    mlp_reads_attn_norm: bool = False  # the MLP reads the pre-attention norm's output too (parallel, one norm)
 
     @property
     def q_size(self) -> int:
@@ -102,4 +107,6 @@ def dims_of(config, spec: ArchSpec) -> Dims:
         num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         rotary_dim=rotary,
+        mlp_reads_attn_norm=spec.mlp_reads_attn_norm
+        or bool(spec.mlp_reads_attn_norm_when and getattr(config, spec.mlp_reads_attn_norm_when, False)),
     )

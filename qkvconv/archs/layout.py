@@ -33,17 +33,27 @@ def _linear(sd: dict, key: str, d_in: int, d_out: int) -> Proj:
     return Proj(W, None if b is None else _expect(b, (d_out,), key).double())
 
 
+def fused_qkv_size(layout: str, dims: Dims) -> int:
+    """Output size of a fused QKV projection: 3·H·dh, or H·dh + 2·G·dh for the GQA concat (Phi-3)."""
+    return dims.q_size + 2 * dims.kv_size if layout == "fused_concat_linear" else 3 * dims.q_size
+
+
 def split_fused_qkv(W: torch.Tensor, b: torch.Tensor | None, layout: str, dims: Dims) -> tuple[Proj, Proj, Proj]:
-    """Split a fused QKV projection (math convention, W: (d, 3·H·dh)) into q, k, v.
+    """Split a fused QKV projection (math convention, W: (d, fused_qkv_size)) into q, k, v.
 
     fused_concat_conv1d (GPT-2): columns are [q (H·dh) | k (H·dh) | v (H·dh)].
     fused_per_head (GPT-NeoX):   columns are per head [h0: q k v | h1: q k v | ...], i.e. (H, 3, dh).
+    fused_concat_linear (Phi-3): one nn.Linear whose output rows are [q (H·dh) | k (G·dh) | v (G·dh)]: GQA sizes,
+                                 so k and v are narrower than q (G < H); in math convention the same column order.
     """
     d, H, dh = dims.hidden_size, dims.num_attention_heads, dims.head_dim
-    _expect(W, (d, 3 * H * dh), "fused qkv")
-    if layout == "fused_concat_conv1d":
-        Ws = W.split(H * dh, dim=1)
-        bs = b.split(H * dh) if b is not None else (None, None, None)
+    _expect(W, (d, fused_qkv_size(layout, dims)), "fused qkv")
+    if b is not None:
+        _expect(b, (fused_qkv_size(layout, dims),), "fused qkv bias")
+    if layout in ("fused_concat_conv1d", "fused_concat_linear"):
+        sizes = [dims.q_size, dims.kv_size, dims.kv_size] if layout == "fused_concat_linear" else [H * dh] * 3
+        Ws = W.split(sizes, dim=1)
+        bs = b.split(sizes) if b is not None else (None, None, None)
     elif layout == "fused_per_head":
         Ws = [w.reshape(d, H * dh) for w in W.reshape(d, H, 3, dh).unbind(2)]
         bs = [x.reshape(H * dh) for x in b.reshape(H, 3, dh).unbind(1)] if b is not None else (None, None, None)
@@ -63,10 +73,11 @@ def read_qkv(sd: dict, spec: ArchSpec, dims: Dims, i: int) -> tuple[Proj, Proj, 
         )
     key = spec.layer(i, spec.fused_qkv)
     w, b = sd[f"{key}.weight"], sd.get(f"{key}.bias")
+    size = fused_qkv_size(spec.qkv_layout, dims)
     if spec.qkv_layout == "fused_concat_conv1d":
-        W = _expect(w, (d, 3 * dims.q_size), key).double()  # Conv1D stores (d_in, d_out)
+        W = _expect(w, (d, size), key).double()  # Conv1D stores (d_in, d_out)
     else:
-        W = _expect(w, (3 * dims.q_size, d), key).double().T  # Linear stores (d_out, d_in)
+        W = _expect(w, (size, d), key).double().T  # Linear stores (d_out, d_in)
     return split_fused_qkv(W, None if b is None else b.double(), spec.qkv_layout, dims)
 
 

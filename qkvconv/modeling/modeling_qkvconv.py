@@ -9,12 +9,15 @@ layout) comes from the config block, never from `model_type`.
 Config block (config.json, key "qkvconv"):
     {"format": 1, "base_class": "LlamaForCausalLM",
      "paths": {"layers": ..., "attn_norm": ..., "q_proj": ..., "fused_qkv": ..., "qkv_layout": ...},
-     "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "norm",
+     "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "attn_affine" | "norm",
                  optional share-kv keys: "kv": "shared", "qk": "shared", "kv_heads": N,
                  "pos2d": {"channels": p} (q=k only)}, ...]}
     "folded_dtype": "float64" (absorb-query: the folded maps kept at that precision, see keep_folded),
     optional per-layer keys: "query_mlp": {"size", "rank", "act"} (QueryMLP on the q projection),
-    "preproj": {"size", "inner", "expansion", "skip"} (PreProj on attn_norm, content skip on paths["attn"])
+    "preproj": {"size", "inner", "expansion", "skip", optional "on": "attention"} (PreProj on attn_norm, or on the
+    attention's input where no norm is private to it; content skip on paths["attn"])
+    "attn_affine": h' = h·M + c as `<attn>.attn_in` on the attention's input (absorb-query where the MLP reads the same
+    norm, or where there is no pre-attention norm), see attach_attention_input
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ BASE_CLASSES = (
     "Qwen3ForCausalLM",
     "GPT2LMHeadModel",
     "GPTNeoXForCausalLM",
+    "Phi3ForCausalLM",
+    "PhiForCausalLM",
+    "StableLmForCausalLM",
+    "Olmo2ForCausalLM",
 )
 
 
@@ -207,23 +214,44 @@ class AffineNorm(nn.Module):
         return self.affine(self.norm(x))
 
 
+def _replace_attention_input(args, kwargs, fn):
+    """(args, kwargs) of an attention forward with its hidden_states (first positional, or keyword) mapped by fn."""
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+
+def _attn_in_hook(module, args, kwargs):
+    return _replace_attention_input(args, kwargs, lambda x: module.attn_in(x.to(module.attn_in.weight.dtype)))
+
+
+def attach_attention_input(attn: nn.Module, hidden_size: int, folded: torch.dtype | None) -> None:
+    """h' = h·M + c applied to the attention module's input only (`attn.attn_in`, a forward pre-hook): absorb-query's
+    map where it cannot live in a norm. folded: M, c kept at that precision and h' returned at it (see keep_folded)."""
+    attn.attn_in = nn.Linear(hidden_size, hidden_size, bias=True)
+    if folded is not None:
+        keep_folded(attn.attn_in, folded, hooks=False)
+    attn.register_forward_pre_hook(_attn_in_hook, with_kwargs=True)
+
+
 class IdentityQueryFused(nn.Module):
     """A fused QKV projection whose query part is the identity: q = x, [k | v] = kv(x).
 
     Output is packed like the stock fused module so the stock attention code splits it unchanged:
       fused_concat_conv1d: [q | k | v]                       (GPT-2)
+      fused_concat_linear: [q (H·dh) | k (G·dh) | v (G·dh)]  (Phi-3; kv_size = G·dh)
       fused_per_head:      per head [q_h | k_h | v_h], (H, 3, dh) (GPT-NeoX)
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layout: str, bias: bool):
+    def __init__(self, hidden_size: int, num_heads: int, layout: str, bias: bool, kv_size: int | None = None):
         super().__init__()
         self.num_heads, self.layout = num_heads, layout
-        self.kv = nn.Linear(hidden_size, 2 * hidden_size, bias=bias)
+        self.kv = nn.Linear(hidden_size, 2 * (kv_size or hidden_size), bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, v = self.kv(x).chunk(2, dim=-1)
         x = x.to(k.dtype)  # a folded layer's h' arrives at high precision; q = h' in the compute dtype
-        if self.layout == "fused_concat_conv1d":
+        if self.layout in ("fused_concat_conv1d", "fused_concat_linear"):
             return torch.cat([x, k, v], dim=-1)
         heads = (*x.shape[:-1], self.num_heads, -1)  # (..., H, dh)
         return torch.cat([x.reshape(heads), k.reshape(heads), v.reshape(heads)], dim=-1).flatten(-2)
@@ -252,8 +280,8 @@ class QueryMLP(nn.Module):
     """Nonlinear residual query q = X + f(X), f(X) = LayerNorm(act(RMSNorm(X)·W1)·W2), no biases
     (arXiv 2603.13381), applied to the query part of a projection's output, before q_norm and RoPE.
 
-    layout says where the query sits in that output: "separate" (all of it), "fused_concat_conv1d"
-    ([q | k | v]) or "fused_per_head" (per head [q_h | k_h | v_h]). Zero output-norm gain: f = 0 at start.
+    layout says where the query sits in that output: "separate" (all of it), "fused_concat_conv1d" or
+    "fused_concat_linear" ([q | k | v]) or "fused_per_head" (per head [q_h | k_h | v_h]). Zero output-norm gain: f = 0 at start.
     """
 
     def __init__(self, size: int, rank: int, act: str, layout: str, num_heads: int):
@@ -272,7 +300,7 @@ class QueryMLP(nn.Module):
         if self.layout == "separate":
             return y + self.f(y)
         size = self.norm.normalized_shape[0]
-        if self.layout == "fused_concat_conv1d":
+        if self.layout in ("fused_concat_conv1d", "fused_concat_linear"):
             q, rest = y.split([size, y.shape[-1] - size], dim=-1)
             return torch.cat([q + self.f(q), rest], dim=-1)
         heads = y.unflatten(-1, (self.num_heads, -1))  # (..., H, 3·dh)
@@ -303,6 +331,10 @@ def _preproj_hook(module, args, output):
     return output + module.preproj(x).to(output.dtype)  # x̃ = x̂ + W_down·SiLU(W_up·x̂)
 
 
+def _preproj_input_hook(module, args, kwargs):
+    return _replace_attention_input(args, kwargs, lambda x: _preproj_hook(module, None, x))
+
+
 def _content_skip_hook(module, args, kwargs, output):
     x = args[0] if args else kwargs["hidden_states"]  # the attention input, x̃
     out = output[0] if isinstance(output, tuple) else output
@@ -321,9 +353,14 @@ def attach_residual_modules(layer: nn.Module, spec: dict, paths: dict, num_heads
         target.register_forward_hook(_query_mlp_hook)
     if "preproj" in spec:
         m = spec["preproj"]
-        norm = layer.get_submodule(paths["attn_norm"])
-        norm.preproj = PreProj(m["size"], m["inner"])
-        norm.register_forward_hook(_preproj_hook)
+        if m.get("on") == "attention":  # x̃ = x̂ + g(x̂) on the attention's input only
+            attn = layer.get_submodule(paths["attn"])
+            attn.preproj = PreProj(m["size"], m["inner"])
+            attn.register_forward_pre_hook(_preproj_input_hook, with_kwargs=True)
+        else:
+            norm = layer.get_submodule(paths["attn_norm"])
+            norm.preproj = PreProj(m["size"], m["inner"])
+            norm.register_forward_hook(_preproj_hook)
         if m.get("skip", False):
             attn = layer.get_submodule(paths["attn"])
             attn.content_skip = nn.Linear(m["size"], m["size"], bias=False)
@@ -438,6 +475,7 @@ class SharedProjectionAttention(nn.Module):
         self.is_causal, self.attention_dropout = True, 0.0
         self._rotary = rotary  # a _RopeTable shared by the model's layers, None without RoPE
         self.cache_seen = False  # set by every forward; checked by _check_cache_reached
+        self.norm_over_heads = False  # QK-norms over the whole projection (set by _swap_shared_attention)
         if not self.qk_shared:
             self.q_proj = nn.Linear(d, H * dh, bias=qkv_bias)
         if self.kv_shared or self.qk_shared:
@@ -451,6 +489,14 @@ class SharedProjectionAttention(nn.Module):
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
         if spec.get("pos2d"):
             self.pos2d = Pos2D(spec["pos2d"]["channels"], H)
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A QK-norm on head-split states (B, n, T, dh); norm_over_heads: one norm over all n·dh of a token (olmo2's
+        q_norm/k_norm), per token, so it can run on cached pre-norm states at read time."""
+        if not self.norm_over_heads:
+            return norm(x)
+        B, n, T, dh = x.shape
+        return norm(x.transpose(1, 2).reshape(B, T, n * dh)).view(B, T, n, dh).transpose(1, 2)
 
     def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         if self._rotary is None:
@@ -470,16 +516,15 @@ class SharedProjectionAttention(nn.Module):
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         s = heads(self.s_proj(hidden_states)) if hasattr(self, "s_proj") else None
         q = s if self.qk_shared else heads(self.q_proj(hidden_states))
-        q = self.q_norm(q)
-        if self.qk_shared:
+        if self.qk_shared:  # before q_norm: a norm per query head, or over all H heads, sees what the stock one does
             q = q.repeat_interleave(self.num_key_value_groups, dim=1)  # (B, H, T, dh)
-        q = self._rotate(q, past)
+        q = self._rotate(self._norm(self.q_norm, q), past)
         if self.kv_shared:  # cache S once, pre-RoPE; keys = RoPE(k_norm(S)) over the whole past
             s_all = cache.update(s, s[..., :0], self.layer_idx)[0] if cache is not None else s
-            k_all, v_all = self._rotate(self.k_norm(s_all), 0), s_all
+            k_all, v_all = self._rotate(self._norm(self.k_norm, s_all), 0), s_all
         else:
             k = s if self.qk_shared else heads(self.k_proj(hidden_states))
-            k = self._rotate(self.k_norm(k), past)
+            k = self._rotate(self._norm(self.k_norm, k), past)
             v = heads(self.v_proj(hidden_states))
             k_all, v_all = cache.update(k, v, self.layer_idx) if cache is not None else (k, v)
         if hasattr(self, "pos2d"):
@@ -505,6 +550,7 @@ def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dic
     q_norm, k_norm = (norms + [None, None])[:2]
     new = SharedProjectionAttention(old, model.config, i, spec, rotary, getattr(qkv, "bias", None) is not None,
                                     getattr(o, "bias", None) is not None, q_norm, k_norm)
+    new.norm_over_heads = paths.get("qk_norm_scope") == "projection"
     _set_module(layer, paths["attn"], new)
 
 
@@ -534,6 +580,8 @@ def apply_qkvconv_layout(model: nn.Module, block: dict) -> None:
         folded = getattr(torch, spec["folded_dtype"]) if spec.get("folded_dtype") else None
         if spec["attn_input"] == "affine":
             _set_module(layer, paths["attn_norm"], AffineNorm(layer.get_submodule(paths["attn_norm"]), d, folded))
+        elif spec["attn_input"] == "attn_affine":
+            attach_attention_input(layer.get_submodule(paths["attn"]), d, folded)
         if spec["query"] == "identity":
             if paths["qkv_layout"] == "separate":
                 _set_module(layer, paths["q_proj"], ComputeDtype() if folded else nn.Identity())
@@ -543,7 +591,9 @@ def apply_qkvconv_layout(model: nn.Module, block: dict) -> None:
             else:
                 old = layer.get_submodule(paths["fused_qkv"])
                 bias = getattr(old, "bias", None) is not None
-                fused = IdentityQueryFused(d, cfg.num_attention_heads, paths["qkv_layout"], bias)
+                H = cfg.num_attention_heads
+                kv_size = (getattr(cfg, "num_key_value_heads", None) or H) * (getattr(cfg, "head_dim", None) or d // H)
+                fused = IdentityQueryFused(d, H, paths["qkv_layout"], bias, kv_size)
                 if folded:
                     keep_folded(fused.kv, folded)
                 _set_module(layer, paths["fused_qkv"], fused)

@@ -7,6 +7,13 @@ Attention sees its input h only through h·W_Q, h·W_K, h·W_V, so for invertibl
     q  = h'                                         (identity query)
     W_K' = W_Q⁻¹·W_K,  b_K' = b_K − b_Q·W_Q⁻¹·W_K   (same for V)
 
+Where the pre-attention norm also feeds the MLP (parallel attention + MLP on one norm: phi, stablelm with
+use_parallel_residual) or where there is no pre-attention norm (olmo2: attention reads the raw residual), h ↦ h·W_Q + b_Q
+cannot be folded into a norm; it becomes an explicit d×d affine map `<attention>.attn_in` on the attention's input
+only, so the MLP and the residual still see h ("attn_input": "attn_affine"). The identity is the same, and with it
+any norm on q or k applied after the projection (per head, or over the whole H·dh projection as olmo2's q_norm and
+k_norm): q = q_norm(h·W_Q) = q_norm(h'), k = k_norm(h·W_K) = k_norm(h'·W_Q⁻¹W_K), v = h'·W_Q⁻¹W_V.
+
 `exact` does this in float64 and casts once. `drop` removes W_Q outright (q = Norm(x), the norm stays
 diagonal) and refits W_K by least squares on calibration activations so that each head's logits stay
 close: a RoPE-commuting refit (a complex scale per rotary frequency) on rotary dims and a full
@@ -110,6 +117,13 @@ def _fold_norm(sd: dict, spec: ArchSpec, i: int, q: Proj, dtype: torch.dtype) ->
     return out
 
 
+def _attn_affine(spec: ArchSpec, i: int, q: Proj, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """h' = h·W_Q + b_Q as an explicit affine map on the attention's input (the norm, if any, is left alone)."""
+    key = f"{spec.layer(i, spec.o_proj.rsplit('.', 1)[0])}.attn_in"
+    b = q.b if q.b is not None else torch.zeros(q.W.shape[1], dtype=torch.float64)
+    return {f"{key}.weight": q.W.T.contiguous().to(dtype), f"{key}.bias": b.to(dtype)}  # nn.Linear: (d_out, d_in)
+
+
 def _absorb_layer(q: Proj, k: Proj, v: Proj, i: int) -> tuple[Proj, Proj, float]:
     lu = _lu(q.W)  # one factorisation for the condition number and both solves
     cond = condition_number(q.W, lu)
@@ -184,12 +198,16 @@ def absorb_query_layer(
     folded: list[str] = []
     if mode == "exact":
         k2, v2, cond = _absorb_layer(q, k, v, i)
-        norm = spec.layer(i, spec.attn_norm)
-        removed += [key for key in (f"{norm}.weight", f"{norm}.bias") if key in sd]
-        fold = _fold_norm(sd, spec, i, q, dtype)
+        if spec.attn_norm is None or dims.mlp_reads_attn_norm:  # no norm private to the attention to fold into
+            fold = _attn_affine(spec, i, q, dtype)
+            entry = {"query": "identity", "attn_input": "attn_affine"}
+        else:
+            norm = spec.layer(i, spec.attn_norm)
+            removed += [key for key in (f"{norm}.weight", f"{norm}.bias") if key in sd]
+            fold = _fold_norm(sd, spec, i, q, dtype)
+            entry = {"query": "identity", "attn_input": "affine"}
         out.update(fold)
-        folded += [key for key in fold if ".affine." in key]
-        entry = {"query": "identity", "attn_input": "affine"}
+        folded += [key for key in fold if ".affine." in key or ".attn_in." in key]
     else:
         if attn_input is None:
             raise TransformError("absorb-query --mode drop needs calibration attention inputs for every layer")

@@ -125,9 +125,13 @@ def _every_layer(state_dict: dict, layers: list[dict], one) -> AttachResult:
     return AttachResult(out, new_layers, added)
 
 
+def preproj_on_attention(spec: ArchSpec, dims: Dims) -> bool:
+    """The pre-projection MLP hangs on the attention's input (not on the norm's output) where no norm is private to
+    the attention: the MLP reads the same norm (parallel block on one norm), or there is no pre-attention norm."""
+    return spec.attn_norm is None or dims.mlp_reads_attn_norm
+
+
 def _check_preproj(spec: ArchSpec, expansion: float) -> None:
-    if spec.mlp_reads_attn_norm:
-        raise TransformError(f"{spec.family}: the MLP reads the attention norm too; a pre-projection MLP would change it")
     if not 0 < expansion <= 16:
         raise TransformError(f"--expansion must be in (0, 16], not {expansion}")
 
@@ -144,7 +148,8 @@ def attach_preproj_layer(
     inner = max(1, round(expansion * d))
     dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
     gen = layer_generator(seed, i)
-    key = f"{spec.layer(i, spec.attn_norm)}.preproj"
+    on_attention = preproj_on_attention(spec, dims)
+    key = f"{spec.layer(i, attention_module(spec) if on_attention else spec.attn_norm)}.preproj"
     out = {
         f"{key}.up.weight": _normal((inner, d), d, gen).to(dtype),  # W_up, (E, d)
         f"{key}.down.weight": torch.zeros(d, inner, dtype=dtype),  # W_down = 0: x̃ = x̂
@@ -154,6 +159,8 @@ def attach_preproj_layer(
         out[f"{spec.layer(i, attention_module(spec))}.content_skip.weight"] = torch.zeros(d, d, dtype=dtype)  # W_skip = 0
         added["content_skip"] = d * d
     new = {**entry, "preproj": {"size": d, "inner": inner, "expansion": expansion, "skip": skip}}
+    if on_attention:  # on the attention's input only: the MLP's input is unchanged
+        new["preproj"]["on"] = "attention"
     return LayerResult(out, [], new, {"added": added})
 
 
@@ -181,7 +188,8 @@ def added_module_prefixes(layers: list[dict], spec: ArchSpec) -> list[str]:
         if "query_mlp" in layer:
             prefixes.append(f"{spec.layer(i, query_module(spec))}.query_mlp.")
         if "preproj" in layer:
-            prefixes.append(f"{spec.layer(i, spec.attn_norm)}.preproj.")
+            on = attention_module(spec) if layer["preproj"].get("on") == "attention" else spec.attn_norm
+            prefixes.append(f"{spec.layer(i, on)}.preproj.")
             if layer["preproj"].get("skip"):
                 prefixes.append(f"{spec.layer(i, attention_module(spec))}.content_skip.")
         if "pos2d" in layer:

@@ -124,15 +124,18 @@ def read_o(sd: dict, spec: ArchSpec, dims: Dims, i: int) -> Proj:
 
 
 def join_fused_qkv(q: Proj, k: Proj, v: Proj, layout: str, dims: Dims) -> Proj:
-    """Inverse of layout.split_fused_qkv (all three with H heads): W (d, 3·H·dh).
+    """Inverse of layout.split_fused_qkv: W (d, fused_qkv_size).
 
-    fused_concat_conv1d (GPT-2): [q | k | v];  fused_per_head (GPT-NeoX): per head [q_h k_h v_h], (H, 3, dh).
+    fused_concat_conv1d (GPT-2): [q | k | v], H heads each;  fused_per_head (GPT-NeoX): per head [q_h k_h v_h],
+    (H, 3, dh);  fused_concat_linear (Phi-3): [q (H·dh) | k (G·dh) | v (G·dh)], G = the written KV heads.
     """
     d, H, dh = dims.hidden_size, dims.num_attention_heads, dims.head_dim
+    has_b = q.b is not None
+    if layout == "fused_concat_linear":
+        return Proj(torch.cat([q.W, k.W, v.W], 1), torch.cat([q.b, k.b, v.b]) if has_b else None)
     for p in (q, k, v):
         if tuple(p.W.shape) != (d, H * dh):
             raise ValueError(f"fused qkv needs {H} heads per projection, found W of shape {tuple(p.W.shape)}")
-    has_b = q.b is not None
     if layout == "fused_concat_conv1d":
         return Proj(torch.cat([q.W, k.W, v.W], 1), torch.cat([q.b, k.b, v.b]) if has_b else None)
     W = torch.stack([p.W.reshape(d, H, dh) for p in (q, k, v)], 2).reshape(d, 3 * H * dh)
@@ -509,7 +512,20 @@ def share_kv_layer(
     dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
     L = _read_layer(sd, spec, dims, i)
     info: dict = {}
+    has_qk_norm = any(k.startswith(tuple(f"{spec.layer(i, n)}." for n in spec.qk_norm)) for k in sd)
+    if has_qk_norm and N < G and spec.qk_norm_scope == "each_head":
+        raise TransformError(f"{spec.family}: the QK-norms have one weight per key/value head; pooling {G} → {N} heads "
+                             "leaves no exact place for them, so --kv-heads is refused (k=v, q=k, q=k=v work)")
+    if has_qk_norm and N < G and spec.qk_norm_scope == "projection":
+        raise TransformError(f"{spec.family}: k_norm normalises all {G} key heads of a token together (one RMS over "
+                             f"{G}·head_dim); pooled heads change that statistic, so --kv-heads is refused "
+                             "(k=v, q=k, q=k=v work: the norm runs per token on the cached states)")
     if init == "calibrated":
+        if has_qk_norm and (spec.norm_kind != "rmsnorm" or spec.qk_norm_scope != "head"):
+            raise TransformError(
+                f"{spec.family}: --init calibrated models per-head RMSNorm QK-norms only, this model's are "
+                f"{'whole-projection ' if spec.qk_norm_scope == 'projection' else ''}{spec.norm_kind}; "
+                "use --init key, value or mean")
         if calibration is None:
             raise TransformError("--init calibrated needs calibration attention inputs for every layer")
         w, info = _calibrated(L, mode, _Calib(calibration, i, dims), dims, N)
@@ -523,11 +539,13 @@ def share_kv_layer(
     attn = _attn_prefix(spec, i)
     for name, p in w.items():  # q, k, v, s, o -> q_proj, k_proj, v_proj, s_proj, o_proj
         _put(out, f"{attn}.{name}_proj", p, dtype)
-    for norm, new in zip(spec.qk_norm, ("q_norm", "k_norm")):
-        key = f"{spec.layer(i, norm)}.weight"
-        if key in sd and f"{attn}.{new}.weight" != key:
-            out[f"{attn}.{new}.weight"] = sd[key]
-            removed.append(key)
+    for norm, new in zip(spec.qk_norm, ("q_norm", "k_norm")):  # every tensor of the norm: weight, bias, per-head
+        prefix = f"{spec.layer(i, norm)}."
+        for key in [k for k in sd if k.startswith(prefix)]:
+            moved = f"{attn}.{new}.{key.removeprefix(prefix)}"
+            if moved != key:
+                out[moved] = sd[key]
+                removed.append(key)
     layer = {"query": "projection", "attn_input": "norm", "kv_heads": N}
     if mode in ("k=v", "q=k=v"):
         layer["kv"] = "shared"
