@@ -26,6 +26,7 @@ class ArchSpec(BaseModel):
     layers: str  # module path of the decoder-layer list
     attn_norm: str  # pre-attention norm, relative to a layer
     norm_kind: Literal["rmsnorm", "layernorm"]
+    norm_gain_offset: float = 0.0  # every norm scales by (offset + weight): gemma stores γ of a (1 + γ) gain
     qkv_layout: Literal["separate", "fused_concat_conv1d", "fused_per_head"]
     q_proj: str | None
     k_proj: str | None

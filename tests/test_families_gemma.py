@@ -1,0 +1,168 @@
+"""gemma, gemma2, gemma3 (text): (1 + γ) RMSNorm gains, sandwich norms, query_pre_attn_scalar, attention and final
+logit soft-capping, alternating sliding-window / global layers (one RoPE per layer type in gemma3), QK-norm, tied
+embeddings scaled by √d. Every command on tiny random models; the stock export runs transformers' own gemma code."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import pytest
+import torch
+import transformers
+from common import SPECIALS, tiny_tokenizer
+from test_share_kv import _check_cached_equals_uncached
+from typer.testing import CliRunner
+
+import qkvconv
+from qkvconv.archs import dims_of, spec_for
+from qkvconv.cli import app
+from qkvconv.convert import (absorb_query_checkpoint, attach_preproj_checkpoint, attach_query_mlp_checkpoint,
+                             share_kv_checkpoint)
+from qkvconv.describe import kv_cache_bytes_per_token
+from qkvconv.transforms.share_kv import kv_cache_ratio
+from qkvconv.verify import ALGEBRAIC_REL_BOUND
+
+GEMMAS = ("gemma", "gemma2", "gemma3")
+FAST = dict(num_seqs=2, seq_len=32)  # 32 tokens > sliding_window 8: the window matters
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+def gemma_config(family: str):
+    vocab = len(SPECIALS) + len(set(string.printable))
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.15,
+                  hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256)  # tie_word_embeddings: gemma's default, True
+    if family == "gemma":
+        return transformers.GemmaConfig(num_hidden_layers=2, **common)
+    windowed = dict(num_hidden_layers=4, sliding_window=8, layer_types=LAYER_TYPES, query_pre_attn_scalar=24)
+    if family == "gemma2":  # soft-capping small enough to bend tiny random logits
+        return transformers.Gemma2Config(attn_logit_softcapping=5.0, final_logit_softcapping=10.0, **windowed, **common)
+    if family == "gemma3":  # one RoPE per layer type
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+        return transformers.Gemma3TextConfig(rope_parameters=rope, **windowed, **common)
+    raise ValueError(family)
+
+
+def build_gemma(family: str, path, seed: int = 0):
+    torch.manual_seed(seed)
+    config = gemma_config(family)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # random norm gains (γ around 0: gains around 1) and biases
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemmas(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("gemma")
+    return {f: build_gemma(f, root / f) for f in GEMMAS}
+
+
+@pytest.fixture(params=GEMMAS)
+def fam(request) -> str:
+    return request.param
+
+
+IDS = torch.tensor([[1] + list(range(40, 60))])  # 21 tokens > sliding_window 8
+
+
+def _same_in_plain_transformers(out, atol=1e-5):
+    """The converted checkpoint in plain transformers (remote code) computes what qkvconv.load gives."""
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ours, _ = qkvconv.load(out)
+    with torch.no_grad():
+        a, b = plain(IDS).logits, ours(IDS).logits
+    torch.testing.assert_close(a, b, atol=atol, rtol=atol)
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_absorb_query_exact_and_drop(gemmas, fam, tmp_path):
+    r = absorb_query_checkpoint(gemmas[fam], tmp_path / "x", **FAST)
+    x = r.exactness
+    print(f"\n{fam} absorb-query exact: float64 max |Δlogit| {x.algebraic_max_abs:.3g} (rel {x.algebraic_rel:.2g}), "
+          f"fp32 rounding {x.rounding_ratio:.3f}× of the original's")
+    assert x.passed and x.algebraic_rel <= ALGEBRAIC_REL_BOUND
+    norm = qkvconv.load(tmp_path / "x")[0].model.layers[0].input_layernorm
+    assert torch.all(norm.norm.weight == 0)  # unit gain of a (1 + γ) norm is γ = 0
+    _same_in_plain_transformers(tmp_path / "x")
+    drop = absorb_query_checkpoint(gemmas[fam], tmp_path / "d", mode="drop", **FAST)
+    print(f"{fam} absorb-query drop: KL {drop.error.kl:.4g}")
+    _same_in_plain_transformers(tmp_path / "d")
+
+
+def test_attach_exact_at_step_0(gemmas, fam, tmp_path):
+    q = attach_query_mlp_checkpoint(gemmas[fam], tmp_path / "q", **FAST)
+    p = attach_preproj_checkpoint(gemmas[fam], tmp_path / "p", **FAST)
+    for name, r in (("attach-query-mlp", q), ("attach-preproj", p)):
+        print(f"\n{fam} {name}: float64 max |Δlogit| {r.exactness.algebraic_max_abs:.3g}")
+        assert r.exactness.passed
+    _same_in_plain_transformers(tmp_path / "p")
+
+
+CASES = [("k=v", None), ("q=k", None), ("q=k=v", None), (None, 1), ("k=v", 1)]
+
+
+def test_share_kv_shared_cache(gemmas, fam, tmp_path):
+    orig, tok = qkvconv.load(gemmas[fam])
+    spec = spec_for(orig.config.model_type)
+    dims = dims_of(orig.config, spec)
+    base = kv_cache_bytes_per_token(orig.config, spec, torch.float32)
+    ids = IDS[:, :12]  # prompt 12 + 10 new tokens: the sliding cache drops tokens while decoding
+    for init in ("key", "calibrated"):
+        for mode, kv_heads in CASES if init == "key" else [("k=v", 1), ("q=k", None)]:
+            out = tmp_path / f"{init}-{mode}-{kv_heads}"
+            r = share_kv_checkpoint(gemmas[fam], out, mode=mode, kv_heads=kv_heads, init=init, **FAST)
+            assert 0 < r.error.kl < float("inf")
+            model, _ = qkvconv.load(out)
+            N = kv_heads or dims.num_key_value_heads
+            per_token = kv_cache_bytes_per_token(model.config, spec, torch.float32)
+            assert per_token == base * kv_cache_ratio(mode, N, dims)
+            print(f"\n{fam} share-kv {mode} kv_heads={N} init={init}: KL {r.error.kl:.4g}, "
+                  f"cache {base} → {per_token} bytes/token")
+            _check_cached_equals_uncached(model, ids, 10, _held_bytes(model.config, per_token, ids.shape[1] + 9))
+
+
+def _held_bytes(config, per_token: int, held: int) -> int:
+    """Bytes the cache holds after `held` tokens: sliding layers keep their last sliding_window − 1 only."""
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    per_layer = per_token // config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    return sum(per_layer * (min(held, window - 1) if t == "sliding_attention" else held) for t in types)
+
+
+@pytest.mark.parametrize("mode,kvh", [("k=v", None), ("q=k", None), ("q=k=v", 1)])
+def test_export_stock_equals_shared_cache_model(gemmas, fam, tmp_path, mode, kvh):
+    a, b = tmp_path / "remote", tmp_path / "stock"
+    share_kv_checkpoint(gemmas[fam], a, mode=mode, kv_heads=kvh, **FAST)
+    share_kv_checkpoint(gemmas[fam], b, mode=mode, kv_heads=kvh, export="stock", **FAST)
+    assert "qkvconv" not in json.loads((b / "config.json").read_text())
+    stock = transformers.AutoModelForCausalLM.from_pretrained(b, attn_implementation="eager").eval()  # gemma's code
+    remote, _ = qkvconv.load(a)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(IDS).logits, remote(IDS).logits, atol=1e-5, rtol=1e-5)
+        cached = stock.generate(IDS[:, :6], attention_mask=torch.ones_like(IDS[:, :6]), max_new_tokens=12,
+                                min_new_tokens=12, do_sample=False)
+        ours = remote.generate(IDS[:, :6], attention_mask=torch.ones_like(IDS[:, :6]), max_new_tokens=12,
+                               min_new_tokens=12, do_sample=False)
+    assert torch.equal(cached, ours)
+    _same_in_plain_transformers(a)
+
+
+def test_inspect(gemmas, fam, tmp_path):
+    runner = CliRunner()
+    for path in (gemmas[fam], _converted(gemmas[fam], tmp_path)):
+        result = runner.invoke(app, ["inspect", str(path)], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        info = json.loads(runner.invoke(app, ["inspect", str(path), "--json"]).stdout)
+        assert info["tied_embeddings"] is True
+
+
+def _converted(path, tmp_path):
+    share_kv_checkpoint(path, tmp_path / "kv", mode="k=v", **FAST)
+    return tmp_path / "kv"
