@@ -4,6 +4,7 @@ embeddings scaled by √d. Every command on tiny random models; the stock export
 
 from __future__ import annotations
 
+import importlib
 import json
 import string
 
@@ -11,12 +12,12 @@ import pytest
 import torch
 import transformers
 from common import SPECIALS, tiny_tokenizer
-from test_share_kv import _check_cached_equals_uncached
 from typer.testing import CliRunner
 
 import qkvconv
 from qkvconv.archs import dims_of, spec_for
 from qkvconv.cli import app
+from qkvconv.compat import cache_bytes, output_cache
 from qkvconv.convert import (absorb_query_checkpoint, attach_preproj_checkpoint, attach_query_mlp_checkpoint,
                              share_kv_checkpoint)
 from qkvconv.describe import kv_cache_bytes_per_token
@@ -125,7 +126,26 @@ def test_share_kv_shared_cache(gemmas, fam, tmp_path):
             assert per_token == base * kv_cache_ratio(mode, N, dims)
             print(f"\n{fam} share-kv {mode} kv_heads={N} init={init}: KL {r.error.kl:.4g}, "
                   f"cache {base} → {per_token} bytes/token")
-            _check_cached_equals_uncached(model, ids, 10, _held_bytes(model.config, per_token, ids.shape[1] + 9))
+            _check_cached_equals_uncached(model, ids, 10, per_token)
+
+
+@torch.no_grad()
+def _check_cached_equals_uncached(model, ids: torch.Tensor, n_new: int, per_token: int) -> None:
+    """tests/test_share_kv.py's check, with a sliding-window cache: greedy generate() with the shared cache vs. the
+    model recomputed over the full sequence without one; the cache holds exactly the arithmetic."""
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                         do_sample=False, return_dict_in_generate=True, output_logits=True)
+    held = ids.shape[1] + n_new - 1  # the last token is sampled, never fed back
+    cache = output_cache(gen)
+    assert cache.get_seq_length() == held
+    assert cache_bytes(cache) == _held_bytes(model.config, per_token, held)
+    cached = torch.stack(gen.logits, 1)  # (1, n_new, vocab)
+    uncached = model(gen.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
+    uncached[..., model.generation_config.eos_token_id] = float("-inf")  # min_new_tokens suppresses EOS
+    top2 = uncached.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-4
+    assert (uncached.argmax(-1) == gen.sequences[:, ids.shape[1] :])[clear].all()
 
 
 def _held_bytes(config, per_token: int, held: int) -> int:
@@ -166,3 +186,37 @@ def test_inspect(gemmas, fam, tmp_path):
 def _converted(path, tmp_path):
     share_kv_checkpoint(path, tmp_path / "kv", mode="k=v", **FAST)
     return tmp_path / "kv"
+
+
+def test_calibration_attention_is_the_stock_attention(gemmas, fam):
+    """share-kv --init calibrated fits against its own model of each layer's attention: with gemma's scaling,
+    soft-capping, sliding window, per-type RoPE and (1 + γ) QK norms it equals the stock module's output."""
+    from qkvconv.checkpoint import load
+    from qkvconv.convert import _attention_facts, _rope_table
+    skv = importlib.import_module("qkvconv.transforms.share_kv")  # the module (the package exports the function)
+
+    loaded = load(gemmas[fam])
+    model, spec = loaded.model.double(), loaded.spec
+    dims = dims_of(loaded.config, spec)
+    ids = torch.randint(3, 103, (2, 24), generator=torch.Generator().manual_seed(0))  # 24 tokens > window 8
+    inputs, outputs = {}, {}
+
+    def keep(i):
+        def hook(module, args, kwargs, out):
+            inputs[i], outputs[i] = kwargs["hidden_states"].reshape(-1, 64), out[0].reshape(-1, 64)
+        return hook
+
+    hooks = [layer.self_attn.register_forward_hook(keep(i), with_kwargs=True)
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    for i in range(dims.num_hidden_layers):
+        cos, sin = _rope_table(model, 24, i)
+        cal = skv.Calibration({i: inputs[i]}, 24, cos, sin, loaded.config.rms_norm_eps,
+                              **_attention_facts(model, spec, i))
+        L = skv._read_layer(model.state_dict(), spec, dims, i)
+        _, y = skv._candidates(L, None, skv._Calib(cal, i, dims), dims, dims.num_key_value_heads)
+        # gemma2/3 run eager attention, whose softmax is float32 even for float64 inputs: agreement to ~1e-7
+        torch.testing.assert_close(y, outputs[i], atol=1e-6, rtol=1e-5)
