@@ -81,6 +81,12 @@ def _same_in_plain_transformers(out, atol=1e-5):
         a, b = plain(IDS).logits, ours(IDS).logits
     torch.testing.assert_close(a, b, atol=atol, rtol=atol)
     assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()  # still tied
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    from safetensors import safe_open
+
+    for shard in out.glob("*.safetensors"):  # the tied head is not written
+        with safe_open(shard, "pt") as f:
+            assert "lm_head.weight" not in f.keys()
 
 
 def test_absorb_query_exact_and_drop(gemmas, fam, tmp_path):
@@ -106,7 +112,7 @@ def test_attach_exact_at_step_0(gemmas, fam, tmp_path):
     _same_in_plain_transformers(tmp_path / "p")
 
 
-CASES = [("k=v", None), ("q=k", None), ("q=k=v", None), (None, 1), ("k=v", 1)]
+KEY_CASES = [("k=v", None), ("q=k", None), ("q=k=v", 1), (None, 1)]
 
 
 def test_share_kv_shared_cache(gemmas, fam, tmp_path):
@@ -116,7 +122,7 @@ def test_share_kv_shared_cache(gemmas, fam, tmp_path):
     base = kv_cache_bytes_per_token(orig.config, spec, torch.float32)
     ids = IDS[:, :12]  # prompt 12 + 10 new tokens: the sliding cache drops tokens while decoding
     for init in ("key", "calibrated"):
-        for mode, kv_heads in CASES if init == "key" else [("k=v", 1), ("q=k", None)]:
+        for mode, kv_heads in KEY_CASES if init == "key" else [("k=v", 1)]:
             out = tmp_path / f"{init}-{mode}-{kv_heads}"
             r = share_kv_checkpoint(gemmas[fam], out, mode=mode, kv_heads=kv_heads, init=init, **FAST)
             assert 0 < r.error.kl < float("inf")
@@ -156,8 +162,11 @@ def _held_bytes(config, per_token: int, held: int) -> int:
     return sum(per_layer * (min(held, window - 1) if t == "sliding_attention" else held) for t in types)
 
 
-@pytest.mark.parametrize("mode,kvh", [("k=v", None), ("q=k", None), ("q=k=v", 1)])
-def test_export_stock_equals_shared_cache_model(gemmas, fam, tmp_path, mode, kvh):
+EXPORTS = {"gemma": ("q=k=v", 1), "gemma2": ("k=v", None), "gemma3": ("q=k", None)}
+
+
+def test_export_stock_equals_shared_cache_model(gemmas, fam, tmp_path):
+    mode, kvh = EXPORTS[fam]
     a, b = tmp_path / "remote", tmp_path / "stock"
     share_kv_checkpoint(gemmas[fam], a, mode=mode, kv_heads=kvh, **FAST)
     share_kv_checkpoint(gemmas[fam], b, mode=mode, kv_heads=kvh, export="stock", **FAST)
@@ -220,3 +229,29 @@ def test_calibration_attention_is_the_stock_attention(gemmas, fam):
         _, y = skv._candidates(L, None, skv._Calib(cal, i, dims), dims, dims.num_key_value_heads)
         # gemma2/3 run eager attention, whose softmax is float32 even for float64 inputs: agreement to ~1e-7
         torch.testing.assert_close(y, outputs[i], atol=1e-6, rtol=1e-5)
+
+
+def test_refusals(tmp_path):
+    """Real gemma checkpoints mostly have heads·head_dim ≠ hidden_size (gemma-7b 16·256 vs 3072, gemma2-2b 8·256 vs
+    2304, gemma3-1b 4·256 vs 1152): absorb-query is refused there, the other commands still apply. The multimodal
+    gemma3 wrapper (model_type gemma3) is refused by name."""
+    from qkvconv.errors import TransformError, UnsupportedArchitecture
+
+    torch.manual_seed(0)
+    config = gemma_config("gemma2")
+    config.head_dim, config.num_hidden_layers, config.layer_types = 24, 2, LAYER_TYPES[:2]  # 4·24 = 96 ≠ 64
+    path = tmp_path / "wide"
+    transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    with pytest.raises(TransformError) as e:
+        absorb_query_checkpoint(path, tmp_path / "x", **FAST)
+    print(f"\nrefused: {e.value}")
+    assert str(e.value) == ("W_Q is not square (hidden_size 64 × heads·head_dim 96); absorb-query needs "
+                            "num_attention_heads·head_dim == hidden_size")
+    assert attach_query_mlp_checkpoint(path, None, **FAST).exactness.passed
+    share_kv_checkpoint(path, tmp_path / "kv", mode="k=v", **FAST)
+    _same_in_plain_transformers(tmp_path / "kv")
+    with pytest.raises(UnsupportedArchitecture) as e:
+        spec_for("gemma3")
+    print(f"refused: {e.value}")
+    assert str(e.value).startswith("unsupported architecture 'gemma3'; qkvconv supports:") and "gemma3_text" in str(e.value)
