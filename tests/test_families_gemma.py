@@ -254,4 +254,5 @@ def test_refusals(tmp_path):
     with pytest.raises(UnsupportedArchitecture) as e:
         spec_for("gemma3")
     print(f"refused: {e.value}")
-    assert str(e.value).startswith("unsupported architecture 'gemma3'; qkvconv supports:") and "gemma3_text" in str(e.value)
+    assert str(e.value).startswith("unsupported architecture 'gemma3'; qkvconv supports:")
+    assert "gemma3_text" in str(e.value)

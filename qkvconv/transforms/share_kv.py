@@ -233,8 +233,8 @@ class _Calib:
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        if self.softcap is None and self.window is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # softmax(q·kᵀ·scale + causal)·v
+        if self.softcap is None and self.window is None:  # softmax(q·kᵀ·scale + causal)·v
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
             logits = q @ k.transpose(-1, -2) * scale
             if self.softcap is not None:
