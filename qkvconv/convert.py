@@ -119,6 +119,7 @@ def converted_config(config, spec: ArchSpec, base_class: str, layers: list[dict]
             "o_proj": spec.o_proj,
             "qk_norm": spec.qk_norm,
             "qk_norm_scope": spec.qk_norm_scope,
+            "norm_gain_offset": spec.norm_gain_offset,
         },
         "layers": layers,
     }
@@ -564,14 +565,25 @@ def attach_preproj_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------- share-kv
-def _rope_table(model, seq_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """cos, sin (seq_len, rotary_dim) of the model's own rotary embedding, None without RoPE."""
+def _rope_table(model, seq_len: int, layer: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """cos, sin (seq_len, rotary_dim) of layer `layer`'s rotary embedding, None without RoPE."""
+    from qkvconv.modeling.modeling_qkvconv import rope_layer_type
+
     rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
-    if rotary is None:
+    has_rope, layer_type = rope_layer_type(model.config, layer)
+    if rotary is None or not has_rope:
         return None, None
     x = torch.zeros(1, dtype=torch.float32)
-    cos, sin = rotary(x, torch.arange(seq_len)[None])
+    args = () if layer_type is None else (layer_type,)
+    cos, sin = rotary(x, torch.arange(seq_len)[None], *args)
     return cos[0].double(), sin[0].double()
+
+
+def _attention_facts(model, spec, i: int) -> dict:
+    """What layer i's stock attention module computes beyond 1/√d_h softmax attention (share-kv calibration)."""
+    attn = model.get_submodule(spec.layer(i, spec.o_proj.rsplit(".", 1)[0]))
+    return {"scaling": getattr(attn, "scaling", None), "softcap": getattr(attn, "attn_logit_softcapping", None),
+            "sliding_window": getattr(attn, "sliding_window", None), "norm_gain_offset": spec.norm_gain_offset}
 
 
 def stock_config(config, kv_heads: int):
@@ -640,11 +652,12 @@ def share_kv_checkpoint(
     def layer(plan, sd, i, attn_input):
         calibration = None
         if init == "calibrated":
-            if "rope" not in state:
-                state["rope"] = _rope_table(skeleton(plan.config), seq_len)
-            cos, sin = state["rope"]
+            if "model" not in state:
+                state["model"] = skeleton(plan.config)
+            cos, sin = _rope_table(state["model"], seq_len, i)
             eps = float(getattr(plan.config, "rms_norm_eps", 1e-6) or 1e-6)
-            calibration = Calibration({i: attn_input}, seq_len, cos, sin, eps)
+            calibration = Calibration({i: attn_input}, seq_len, cos, sin, eps,
+                                      **_attention_facts(state["model"], plan.spec, i))
         return share_kv_layer(sd, plan.spec, plan.dims, i, mode=mode, kv_heads=kv_heads, init=init,
                               calibration=calibration, stock_kv_heads=state["stock"][1] if export == "stock" else None,
                               pos2d=pos2d)

@@ -421,10 +421,10 @@ def _real_tensors_to(model: nn.Module, device) -> None:
                 m._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=False)
 
 
-def _float64_norms(*modules: nn.Module):
+def _float64_norms(spec: ArchSpec, *modules: nn.Module):
     from qkvconv.verify import pure_float64
 
-    return pure_float64(*modules)
+    return pure_float64(*modules, gain_offset=spec.norm_gain_offset)
 
 
 class Stream:
@@ -489,13 +489,13 @@ class Stream:
         return catcher.seen
 
     def _f64(self):
-        return _float64_norms(self.model) if self.dtype == torch.float64 else contextlib.nullcontext()
+        return _float64_norms(self.spec, self.model) if self.dtype == torch.float64 else contextlib.nullcontext()
 
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Layer `layer` (materialized, this stream's dtype) over hidden states (n, L, d), batch by batch."""
         out = []
-        ctx = _float64_norms(layer) if self.dtype == torch.float64 else contextlib.nullcontext()
+        ctx = _float64_norms(self.spec, layer) if self.dtype == torch.float64 else contextlib.nullcontext()
         with ctx:
             for s in range(0, len(hidden), self.batch_size):
                 h = hidden[s : s + self.batch_size]

@@ -12,13 +12,14 @@ forward), so that a bound measures the conversion and not the CPU, thread count 
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from qkvconv.errors import QkvconvError
+from qkvconv.modeling.modeling_qkvconv import _norm_at, rms_norm_eps
 
 
 @dataclass(frozen=True)
@@ -348,19 +349,20 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("inf")
 
 
-def _rms64(self, x: torch.Tensor) -> torch.Tensor:
+def _rms64(self, x: torch.Tensor, gain_offset: float = 0.0) -> torch.Tensor:
     if x.dtype != torch.float64:
         return type(self).forward(self, x)
-    return self.weight.to(x.dtype) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    return _norm_at(self, x, gain_offset)
 
 
 @contextlib.contextmanager
-def pure_float64(*models):
-    """Inside: every transformers RMSNorm (the modules with `variance_epsilon`) of `models` computes in float64
-    when fed float64, instead of in float32 as transformers does. Outside: as before."""
-    patched = [m for model in models for m in model.modules() if hasattr(m, "variance_epsilon") and hasattr(m, "weight")]
+def pure_float64(*models, gain_offset: float = 0.0):
+    """Inside: every transformers RMSNorm of `models` computes in float64 when fed float64, instead of in float32
+    as transformers does; gain_offset: their gain is (gain_offset + weight) (ArchSpec.norm_gain_offset).
+    Outside: as before."""
+    patched = [m for model in models for m in model.modules() if rms_norm_eps(m) is not None and hasattr(m, "weight")]
     for m in patched:
-        m.forward = types.MethodType(_rms64, m)
+        m.forward = functools.partial(_rms64, m, gain_offset=gain_offset)
     try:
         yield
     finally:
@@ -386,7 +388,7 @@ class _Stat:
 
 @torch.no_grad()
 def measure_exactness(original64, converted64, original, converted, ids: torch.Tensor, source: str,
-                      batch_size: int = 2) -> tuple[Exactness, LogitError]:
+                      batch_size: int = 2, gain_offset: float = 0.0) -> tuple[Exactness, LogitError]:
     """Exactness of `converted` (output dtype) against `original` (the same dtype), with both models' float64
     versions as the references; also the LogitError of converted against original in the output dtype."""
     device = next(original.parameters()).device
@@ -394,7 +396,7 @@ def measure_exactness(original64, converted64, original, converted, ids: torch.T
     acc = _Accumulator()
     for i in range(0, len(ids), batch_size):
         batch = ids[i : i + batch_size].to(device)
-        with pure_float64(original64, converted64):
+        with pure_float64(original64, converted64, gain_offset=gain_offset):
             ref64 = original64(batch, use_cache=False).logits.double().cpu()
             new64 = converted64(batch, use_cache=False).logits.double().cpu()
         ref = original(batch, use_cache=False).logits.cpu()

@@ -26,6 +26,7 @@ class ArchSpec(BaseModel):
     layers: str  # module path of the decoder-layer list
     attn_norm: str | None  # pre-attention norm, relative to a layer; None: attention reads the raw residual (olmo2)
     norm_kind: Literal["rmsnorm", "layernorm"]
+    norm_gain_offset: float = 0.0  # every norm scales by (offset + weight): gemma stores γ of a (1 + γ) gain
     qkv_layout: Literal["separate", "fused_concat_conv1d", "fused_per_head", "fused_concat_linear"]
     q_proj: str | None
     k_proj: str | None

@@ -38,6 +38,9 @@ BASE_CLASSES = (
     "PhiForCausalLM",
     "StableLmForCausalLM",
     "Olmo2ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
 )
 
 
@@ -48,12 +51,16 @@ BASE_CLASSES = (
 #   4.x's name. A cache under a name not listed here is still found by its type (transformers.cache_utils.Cache).
 # - Cache.update(key, value, layer_idx) -> (all keys, all values) and Cache.get_seq_length(layer_idx) (all 5.x).
 # - the attention kernel: transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS.get_interface(name, default) from
-#   5.1 (5.0 indexes the mapping by name, "eager" absent), and llama's eager_attention_forward(module, q, k, v,
-#   mask, dropout=, scaling=, **kwargs) (all 5.x); see attention_function.
+#   5.1 (5.0 indexes the mapping by name, "eager" absent), and gemma2's eager_attention_forward(module, q, k, v,
+#   mask, dropout=, scaling=, softcap=, **kwargs) (all 5.x; llama's, plus attention-logit soft-capping); see
+#   attention_function.
 # - a model output carries the cache as `.cache` (from 5.24) or `.past_key_values` (before).
 # - the rotary module (`*.rotary_emb`) is called as rotary(x, position_ids) -> (cos, sin), each (B, T, rotary_dim),
-#   with `rope_type` and `inv_freq` attributes (all 5.x); see _RopeTable.
-# - transformers' RMSNorm modules carry `variance_epsilon` and `weight` (all 5.x); see _norm_at.
+#   with `rope_type` and `inv_freq` attributes (all 5.x); see _RopeTable. Where the config has one RoPE per layer
+#   type (gemma3: rope_parameters keyed by config.layer_types), it is rotary(x, position_ids, layer_type) with
+#   `rope_type[layer_type]` and `{layer_type}_inv_freq`.
+# - transformers' RMSNorm modules carry `weight` and `variance_epsilon` (or `eps`, in the *RMSNorm classes of gemma)
+#   (all 5.x); see rms_norm_eps.
 # If a forward returns a cache that a shared-projection attention never received, the model raises (see
 # _check_cache_reached): decoding silently without a cache is what broke share-kv models under transformers 5.24.
 CACHE_KWARGS = ("cache", "past_key_values", "layer_past", "past_key_value")
@@ -62,7 +69,7 @@ CACHE_KWARGS = ("cache", "past_key_values", "layer_past", "past_key_value")
 def attention_function(name: str):
     """The attention kernel transformers registers under `name` ("eager", "sdpa", "flash_attention_2", ...)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward  # llama's + softcap=
 
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers >= 5.1
         return ALL_ATTENTION_FUNCTIONS.get_interface(name, eager_attention_forward)
@@ -183,11 +190,23 @@ class ComputeDtype(nn.Module):
         return x.to(self.compute_dtype_ref.dtype)
 
 
-def _norm_at(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`norm`(x) computed in x's dtype. transformers' RMSNorm (llama, mistral, qwen2/3: the modules with
-    `variance_epsilon`) always normalises in float32; nn.LayerNorm computes in its input's dtype."""
+def rms_norm_eps(norm: nn.Module) -> float | None:
+    """The epsilon of a transformers RMSNorm module (`variance_epsilon` in llama-like families, `eps` in the
+    *RMSNorm classes of gemma-like ones), None for any other module."""
     if hasattr(norm, "variance_epsilon"):
-        return norm.weight.to(x.dtype) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+        return norm.variance_epsilon
+    if type(norm).__name__.endswith("RMSNorm") and type(norm).__module__.startswith("transformers."):
+        return getattr(norm, "eps", None)
+    return None
+
+
+def _norm_at(norm: nn.Module, x: torch.Tensor, gain_offset: float = 0.0) -> torch.Tensor:
+    """`norm`(x) computed in x's dtype. transformers' RMSNorm always normalises in float32 and scales by
+    (gain_offset + weight) (gemma: 1 + γ); nn.LayerNorm computes in its input's dtype."""
+    eps = rms_norm_eps(norm)
+    if eps is not None:
+        gain = gain_offset + norm.weight.to(x.dtype)
+        return gain * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     if isinstance(norm, nn.LayerNorm):
         w = None if norm.weight is None else norm.weight.to(x.dtype)
         b = None if norm.bias is None else norm.bias.to(x.dtype)
@@ -198,11 +217,12 @@ def _norm_at(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class AffineNorm(nn.Module):
     """The pre-attention norm followed by a full affine map: h' = Norm(x)·M + c (absorb-query).
 
-    folded: M, c stay at their own (high) precision and h' is returned at it (see keep_folded)."""
+    folded: M, c stay at their own (high) precision and h' is returned at it (see keep_folded).
+    gain_offset: the norm scales by (gain_offset + weight) (paths["norm_gain_offset"]; 1 in gemma)."""
 
-    def __init__(self, norm: nn.Module, hidden_size: int, folded: torch.dtype | None = None):
+    def __init__(self, norm: nn.Module, hidden_size: int, folded: torch.dtype | None = None, gain_offset: float = 0.0):
         super().__init__()
-        self.norm = norm
+        self.norm, self.gain_offset = norm, gain_offset
         self.affine = nn.Linear(hidden_size, hidden_size, bias=True)
         self.folded = folded is not None
         if folded is not None:
@@ -210,7 +230,7 @@ class AffineNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded:
-            return self.affine(_norm_at(self.norm, x.to(self.affine.weight.dtype)))
+            return self.affine(_norm_at(self.norm, x.to(self.affine.weight.dtype), self.gain_offset))
         return self.affine(self.norm(x))
 
 
@@ -388,26 +408,44 @@ class _RopeTable:
     k=v caches S before RoPE, so each decoding step rotates the whole cached S; without this table every layer
     would also recompute cos/sin for every past position at every step. The table grows geometrically and is
     rebuilt when the device, dtype or inv_freq change; rope types whose frequencies depend on the sequence
-    length (dynamic, longrope) are computed per call instead.
+    length (dynamic, longrope) are computed per call instead. layer_type: the table of that layer type, where
+    the rotary module keeps one RoPE per type (gemma3's sliding and full layers).
     """
 
     STATIC = ("default", "linear", "llama3", "yarn")
 
-    def __init__(self, rotary: nn.Module):
-        self.rotary, self.key, self.cos, self.sin = rotary, None, None, None
+    def __init__(self, rotary: nn.Module, layer_type: str | None = None):
+        self.rotary, self.layer_type, self.key, self.cos, self.sin = rotary, layer_type, None, None, None
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor):
+        if self.layer_type is None:
+            return self.rotary(x, positions)
+        return self.rotary(x, positions, self.layer_type)
 
     def __call__(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + x.shape[-2]
-        if getattr(self.rotary, "rope_type", "default") not in self.STATIC:
-            return self.rotary(x, torch.arange(start, end, device=x.device)[None])
-        inv = getattr(self.rotary, "inv_freq", None)
+        rope_type = getattr(self.rotary, "rope_type", "default")
+        if self.layer_type is not None:
+            rope_type = rope_type[self.layer_type]
+        if rope_type not in self.STATIC:
+            return self._rotary(x, torch.arange(start, end, device=x.device)[None])
+        inv = getattr(self.rotary, "inv_freq" if self.layer_type is None else f"{self.layer_type}_inv_freq", None)
         key = (x.device, x.dtype, None if inv is None else (inv.data_ptr(), inv._version))
         if key != self.key or self.cos.shape[-2] < end:
             size = max(end, 2 * self.cos.shape[-2]) if key == self.key else end
             with torch.no_grad():
-                self.cos, self.sin = self.rotary(x, torch.arange(size, device=x.device)[None])
+                self.cos, self.sin = self._rotary(x, torch.arange(size, device=x.device)[None])
             self.key = key
         return self.cos[:, start:end], self.sin[:, start:end]
+
+
+def rope_layer_type(config, i: int) -> tuple[bool, str | None]:
+    """(whether layer i has RoPE, the layer type its RoPE is keyed by or None): config.rope_parameters keyed by
+    config.layer_types (gemma3) gives each layer type its own RoPE, a None entry none."""
+    types, params = getattr(config, "layer_types", None), getattr(config, "rope_parameters", None)
+    if types and isinstance(params, dict) and types[i] in params:
+        return params[types[i]] is not None, types[i]
+    return True, None
 
 
 class Pos2D(nn.Module):
@@ -472,6 +510,7 @@ class SharedProjectionAttention(nn.Module):
         self.kv_shared, self.qk_shared = spec.get("kv") == "shared", spec.get("qk") == "shared"
         self.scaling = getattr(old, "scaling", dh**-0.5)
         self.sliding_window = getattr(old, "sliding_window", None)
+        self.softcap = getattr(old, "attn_logit_softcapping", None)  # logits → softcap·tanh(logits/softcap)
         self.is_causal, self.attention_dropout = True, 0.0
         self._rotary = rotary  # a _RopeTable shared by the model's layers, None without RoPE
         self.cache_seen = False  # set by every forward; checked by _check_cache_reached
@@ -521,7 +560,8 @@ class SharedProjectionAttention(nn.Module):
         q = self._rotate(self._norm(self.q_norm, q), past)
         if self.kv_shared:  # cache S once, pre-RoPE; keys = RoPE(k_norm(S)) over the whole past
             s_all = cache.update(s, s[..., :0], self.layer_idx)[0] if cache is not None else s
-            k_all, v_all = self._rotate(self._norm(self.k_norm, s_all), 0), s_all
+            first = past + T - s_all.shape[-2]  # > 0 where a sliding-window cache dropped the oldest tokens
+            k_all, v_all = self._rotate(self._norm(self.k_norm, s_all), first), s_all
         else:
             k = s if self.qk_shared else heads(self.k_proj(hidden_states))
             k = self._rotate(self._norm(self.k_norm, k), past)
@@ -531,6 +571,8 @@ class SharedProjectionAttention(nn.Module):
             bias = self.pos2d.key_bias(0, k_all.shape[-2], q.device, q.dtype)
             attention_mask = _with_bias(attention_mask, bias, T, past, q.dtype)
         attend = attention_function(self.config._attn_implementation)
+        if self.softcap is not None:
+            kwargs["softcap"] = self.softcap
         out, weights = attend(self, q, k_all, v_all, attention_mask, dropout=0.0, scaling=self.scaling,
                               sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(out.reshape(B, T, -1).contiguous()), weights
@@ -542,10 +584,14 @@ def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dic
     qkv = layer.get_submodule(paths["q_proj"] if paths["qkv_layout"] == "separate" else paths["fused_qkv"])
     o = layer.get_submodule(paths["o_proj"])
     rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
-    if rotary is not None:  # one table for all layers, kept on the rotary module (a plain attribute)
-        if not isinstance(getattr(rotary, "_qkvconv_table", None), _RopeTable):
-            rotary._qkvconv_table = _RopeTable(rotary)
-        rotary = rotary._qkvconv_table
+    has_rope, layer_type = rope_layer_type(model.config, i)
+    if rotary is not None and has_rope:  # one table for all layers (of a type), kept on the rotary module
+        tables = getattr(rotary, "_qkvconv_tables", None)
+        if not isinstance(tables, dict):
+            tables = rotary._qkvconv_tables = {}
+        rotary = tables.setdefault(layer_type, _RopeTable(rotary, layer_type))
+    else:
+        rotary = None
     norms = [layer.get_submodule(p) if _has_module(layer, p) else None for p in paths.get("qk_norm") or []]
     q_norm, k_norm = (norms + [None, None])[:2]
     new = SharedProjectionAttention(old, model.config, i, spec, rotary, getattr(qkv, "bias", None) is not None,
@@ -579,7 +625,8 @@ def apply_qkvconv_layout(model: nn.Module, block: dict) -> None:
             _swap_shared_attention(model, layer, i, spec, paths)
         folded = getattr(torch, spec["folded_dtype"]) if spec.get("folded_dtype") else None
         if spec["attn_input"] == "affine":
-            _set_module(layer, paths["attn_norm"], AffineNorm(layer.get_submodule(paths["attn_norm"]), d, folded))
+            norm = layer.get_submodule(paths["attn_norm"])
+            _set_module(layer, paths["attn_norm"], AffineNorm(norm, d, folded, paths.get("norm_gain_offset", 0.0)))
         elif spec["attn_input"] == "attn_affine":
             attach_attention_input(layer.get_submodule(paths["attn"]), d, folded)
         if spec["query"] == "identity":

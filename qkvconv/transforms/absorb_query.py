@@ -97,9 +97,13 @@ def _check_square(dims: Dims) -> None:
 
 
 def _fold_norm(sd: dict, spec: ArchSpec, i: int, q: Proj, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Norm(x)·diag(γ)+β followed by ·W_Q+b_Q  →  Norm(x) with unit gain, then affine (M, c)."""
+    """Norm(x)·diag(γ)+β followed by ·W_Q+b_Q  →  Norm(x) with unit gain, then affine (M, c).
+
+    The gain is γ = offset + weight (spec.norm_gain_offset: 1 where the stored weight is γ − 1, as in gemma), so
+    the unit gain is the weight 1 − offset."""
     key = spec.layer(i, spec.attn_norm)
-    gamma = sd[f"{key}.weight"].double()  # (d,)
+    weight = sd[f"{key}.weight"].double()  # (d,)
+    gamma = spec.norm_gain_offset + weight
     beta = sd.get(f"{key}.bias")
     M = gamma[:, None] * q.W  # diag(γ)·W_Q, (d, d)
     c = torch.zeros(M.shape[1], dtype=torch.float64)
@@ -108,7 +112,7 @@ def _fold_norm(sd: dict, spec: ArchSpec, i: int, q: Proj, dtype: torch.dtype) ->
     if q.b is not None:
         c = c + q.b
     out = {
-        f"{key}.norm.weight": torch.ones_like(gamma).to(dtype),
+        f"{key}.norm.weight": torch.full_like(weight, 1 - spec.norm_gain_offset).to(dtype),  # unit gain
         f"{key}.affine.weight": M.T.contiguous().to(dtype),  # nn.Linear stores (d_out, d_in)
         f"{key}.affine.bias": c.to(dtype),
     }

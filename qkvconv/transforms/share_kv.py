@@ -70,6 +70,11 @@ class Calibration:
     cos: torch.Tensor | None  # (seq_len, rotary_dim), None without RoPE
     sin: torch.Tensor | None
     norm_eps: float = 1e-6
+    # the layer's attention, as its stock module computes it (None: 1/√d_h, no soft-capping, no window)
+    scaling: float | None = None
+    softcap: float | None = None  # logits → softcap·tanh(logits/softcap)
+    sliding_window: int | None = None  # query i sees keys j with i − j < sliding_window
+    norm_gain_offset: float = 0.0  # the QK norms scale by (offset + weight) (ArchSpec.norm_gain_offset)
 
 
 @dataclass
@@ -195,10 +200,10 @@ def _act(h: torch.Tensor, p: Proj) -> torch.Tensor:
     return h @ p.W + (p.b if p.b is not None else 0)
 
 
-def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, gain_offset: float = 0.0) -> torch.Tensor:
     if w is None:
         return x
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (gain_offset + w)
 
 
 class _Calib:
@@ -206,7 +211,9 @@ class _Calib:
 
     def __init__(self, c: Calibration, i: int, dims: Dims):
         self.h = c.attn_inputs[i].double()
-        self.L, self.dh, self.eps = c.seq_len, dims.head_dim, c.norm_eps
+        self.L, self.dh, self.eps, self.gain_offset = c.seq_len, dims.head_dim, c.norm_eps, c.norm_gain_offset
+        self.scale = c.scaling if c.scaling is not None else dims.head_dim**-0.5
+        self.softcap, self.window = c.softcap, c.sliding_window
         self.B = self.h.shape[0] // self.L
         self.cos = None if c.cos is None else c.cos.double()
         self.sin = None if c.sin is None else c.sin.double()
@@ -229,7 +236,15 @@ class _Calib:
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # softmax(q·kᵀ·scale + causal)·v
+        if self.softcap is None and self.window is None:  # softmax(q·kᵀ·scale + causal)·v
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            logits = q @ k.transpose(-1, -2) * scale
+            if self.softcap is not None:
+                logits = self.softcap * torch.tanh(logits / self.softcap)
+            i = torch.arange(self.L)
+            seen = (i[None] <= i[:, None]) & (i[:, None] - i[None] < (self.window or self.L + 1))  # (L, L) query, key
+            o = logits.masked_fill(~seen, float("-inf")).softmax(-1) @ v
         return o.transpose(1, 2).reshape(-1, self.B * self.L, q.shape[1] * self.dh)
 
 
@@ -252,7 +267,7 @@ def _head_outputs(c: _Calib, cands: list[_Candidate], H: int, dtype: torch.dtype
         return c.heads(torch.stack([getattr(cd, name).reshape(len(c.h), -1) for cd in cands]).to(dtype))
 
     q, k = c.rope(stack("q")), c.rope(stack("k"))
-    o = c.attend(q, k, stack("v"), c.dh**-0.5)  # (C, n, Hq·dh)
+    o = c.attend(q, k, stack("v"), c.scale)  # (C, n, Hq·dh)
     Hq = q.shape[1]
     if Hq < H:  # queries shared from S: the H/Hq query heads of a group see the same logits and values
         o = o.reshape(len(cands), -1, Hq, 1, c.dh).expand(-1, -1, -1, H // Hq, -1).reshape(len(cands), -1, H * c.dh)
@@ -377,7 +392,7 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
     h, n = c.h, len(c.h)
 
     def split(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:  # (n, m·dh) -> (n, m, dh), normed by w
-        return _rms_norm(x.reshape(n, -1, dh), w, c.eps)
+        return _rms_norm(x.reshape(n, -1, dh), w, c.eps, c.gain_offset)
 
     def cols(x: torch.Tensor, g: int) -> torch.Tensor:  # head g of (n, m·dh)
         return x[:, g * dh : (g + 1) * dh]
@@ -387,7 +402,7 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
     k_old = split(k_act, L.k_norm)  # (n, G, dh) keys before RoPE
     if target is None:
         o0 = c.attend(c.rope(c.heads(split(q_flat, L.q_norm).reshape(n, -1))), c.rope(c.heads(k_old.reshape(n, -1))),
-                      c.heads(v_act), dh**-0.5)[0]
+                      c.heads(v_act), c.scale)[0]
         y = _act(o0, L.o)  # (n, d)
     else:
         y = target.double()
