@@ -29,6 +29,12 @@ BASE_CLASSES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "GraniteForCausalLM",
+    "SmolLM3ForCausalLM",
+    "GptOssForCausalLM",
     "GPT2LMHeadModel",
     "GPTNeoXForCausalLM",
 )
