@@ -118,6 +118,7 @@ def converted_config(config, spec: ArchSpec, base_class: str, layers: list[dict]
             "attn": spec.o_proj.rsplit(".", 1)[0],  # the attention block, relative to a layer
             "o_proj": spec.o_proj,
             "qk_norm": spec.qk_norm,
+            "rope_table": spec.rope_table,
         },
         "layers": layers,
     }
@@ -563,13 +564,15 @@ def attach_preproj_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------- share-kv
-def _rope_table(model, seq_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _rope_table(model, seq_len: int, spec: ArchSpec | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """cos, sin (seq_len, rotary_dim) of the model's own rotary embedding, None without RoPE."""
     rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
     if rotary is None:
         return None, None
     x = torch.zeros(1, dtype=torch.float32)
     cos, sin = rotary(x, torch.arange(seq_len)[None])
+    if spec is not None and spec.rope_table == "half":  # each frequency once: tile to the rotate_half layout
+        cos, sin = cos.repeat(1, 1, 2), sin.repeat(1, 1, 2)
     return cos[0].double(), sin[0].double()
 
 
@@ -640,7 +643,7 @@ def share_kv_checkpoint(
         calibration = None
         if init == "calibrated":
             if "rope" not in state:
-                state["rope"] = _rope_table(skeleton(plan.config), seq_len)
+                state["rope"] = _rope_table(skeleton(plan.config), seq_len, plan.spec)
             cos, sin = state["rope"]
             eps = float(getattr(plan.config, "rms_norm_eps", 1e-6) or 1e-6)
             calibration = Calibration({i: attn_input}, seq_len, cos, sin, eps)

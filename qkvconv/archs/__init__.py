@@ -38,6 +38,8 @@ class ArchSpec(BaseModel):
     input_embeddings: list[str]
     output_embedding: str
     mlp_reads_attn_norm: bool  # GPT-J style shared norm: the MLP would need Θ⁻¹ too
+    rope_table: Literal["duplicated", "half"] = "duplicated"  # the rotary module's cos/sin: each frequency twice
+    # (rotate_half layout, width rotary_dim), or once (width rotary_dim/2, gpt_oss; the same rotation)
 
     def layer(self, i: int, module: str) -> str:
         return f"{self.layers}.{i}.{module}"

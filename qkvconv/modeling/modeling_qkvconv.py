@@ -29,9 +29,6 @@ BASE_CLASSES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
-    "MixtralForCausalLM",
-    "Qwen2MoeForCausalLM",
-    "Qwen3MoeForCausalLM",
     "GraniteForCausalLM",
     "SmolLM3ForCausalLM",
     "GptOssForCausalLM",
@@ -362,19 +359,24 @@ class _RopeTable:
 
     STATIC = ("default", "linear", "llama3", "yarn")
 
-    def __init__(self, rotary: nn.Module):
+    def __init__(self, rotary: nn.Module, half: bool = False):
         self.rotary, self.key, self.cos, self.sin = rotary, None, None, None
+        self.half = half  # the rotary module returns each frequency once (config block "rope_table": "half")
+
+    def _table(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary(x, positions)
+        return (cos.repeat(1, 1, 2), sin.repeat(1, 1, 2)) if self.half else (cos, sin)  # rotate_half layout
 
     def __call__(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + x.shape[-2]
         if getattr(self.rotary, "rope_type", "default") not in self.STATIC:
-            return self.rotary(x, torch.arange(start, end, device=x.device)[None])
+            return self._table(x, torch.arange(start, end, device=x.device)[None])
         inv = getattr(self.rotary, "inv_freq", None)
         key = (x.device, x.dtype, None if inv is None else (inv.data_ptr(), inv._version))
         if key != self.key or self.cos.shape[-2] < end:
             size = max(end, 2 * self.cos.shape[-2]) if key == self.key else end
             with torch.no_grad():
-                self.cos, self.sin = self.rotary(x, torch.arange(size, device=x.device)[None])
+                self.cos, self.sin = self._table(x, torch.arange(size, device=x.device)[None])
             self.key = key
         return self.cos[:, start:end], self.sin[:, start:end]
 
@@ -420,6 +422,18 @@ def _with_bias(mask, bias: torch.Tensor, q_len: int, past: int, dtype) -> torch.
     return mask[..., :S].to(dtype) + bias
 
 
+def _with_sink(k, v, mask, sinks: torch.Tensor, q_len: int, past: int):
+    """Attention sinks (gpt_oss) on any attention kernel: one extra key and value of zeros, whose logit q·0 + mask
+    is the head's sink s_h: softmax over [logits, s_h] then drops it, as the family's own attention does.
+    k, v: (B, N, S, dh) -> (B, N, S+1, dh); mask -> (B|1, H, T, S+1) additive."""
+    k, v = (torch.cat([x, x.new_zeros(*x.shape[:2], 1, x.shape[-1])], -2) for x in (k, v))
+    S, H = k.shape[-2] - 1, sinks.shape[0]
+    base = _with_bias(mask, torch.zeros(1, 1, 1, S, dtype=k.dtype, device=k.device), q_len, past, k.dtype)
+    base = base.expand(base.shape[0], H, q_len, S)
+    sink = sinks.to(k.dtype).view(1, H, 1, 1).expand(base.shape[0], H, q_len, 1)
+    return k, v, torch.cat([base, sink], -1)
+
+
 class SharedProjectionAttention(nn.Module):
     """Attention with shared projections and/or pooled KV heads (share-kv, METHODS.md §3).
 
@@ -428,6 +442,7 @@ class SharedProjectionAttention(nn.Module):
       pre-RoPE, in the key slot (the value slot holds a zero-width tensor) and keys are rotated when read.
       q=k: queries = RoPE(q_norm(S)), S head g serving query heads g·H/N … (g+1)·H/N − 1; keys = RoPE(k_norm(S)).
     RoPE is applied at absolute cache indices to queries and keys alike: logits only see the difference.
+    Carried from the family's attention module: scaling, sliding_window, use_rope (NoPE layers), sinks.
     """
 
     def __init__(self, old: nn.Module, config, layer_idx: int, spec: dict, rotary, qkv_bias: bool, o_bias: bool,
@@ -441,6 +456,9 @@ class SharedProjectionAttention(nn.Module):
         self.kv_shared, self.qk_shared = spec.get("kv") == "shared", spec.get("qk") == "shared"
         self.scaling = getattr(old, "scaling", dh**-0.5)
         self.sliding_window = getattr(old, "sliding_window", None)
+        self.use_rope = getattr(old, "use_rope", True)  # False on a family's NoPE layers (smollm3)
+        if isinstance(getattr(old, "sinks", None), torch.Tensor):  # learned per-head sink logits (gpt_oss)
+            self.sinks = nn.Parameter(torch.zeros(H))
         self.is_causal, self.attention_dropout = True, 0.0
         self._rotary = rotary  # a _RopeTable shared by the model's layers, None without RoPE
         self.cache_seen = False  # set by every forward; checked by _check_cache_reached
@@ -459,7 +477,7 @@ class SharedProjectionAttention(nn.Module):
             self.pos2d = Pos2D(spec["pos2d"]["channels"], H)
 
     def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        if self._rotary is None:
+        if self._rotary is None or not self.use_rope:
             return x
         return _rope(x, *self._rotary(x, start))
 
@@ -482,7 +500,8 @@ class SharedProjectionAttention(nn.Module):
         q = self._rotate(q, past)
         if self.kv_shared:  # cache S once, pre-RoPE; keys = RoPE(k_norm(S)) over the whole past
             s_all = cache.update(s, s[..., :0], self.layer_idx)[0] if cache is not None else s
-            k_all, v_all = self._rotate(self.k_norm(s_all), 0), s_all
+            # keys at their absolute positions (a sliding-window cache returns only the window's last tokens)
+            k_all, v_all = self._rotate(self.k_norm(s_all), past + T - s_all.shape[-2]), s_all
         else:
             k = s if self.qk_shared else heads(self.k_proj(hidden_states))
             k = self._rotate(self.k_norm(k), past)
@@ -491,6 +510,8 @@ class SharedProjectionAttention(nn.Module):
         if hasattr(self, "pos2d"):
             bias = self.pos2d.key_bias(0, k_all.shape[-2], q.device, q.dtype)
             attention_mask = _with_bias(attention_mask, bias, T, past, q.dtype)
+        if hasattr(self, "sinks"):
+            k_all, v_all, attention_mask = _with_sink(k_all, v_all, attention_mask, self.sinks, T, past)
         attend = attention_function(self.config._attn_implementation)
         out, weights = attend(self, q, k_all, v_all, attention_mask, dropout=0.0, scaling=self.scaling,
                               sliding_window=self.sliding_window, **kwargs)
@@ -505,7 +526,7 @@ def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dic
     rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
     if rotary is not None:  # one table for all layers, kept on the rotary module (a plain attribute)
         if not isinstance(getattr(rotary, "_qkvconv_table", None), _RopeTable):
-            rotary._qkvconv_table = _RopeTable(rotary)
+            rotary._qkvconv_table = _RopeTable(rotary, paths.get("rope_table") == "half")
         rotary = rotary._qkvconv_table
     norms = [layer.get_submodule(p) if _has_module(layer, p) else None for p in paths.get("qk_norm") or []]
     q_norm, k_norm = (norms + [None, None])[:2]
