@@ -120,6 +120,7 @@ def converted_config(config, spec: ArchSpec, base_class: str, layers: list[dict]
             "qk_norm": spec.qk_norm,
             "qk_norm_scope": spec.qk_norm_scope,
             "norm_gain_offset": spec.norm_gain_offset,
+            "rope_table": spec.rope_table,
         },
         "layers": layers,
     }
@@ -565,7 +566,8 @@ def attach_preproj_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------- share-kv
-def _rope_table(model, seq_len: int, layer: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _rope_table(model, seq_len: int, layer: int = 0, spec: ArchSpec | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """cos, sin (seq_len, rotary_dim) of layer `layer`'s rotary embedding, None without RoPE."""
     from qkvconv.modeling.modeling_qkvconv import rope_layer_type
 
@@ -576,6 +578,8 @@ def _rope_table(model, seq_len: int, layer: int = 0) -> tuple[torch.Tensor | Non
     x = torch.zeros(1, dtype=torch.float32)
     args = () if layer_type is None else (layer_type,)
     cos, sin = rotary(x, torch.arange(seq_len)[None], *args)
+    if spec is not None and spec.rope_table == "half":  # each frequency once: tile to the rotate_half layout
+        cos, sin = cos.repeat(1, 1, 2), sin.repeat(1, 1, 2)
     return cos[0].double(), sin[0].double()
 
 
@@ -654,7 +658,7 @@ def share_kv_checkpoint(
         if init == "calibrated":
             if "model" not in state:
                 state["model"] = skeleton(plan.config)
-            cos, sin = _rope_table(state["model"], seq_len, i)
+            cos, sin = _rope_table(state["model"], seq_len, i, plan.spec)
             eps = float(getattr(plan.config, "rms_norm_eps", 1e-6) or 1e-6)
             calibration = Calibration({i: attn_input}, seq_len, cos, sin, eps,
                                       **_attention_facts(state["model"], plan.spec, i))

@@ -245,6 +245,8 @@ def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     config.dtype = dtype
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = model_class(config)(config)
+    if dtype == torch.float64 and getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.config._experts_implementation = "eager"  # MoE experts: grouped_mm has no float64 kernel
     _set_buffers_dtype(model, dtype)  # RoPE tables, compute-dtype markers follow the compute dtype
     return model.eval()
 

@@ -34,7 +34,8 @@ class ArchSpec(BaseModel):
     o_proj: str
     fused_qkv: str | None
     qk_norm: list[str]  # per-head norms on q and k, where the model has them
-    positional: Literal["rope", "partial_rope", "learned"]
+    positional: Literal["rope", "partial_rope", "learned"]  # rope: every dim rotates (the family's code ignores a
+    # config's partial_rotary_factor); partial_rope: the first partial_rotary_factor / rotary_pct of each head
     input_embeddings: list[str]
     output_embedding: str
     mlp_reads_attn_norm: bool  # GPT-J style shared norm: the MLP would need Θ⁻¹ too
@@ -42,6 +43,8 @@ class ArchSpec(BaseModel):
     # what one QK-norm spans: "head" one norm shared by every head (dh); "each_head" one norm per head (stablelm);
     # "projection" one norm over the whole H·dh projection (olmo2)
     qk_norm_scope: Literal["head", "each_head", "projection"] = "head"
+    rope_table: Literal["duplicated", "half"] = "duplicated"  # the rotary module's cos/sin: each frequency twice
+    # (rotate_half layout, width rotary_dim), or once (width rotary_dim/2, gpt_oss; the same rotation)
 
     def layer(self, i: int, module: str) -> str:
         return f"{self.layers}.{i}.{module}"
@@ -100,7 +103,7 @@ def rotary_fraction(config) -> float:
 def dims_of(config, spec: ArchSpec) -> Dims:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rotary = 0 if spec.positional == "learned" else int(head_dim * rotary_fraction(config))
+    rotary = {"learned": 0, "rope": head_dim}.get(spec.positional, int(head_dim * rotary_fraction(config)))
     return Dims(
         num_hidden_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,

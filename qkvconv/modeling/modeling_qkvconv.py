@@ -32,6 +32,9 @@ BASE_CLASSES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "GraniteForCausalLM",
+    "SmolLM3ForCausalLM",
+    "GptOssForCausalLM",
     "GPT2LMHeadModel",
     "GPTNeoXForCausalLM",
     "Phi3ForCausalLM",
@@ -414,13 +417,13 @@ class _RopeTable:
 
     STATIC = ("default", "linear", "llama3", "yarn")
 
-    def __init__(self, rotary: nn.Module, layer_type: str | None = None):
+    def __init__(self, rotary: nn.Module, layer_type: str | None = None, half: bool = False):
         self.rotary, self.layer_type, self.key, self.cos, self.sin = rotary, layer_type, None, None, None
+        self.half = half  # the rotary module returns each frequency once (config block "rope_table": "half")
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor):
-        if self.layer_type is None:
-            return self.rotary(x, positions)
-        return self.rotary(x, positions, self.layer_type)
+        cos, sin = self.rotary(x, positions) if self.layer_type is None else self.rotary(x, positions, self.layer_type)
+        return (cos.repeat(1, 1, 2), sin.repeat(1, 1, 2)) if self.half else (cos, sin)  # rotate_half layout
 
     def __call__(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + x.shape[-2]
@@ -489,6 +492,18 @@ def _with_bias(mask, bias: torch.Tensor, q_len: int, past: int, dtype) -> torch.
     return mask[..., :S].to(dtype) + bias
 
 
+def _with_sink(k, v, mask, sinks: torch.Tensor, q_len: int, past: int):
+    """Attention sinks (gpt_oss) on any attention kernel: one extra key and value of zeros, whose logit q·0 + mask
+    is the head's sink s_h: softmax over [logits, s_h] then drops it, as the family's own attention does.
+    k, v: (B, N, S, dh) -> (B, N, S+1, dh); mask -> (B|1, H, T, S+1) additive."""
+    k, v = (torch.cat([x, x.new_zeros(*x.shape[:2], 1, x.shape[-1])], -2) for x in (k, v))
+    S, H = k.shape[-2] - 1, sinks.shape[0]
+    base = _with_bias(mask, torch.zeros(1, 1, 1, S, dtype=k.dtype, device=k.device), q_len, past, k.dtype)
+    base = base.expand(base.shape[0], H, q_len, S)
+    sink = sinks.to(k.dtype).view(1, H, 1, 1).expand(base.shape[0], H, q_len, 1)
+    return k, v, torch.cat([base, sink], -1)
+
+
 class SharedProjectionAttention(nn.Module):
     """Attention with shared projections and/or pooled KV heads (share-kv, METHODS.md §3).
 
@@ -497,6 +512,7 @@ class SharedProjectionAttention(nn.Module):
       pre-RoPE, in the key slot (the value slot holds a zero-width tensor) and keys are rotated when read.
       q=k: queries = RoPE(q_norm(S)), S head g serving query heads g·H/N … (g+1)·H/N − 1; keys = RoPE(k_norm(S)).
     RoPE is applied at absolute cache indices to queries and keys alike: logits only see the difference.
+    Carried from the family's attention module: scaling, sliding_window, use_rope (NoPE layers), sinks.
     """
 
     def __init__(self, old: nn.Module, config, layer_idx: int, spec: dict, rotary, qkv_bias: bool, o_bias: bool,
@@ -511,6 +527,9 @@ class SharedProjectionAttention(nn.Module):
         self.scaling = getattr(old, "scaling", dh**-0.5)
         self.sliding_window = getattr(old, "sliding_window", None)
         self.softcap = getattr(old, "attn_logit_softcapping", None)  # logits → softcap·tanh(logits/softcap)
+        self.use_rope = getattr(old, "use_rope", True)  # False on a family's NoPE layers (smollm3)
+        if isinstance(getattr(old, "sinks", None), torch.Tensor):  # learned per-head sink logits (gpt_oss)
+            self.sinks = nn.Parameter(torch.zeros(H))
         self.is_causal, self.attention_dropout = True, 0.0
         self._rotary = rotary  # a _RopeTable shared by the model's layers, None without RoPE
         self.cache_seen = False  # set by every forward; checked by _check_cache_reached
@@ -538,7 +557,7 @@ class SharedProjectionAttention(nn.Module):
         return norm(x.transpose(1, 2).reshape(B, T, n * dh)).view(B, T, n, dh).transpose(1, 2)
 
     def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        if self._rotary is None:
+        if self._rotary is None or not self.use_rope:
             return x
         return _rope(x, *self._rotary(x, start))
 
@@ -570,6 +589,8 @@ class SharedProjectionAttention(nn.Module):
         if hasattr(self, "pos2d"):
             bias = self.pos2d.key_bias(0, k_all.shape[-2], q.device, q.dtype)
             attention_mask = _with_bias(attention_mask, bias, T, past, q.dtype)
+        if hasattr(self, "sinks"):
+            k_all, v_all, attention_mask = _with_sink(k_all, v_all, attention_mask, self.sinks, T, past)
         attend = attention_function(self.config._attn_implementation)
         if self.softcap is not None:
             kwargs["softcap"] = self.softcap
@@ -589,7 +610,7 @@ def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dic
         tables = getattr(rotary, "_qkvconv_tables", None)
         if not isinstance(tables, dict):
             tables = rotary._qkvconv_tables = {}
-        rotary = tables.setdefault(layer_type, _RopeTable(rotary, layer_type))
+        rotary = tables.setdefault(layer_type, _RopeTable(rotary, layer_type, paths.get("rope_table") == "half"))
     else:
         rotary = None
     norms = [layer.get_submodule(p) if _has_module(layer, p) else None for p in paths.get("qk_norm") or []]
