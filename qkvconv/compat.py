@@ -11,7 +11,10 @@ re-exports what qkvconv itself needs from there. The rest:
 - lm-eval's TaskManager.task_index entries (objects with .yaml_path; dicts before 0.4.12): task_yaml_path; its
   YAML loader lm_eval.tasks._yaml_loader.load_yaml (tests), and `!function module.name` resolving an importable
   module (qkvconv/tasks/*.yaml): both from lm-eval 0.4.12, which is why the range starts there;
-- generate(..., output_logits=True, return_dict_in_generate=True) returning `.logits` and the cache.
+- generate(..., output_logits=True, return_dict_in_generate=True) returning `.logits` and the cache;
+- the weight conversion mapping transformers applies on load (5.x: conversion_mapping.get_model_conversion_mapping,
+  core_model_loading.rename_source_key / WeightConverter.convert): load_mapping, used by stream.MappedSource to read
+  per-expert MoE checkpoints under the stacked names the modules have.
 """
 
 from __future__ import annotations
@@ -140,5 +143,54 @@ def cache_bytes(cache) -> int:
     return total
 
 
-__all__ = ["TESTED", "cache_bytes", "environment", "in_range", "no_init_weights", "output_cache", "take_cache",
-           "untested", "warn_if_untested"]
+class LoadMapping:
+    """transformers' weight conversion mapping for one model (the renamings and converters from_pretrained applies
+    to a checkpoint's keys). Empty where transformers has none (or no such machinery: before 5.x)."""
+
+    def __init__(self, model):
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming
+        except ImportError:  # pragma: no cover - transformers 4.x: no conversion on load
+            self.renamings, self.converters = [], []
+            return
+        mapping = get_model_conversion_mapping(model)
+        self.model = model
+        self.renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        self.converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
+
+    def rename(self, key: str, meta_state_dict: dict) -> tuple[str, str | None]:
+        """(the name `key` loads under, the converter source pattern it matched or None), as from_pretrained does."""
+        if not self.renamings and not self.converters:
+            return key, None
+        from transformers.core_model_loading import rename_source_key
+
+        new, pattern = rename_source_key(key, self.renamings, self.converters, self.model.base_model_prefix,
+                                         meta_state_dict)
+        if new not in meta_state_dict and key in meta_state_dict:  # from_pretrained keeps such a key as it is
+            return key, None
+        return new, pattern
+
+    def convert(self, target: str, members: list[tuple[str, str, object]]) -> "object":
+        """The tensor `target` from its checkpoint tensors [(key, converter pattern, read() -> tensor)], by the
+        converter's own operations (e.g. MergeModulelist then Concatenate), in the order given."""
+        import copy
+
+        conv = copy.deepcopy(self.by_pattern[members[0][1]])
+        for key, pattern, read in members:
+            conv.add_tensor(target, key, pattern, read)
+        return conv.convert(target, model=self.model, config=self.model.config)[target]
+
+    @staticmethod
+    def order(keys: list[str]) -> list[str]:
+        """`keys` in the order from_pretrained converts them (expert 10 after expert 9)."""
+        try:
+            from transformers.core_model_loading import dot_natural_key
+        except ImportError:  # pragma: no cover
+            return sorted(keys)
+        return sorted(keys, key=dot_natural_key)
+
+
+__all__ = ["TESTED", "LoadMapping", "cache_bytes", "environment", "in_range", "no_init_weights", "output_cache",
+           "take_cache", "untested", "warn_if_untested"]

@@ -159,9 +159,71 @@ class RenamedSource(TensorSource):
         return self.inner.take_rows(self._k(key), index)
 
 
+class MappedSource(TensorSource):
+    """`source` as transformers 5 loads it into `model`: by its weight conversion mapping (conversion_mapping.py),
+    which renames keys and merges the per-expert tensors of MoE checkpoints into the stacked parameters the modules
+    have. The merge runs transformers' own operations (compat.LoadMapping), on the meta device for shapes and on one
+    parameter's tensors when it is read. Before / after, for E experts of hidden size d and intermediate size I:
+
+        Mixtral (hub)  model.layers.{i}.block_sparse_moe.gate.weight        (E, d)  -> model.layers.{i}.mlp.gate.weight
+                       ....block_sparse_moe.experts.{e}.w1.weight (gate)    (I, d)  \
+                       ....block_sparse_moe.experts.{e}.w3.weight (up)      (I, d)  -> ....mlp.experts.gate_up_proj (E, 2I, d)
+                       ....block_sparse_moe.experts.{e}.w2.weight (down)    (d, I)  -> ....mlp.experts.down_proj    (E, d, I)
+        Qwen2/3-MoE    ....mlp.experts.{e}.gate_proj.weight / up_proj.weight (I, d) -> ....mlp.experts.gate_up_proj (E, 2I, d)
+                       ....mlp.experts.{e}.down_proj.weight                  (d, I) -> ....mlp.experts.down_proj    (E, d, I)
+
+    gate_up_proj[e] = cat(gate_e, up_e) along the rows; experts in natural order (10 after 9). Keys the mapping does
+    not place in the model keep their own names (check_against_config names them)."""
+
+    def __init__(self, source: TensorSource, model: nn.Module):
+        from qkvconv.compat import LoadMapping
+
+        self.inner, self.mapping = source, LoadMapping(model)
+        meta = model.state_dict()
+        self._members: dict[str, list[tuple[str, str | None]]] = {}  # name here -> [(key in the files, pattern)]
+        for k in self.mapping.order(source.keys()):
+            new, pattern = self.mapping.rename(k, meta)
+            self._members.setdefault(new, []).append((k, pattern))
+        first = {m[0][0]: n for n, m in self._members.items()}
+        self._keys = [first[k] for k in source.keys() if k in first]  # the files' order
+        self._meta = {n: self._read(n, lambda k: torch.empty(source.shape(k), dtype=source.dtype(k), device="meta"))
+                      for n, m in self._members.items() if m[0][1] is not None}
+
+    @property
+    def changes_names(self) -> bool:
+        return any(len(m) > 1 or m[0][0] != n for n, m in self._members.items())
+
+    def _read(self, key: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        members = self._members[key]
+        if members[0][1] is None:  # renamed (or not) only
+            return read(members[0][0])
+        return self.mapping.convert(key, [(k, p, lambda k=k: read(k)) for k, p in members])
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def shape(self, key):
+        return tuple(self._meta[key].shape) if key in self._meta else self.inner.shape(self._members[key][0][0])
+
+    def dtype(self, key):
+        return self._meta[key].dtype if key in self._meta else self.inner.dtype(self._members[key][0][0])
+
+    def get(self, key):
+        return self._read(key, self.inner.get)
+
+    def take_rows(self, key, index):
+        if key in self._meta:
+            return self.get(key)[index]
+        return self.inner.take_rows(self._members[key][0][0], index)
+
+
 def module_names(source: TensorSource, model: nn.Module, spec: ArchSpec) -> TensorSource:
-    """`source` under the names `model`'s modules have, where the files use a legacy name for the output
-    embedding (the spec's output_embedding) that the model's module no longer has."""
+    """`source` under the names `model`'s modules have: as transformers' own load maps the files' keys (MappedSource:
+    per-expert MoE tensors stacked), and where the files use a legacy name for the output embedding (the spec's
+    output_embedding) that the model's module no longer has."""
+    mapped = MappedSource(source, model)
+    if mapped.changes_names:
+        source = mapped
     key = output_embedding_key(model)
     have = set(source.keys())
     if key and key not in have and spec.output_embedding in have and key != spec.output_embedding:

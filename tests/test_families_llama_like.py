@@ -1,5 +1,5 @@
-"""Families with llama/qwen-style attention (issue 11): rope variants on llama, MoE (mixtral, qwen2_moe, qwen3_moe),
-granite, smollm3, gpt_oss. Each tiny random model goes through absorb-query (exact in float64, drop), the attach
+"""Families with llama/qwen-style attention (issue 11): rope variants on llama, granite, smollm3, gpt_oss (the MoE
+families mixtral, qwen2_moe, qwen3_moe: tests/test_families_moe.py, from the configs here). Each tiny random model goes through absorb-query (exact in float64, drop), the attach
 commands (exact at step 0), share-kv (cached = uncached, cache bytes = arithmetic, --export stock = the shared-cache
 model), plain-transformers loading and inspect. Measured numbers are printed (pytest -s)."""
 
@@ -232,13 +232,3 @@ def test_rope_beyond_original_length(tiny, tmp_path, name):
         if mode != "k=v":
             assert vs_stock < 1e-4 and seq.tolist() == seq_s.tolist()
         assert gap_s > 1e-3  # the frequencies did change within the decoded length
-
-
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_moe_with_per_expert_checkpoint_names_is_refused(tiny, model_type):
-    """transformers 5 fuses per-expert checkpoint tensors on load (experts.{e}.w1 -> experts.gate_up_proj); qkvconv
-    streams tensors under the module's names, so these families are refused up front (not converted wrongly)."""
-    from qkvconv.errors import UnsupportedArchitecture
-
-    with pytest.raises(UnsupportedArchitecture, match=f"unsupported architecture '{model_type}'"):
-        spec_for(model_type)
