@@ -186,8 +186,15 @@ class MappedSource(TensorSource):
             self._members.setdefault(new, []).append((k, pattern))
         first = {m[0][0]: n for n, m in self._members.items()}
         self._keys = [first[k] for k in source.keys() if k in first]  # the files' order
-        self._meta = {n: self._read(n, lambda k: torch.empty(source.shape(k), dtype=source.dtype(k), device="meta"))
-                      for n, m in self._members.items() if m[0][1] is not None}
+        self._meta = {n: self._meta_of(n) for n, m in self._members.items() if m[0][1] is not None}
+
+    def _meta_of(self, key: str) -> torch.Tensor:
+        try:
+            return self._read(key, lambda k: torch.empty(self.inner.shape(k), dtype=self.inner.dtype(k), device="meta"))
+        except (RuntimeError, ValueError, IndexError) as e:
+            n = len(self._members[key])
+            raise CheckpointError(f"{self._members[key][0][0]} and the other {n - 1} tensors that make {key} do not "
+                                  f"stack ({str(e).splitlines()[0]}); is an expert's tensor missing?") from None
 
     @property
     def changes_names(self) -> bool:

@@ -1,7 +1,8 @@
 """Families with llama/qwen-style attention (issue 11): rope variants on llama, granite, smollm3, gpt_oss (the MoE
-families mixtral, qwen2_moe, qwen3_moe: tests/test_families_moe.py, from the configs here). Each tiny random model goes through absorb-query (exact in float64, drop), the attach
-commands (exact at step 0), share-kv (cached = uncached, cache bytes = arithmetic, --export stock = the shared-cache
-model), plain-transformers loading and inspect. Measured numbers are printed (pytest -s)."""
+families mixtral, qwen2_moe, qwen3_moe: tests/test_families_moe.py, with the configs here). Each tiny random model
+goes through absorb-query (exact in float64, drop), the attach commands (exact at step 0), share-kv (cached =
+uncached, cache bytes = arithmetic, --export stock = the shared-cache model), plain-transformers loading and inspect.
+Measured numbers are printed (pytest -s)."""
 
 from __future__ import annotations
 
