@@ -165,12 +165,14 @@ class MappedSource(TensorSource):
     have. The merge runs transformers' own operations (compat.LoadMapping), on the meta device for shapes and on one
     parameter's tensors when it is read. Before / after, for E experts of hidden size d and intermediate size I:
 
-        Mixtral (hub)  model.layers.{i}.block_sparse_moe.gate.weight        (E, d)  -> model.layers.{i}.mlp.gate.weight
-                       ....block_sparse_moe.experts.{e}.w1.weight (gate)    (I, d)  \
-                       ....block_sparse_moe.experts.{e}.w3.weight (up)      (I, d)  -> ....mlp.experts.gate_up_proj (E, 2I, d)
-                       ....block_sparse_moe.experts.{e}.w2.weight (down)    (d, I)  -> ....mlp.experts.down_proj    (E, d, I)
-        Qwen2/3-MoE    ....mlp.experts.{e}.gate_proj.weight / up_proj.weight (I, d) -> ....mlp.experts.gate_up_proj (E, 2I, d)
-                       ....mlp.experts.{e}.down_proj.weight                  (d, I) -> ....mlp.experts.down_proj    (E, d, I)
+        Mixtral (hub), in model.layers.{i}.:
+          block_sparse_moe.gate.weight                   (E, d)  -> mlp.gate.weight
+          block_sparse_moe.experts.{e}.w1.weight (gate)  (I, d)  +
+          block_sparse_moe.experts.{e}.w3.weight (up)    (I, d)  -> mlp.experts.gate_up_proj  (E, 2I, d)
+          block_sparse_moe.experts.{e}.w2.weight (down)  (d, I)  -> mlp.experts.down_proj     (E, d, I)
+        Qwen2-MoE, Qwen3-MoE:
+          mlp.experts.{e}.gate_proj.weight, up_proj.weight (I, d) -> mlp.experts.gate_up_proj (E, 2I, d)
+          mlp.experts.{e}.down_proj.weight                  (d, I) -> mlp.experts.down_proj    (E, d, I)
 
     gate_up_proj[e] = cat(gate_e, up_e) along the rows; experts in natural order (10 after 9). Keys the mapping does
     not place in the model keep their own names (check_against_config names them)."""
