@@ -1,8 +1,9 @@
 """finetune and eval on the issue-11 families: every one is converted (share-kv k=v, the data-free key init),
 healed by `finetune --train attention` (the held-out loss falls, the output loads and keeps its shared-KV layout)
 and evaluated with lm-eval on the tiny local tasks (the results table has the task, with a finite metric).
-`--train new` on attach-query-mlp models of a fused-QKV family (phi3) and a sandwich-norm one (gemma2) trains the
-query MLP only. The tiny models come from the family test files' own builders. Run with -s for the numbers.
+`--train new` on attach-query-mlp models of a fused-QKV family (phi3) and a sandwich-norm one (gemma2), and on an
+attach-preproj model of a family without a pre-attention norm (olmo2), trains the added modules only. The tiny
+models come from the family test files' own builders. Run with -s for the numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from test_finetune import cfg, corpus  # noqa: F401  (corpus: fixture)
 import qkvconv
 from qkvconv.archs import spec_for
 from qkvconv.cli import eval_entry
-from qkvconv.convert import attach_query_mlp_checkpoint, share_kv_checkpoint
+from qkvconv.convert import attach_preproj_checkpoint, attach_query_mlp_checkpoint, share_kv_checkpoint
+from qkvconv.describe import parameter_counts
 from qkvconv.evaluate import evaluate_models
 from qkvconv.finetune import finetune, trainable_names
 from qkvconv.report import eval_table
@@ -90,6 +92,7 @@ def test_finetune_heals_share_kv(healed, model_type):
     moved = _moved(kv, out)
     assert moved and all(any(p in f".{k}" for p in parts) for k in moved), sorted(moved)
     assert not any(".None." in n for n in trainable_names(model, spec, "attention"))
+    assert parameter_counts(model, spec)["attention"] == res.trainable_parameters  # inspect counts what it trains
     # the healed checkpoint is still share-kv: every layer K=V, with its shared cache
     assert all(layer["kv"] == "shared" for layer in model.config.qkvconv["layers"])
     with torch.no_grad():
@@ -119,18 +122,21 @@ def test_eval_healed_models(healed, tiny_data_dir):  # noqa: F811
     assert "lambada_openai" in text and all(t in text for t in BUILDERS)
 
 
-@pytest.mark.parametrize("model_type", ["phi3", "gemma2"])
-def test_train_new_on_attach_query_mlp(family_models, corpus, tmp_path, model_type):  # noqa: F811
-    """phi3 packs q/k/v in one qkv_proj (the query MLP hangs on it), gemma2 has sandwich norms around attention:
-    --train new selects the query MLP by its module path, and nothing else moves."""
-    attach_query_mlp_checkpoint(family_models(model_type), tmp_path / "qm", **FAST)
-    res = finetune(tmp_path / "qm", tmp_path / "ft", cfg(corpus, train="new", steps=6, eval_every=3))
-    print(f"\n{model_type} attach-query-mlp --train new: held-out {res.first_eval:.4f} -> {res.last_eval:.4f} "
-          f"({res.trainable_parameters:,} trainable)")
+@pytest.mark.parametrize("model_type,attach", [("phi3", "query_mlp"), ("gemma2", "query_mlp"), ("olmo2", "preproj")])
+def test_train_new_on_attached_modules(family_models, corpus, tmp_path, model_type, attach):  # noqa: F811
+    """--train new selects the attached modules by their module paths, and nothing else moves: phi3 packs q/k/v in
+    one qkv_proj (the query MLP hangs on it), gemma2 has sandwich norms around attention, olmo2 has no pre-attention
+    norm (the pre-projection MLP sits on the attention's input instead)."""
+    convert = attach_query_mlp_checkpoint if attach == "query_mlp" else attach_preproj_checkpoint
+    convert(family_models(model_type), tmp_path / "attached", **FAST)
+    res = finetune(tmp_path / "attached", tmp_path / "ft", cfg(corpus, train="new", steps=6, eval_every=3))
+    print(f"\n{model_type} attach-{attach.replace('_', '-')} --train new: held-out {res.first_eval:.4f} -> "
+          f"{res.last_eval:.4f} ({res.trainable_parameters:,} trainable)")
     assert res.last_eval < res.first_eval
-    moved = _moved(tmp_path / "qm", tmp_path / "ft")
-    assert moved and all(".query_mlp." in k for k in moved), sorted(moved)
+    marks = (".query_mlp.",) if attach == "query_mlp" else (".preproj.", ".content_skip.")
+    moved = _moved(tmp_path / "attached", tmp_path / "ft")
+    assert moved and all(any(m in k for m in marks) for k in moved), sorted(moved)
     model, _ = qkvconv.load(tmp_path / "ft")
-    query_mlp = {n for n, _ in model.named_parameters() if ".query_mlp." in n}
-    assert query_mlp == set(trainable_names(model, spec_for(model_type), "new"))
-    assert res.trainable_parameters == sum(p.numel() for n, p in model.named_parameters() if n in query_mlp)
+    added = {n for n, _ in model.named_parameters() if any(m in n for m in marks)}
+    assert added == set(trainable_names(model, spec_for(model_type), "new"))
+    assert res.trainable_parameters == sum(p.numel() for n, p in model.named_parameters() if n in added)
