@@ -9,18 +9,14 @@ import torch
 from qkvconv.archs import dims_of
 from qkvconv.checkpoint import Loaded, qkvconv_block
 from qkvconv.transforms import wq_condition
-
-
-def _attention_prefixes(spec) -> tuple[str, str]:
-    attn = spec.o_proj.rsplit(".", 1)[0]  # e.g. "self_attn", "attn", "attention"
-    return f".{attn}.", f".{spec.attn_norm}.affine.", f".{spec.attn_norm}.preproj."
+from qkvconv.transforms.attach import attention_parts
 
 
 def parameter_counts(model, spec) -> dict[str, int]:
     """Unique parameters (tied weights counted once): total, non-embedding, attention."""
     seen, total, emb, attn = set(), 0, 0, 0
     embeddings = set(spec.input_embeddings) | {spec.output_embedding}
-    attn_parts = _attention_prefixes(spec)
+    attn_parts = [f".{part}." for part in attention_parts(spec)]
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue

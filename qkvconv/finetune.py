@@ -39,7 +39,7 @@ import torch
 from qkvconv.archs import ArchSpec, dims_of
 from qkvconv.checkpoint import check_output, load, qkvconv_block, read_record, resolve_source, write_with_history
 from qkvconv.errors import CheckpointError, QkvconvError
-from qkvconv.transforms.attach import added_module_prefixes, attention_module, stock_layers
+from qkvconv.transforms.attach import added_module_prefixes, attention_parts, stock_layers
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
 STATE_FILE = "state.pt"
@@ -224,10 +224,7 @@ def trainable_names(model, spec: ArchSpec, train: str) -> list[str]:
             raise QkvconvError("this model has no modules added by qkvconv (attach-query-mlp, attach-preproj); "
                                "use --train attention or --train all")
     elif train == "attention":
-        prefixes = []
-        for i in range(len(layers)):
-            prefixes += [f"{spec.layer(i, attention_module(spec))}.", f"{spec.layer(i, spec.attn_norm)}.affine.",
-                         f"{spec.layer(i, spec.attn_norm)}.preproj."]
+        prefixes = [f"{spec.layer(i, part)}." for i in range(len(layers)) for part in attention_parts(spec)]
     else:
         raise QkvconvError(f"--train must be new, attention or all, not {train!r}")
     return [n for n in names if n.startswith(tuple(prefixes))]

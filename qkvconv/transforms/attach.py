@@ -42,6 +42,17 @@ def attention_module(spec: ArchSpec) -> str:
     return spec.o_proj.rsplit(".", 1)[0]
 
 
+def attention_parts(spec: ArchSpec) -> list[str]:
+    """The modules of a layer that make up its attention, relative to the layer: the attention block, and where the
+    family has a pre-attention norm, what qkvconv puts on it (the absorbed affine, the pre-projection MLP), e.g.
+    ["self_attn", "input_layernorm.affine", "input_layernorm.preproj"]. Without one (olmo2: attn_norm null) those
+    live inside the attention block (attn_in, preproj on the attention), so the list is just ["self_attn"]."""
+    parts = [attention_module(spec)]
+    if spec.attn_norm is not None:
+        parts += [f"{spec.attn_norm}.affine", f"{spec.attn_norm}.preproj"]
+    return parts
+
+
 def query_module(spec: ArchSpec) -> str:
     """The module whose output holds the query (the q projection, or the fused QKV projection)."""
     return spec.q_proj if spec.qkv_layout == "separate" else spec.fused_qkv
