@@ -180,7 +180,12 @@ class LoadMapping:
         conv = copy.deepcopy(self.by_pattern[members[0][1]])
         for key, pattern, read in members:
             conv.add_tensor(target, key, pattern, read)
-        return conv.convert(target, model=self.model, config=self.model.config)[target]
+        out = conv.convert(target, model=self.model, config=self.model.config)
+        if isinstance(out, tuple):  # early 5.x (5.0): (tensors, conversion errors), the errors only logged
+            out, errors = out
+            if errors:
+                raise RuntimeError(f"{target}: {errors}")
+        return out[target]
 
     @staticmethod
     def order(keys: list[str]) -> list[str]:

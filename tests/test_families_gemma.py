@@ -171,8 +171,11 @@ def test_export_stock_equals_shared_cache_model(gemmas, fam, tmp_path):
     share_kv_checkpoint(gemmas[fam], a, mode=mode, kv_heads=kvh, **FAST)
     share_kv_checkpoint(gemmas[fam], b, mode=mode, kv_heads=kvh, export="stock", **FAST)
     assert "qkvconv" not in json.loads((b / "config.json").read_text())
-    stock = transformers.AutoModelForCausalLM.from_pretrained(b, attn_implementation="eager").eval()  # gemma's code
     remote, _ = qkvconv.load(a)
+    # gemma's own code, under the same attention kernel (transformers 5.0 loads gemma2 with sdpa, which ignores
+    # soft-capping in the stock model as in ours; 5.24 picks eager)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        b, attn_implementation=remote.config._attn_implementation).eval()
     with torch.no_grad():
         torch.testing.assert_close(stock(IDS).logits, remote(IDS).logits, atol=1e-5, rtol=1e-5)
         cached = stock.generate(IDS[:, :6], attention_mask=torch.ones_like(IDS[:, :6]), max_new_tokens=12,
@@ -206,6 +209,7 @@ def test_calibration_attention_is_the_stock_attention(gemmas, fam):
 
     loaded = load(gemmas[fam])
     model, spec = loaded.model.double(), loaded.spec
+    model.set_attn_implementation("eager")  # gemma2's soft-capping (transformers 5.0 loads sdpa, which drops it)
     dims = dims_of(loaded.config, spec)
     ids = torch.randint(3, 103, (2, 24), generator=torch.Generator().manual_seed(0))  # 24 tokens > window 8
     inputs, outputs = {}, {}
