@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qkvconv.errors import QkvconvError
+from qkvconv.errors import QkvconvError, interrupted_by
 
 app = typer.Typer(
     name="qkvconv",
@@ -128,6 +128,7 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        interrupted_by.clear()
         try:
             _quiet_libraries()
             return fn(*args, **kwargs)
@@ -138,6 +139,11 @@ def command(fn):
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]: nothing was written")
+            raise typer.Exit(130) from None
+        except Exception:
+            if not interrupted_by or _state["debug"]:
+                raise
+            err.print("[bold red]interrupted[/]: nothing was written")  # the interrupt, wrapped by a library
             raise typer.Exit(130) from None
 
     return wrapper

@@ -19,3 +19,9 @@ class TransformError(QkvconvError):
 
 class VerificationError(QkvconvError):
     """A conversion that claims exactness failed its own check against the original."""
+
+
+# The signal that interrupted the running command (set by stream.interrupts_as_keyboard_interrupt's handler). A
+# library can turn the KeyboardInterrupt raised inside its call into another exception (safetensors' slicing gives a
+# ValueError); the CLI still reports an interrupt when this is set.
+interrupted_by: list[int] = []

@@ -789,18 +789,22 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def interrupts_as_keyboard_interrupt():
-    """SIGTERM (and SIGHUP) raise KeyboardInterrupt in the main thread like SIGINT does, so every exit path runs
-    the cleanup that removes the temporary output."""
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, so every exit path runs the cleanup
+    that removes the temporary output; the signal is also recorded (errors.interrupted_by), for the CLI to report
+    an interrupt that a library turned into another exception."""
     import threading
+
+    from qkvconv.errors import interrupted_by
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        interrupted_by.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:

@@ -291,3 +291,23 @@ def test_calibrated_fits_run_without_verification(tiny_models, tmp_path):
     assert r.error is None and len(r.fit) == 2
     r = absorb_query_checkpoint(tiny_models["qwen2"], tmp_path / "drop", mode="drop", verify=False, **FAST)
     assert r.error is None and qkvconv.load(tmp_path / "drop")
+
+
+def test_interrupt_wrapped_by_a_library_is_still_an_interrupt(tiny_models, tmp_path, monkeypatch):
+    """A signal that lands inside safetensors' slicing surfaces as a ValueError (seen under load in CI): the command
+    still says it was interrupted, exits 130 and leaves nothing."""
+    from typer.testing import CliRunner
+
+    import qkvconv.stream as stream
+    from qkvconv.cli import app
+    from qkvconv.errors import interrupted_by
+
+    def take_rows(self, key, index):
+        interrupted_by.append(signal.SIGINT)
+        raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+    monkeypatch.setattr(stream.SafetensorsSource, "take_rows", take_rows)
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["share-kv", str(tiny_models["llama"]), "-o", str(out), "--mode", "k=v"])
+    assert result.exit_code == 130 and "interrupted" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
