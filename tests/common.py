@@ -53,13 +53,17 @@ def tiny_config(family: str):
 
 def build_tiny(family: str, path: Path, seed: int = 0) -> Path:
     """Save a seeded random fp32 model of `family` (with tokenizer) as an HF directory."""
+    return save_random(tiny_config(family), path, seed)
+
+
+def save_random(config, path: Path, seed: int = 0) -> Path:
+    """Save a seeded random fp32 eager model of `config` (with the tiny tokenizer) as an HF directory."""
     torch.manual_seed(seed)
-    config = tiny_config(family)
     config._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():  # random biases and norm gains, so every term of the algebra is exercised
+    with torch.no_grad():  # random biases, norm gains (γ of gemma's 1 + γ too) and sinks: every term of the algebra
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln_" in name:
+            if name.endswith(("bias", "sinks")) or "norm" in name or "ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)

@@ -11,18 +11,18 @@ import string
 import pytest
 import torch
 import transformers
-from common import SPECIALS, tiny_tokenizer
+from common import SPECIALS, save_random, tiny_tokenizer
 from typer.testing import CliRunner
 
 import qkvconv
 from qkvconv.archs import dims_of, spec_for
 from qkvconv.cli import app
-from qkvconv.compat import cache_bytes, output_cache
 from qkvconv.convert import (absorb_query_checkpoint, attach_preproj_checkpoint, attach_query_mlp_checkpoint,
                              share_kv_checkpoint)
 from qkvconv.describe import kv_cache_bytes_per_token
 from qkvconv.transforms.share_kv import kv_cache_ratio
 from qkvconv.verify import ALGEBRAIC_REL_BOUND
+from test_share_kv import _check_cached_equals_uncached
 
 GEMMAS = ("gemma", "gemma2", "gemma3")
 FAST = dict(num_seqs=2, seq_len=32)  # 32 tokens > sliding_window 8: the window matters
@@ -47,16 +47,7 @@ def gemma_config(family: str):
 
 
 def build_gemma(family: str, path, seed: int = 0):
-    torch.manual_seed(seed)
-    config = gemma_config(family)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():  # random norm gains (γ around 0: gains around 1) and biases
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_random(gemma_config(family), path, seed)
 
 
 @pytest.fixture(scope="session")
@@ -132,28 +123,11 @@ def test_share_kv_shared_cache(gemmas, fam, tmp_path):
             assert per_token == base * kv_cache_ratio(mode, N, dims)
             print(f"\n{fam} share-kv {mode} kv_heads={N} init={init}: KL {r.error.kl:.4g}, "
                   f"cache {base} → {per_token} bytes/token")
-            _check_cached_equals_uncached(model, ids, 10, per_token)
+            _check_cached_equals_uncached(model, ids, 10, per_token,
+                                          lambda held: _held_bytes(model.config, per_token, held))
 
 
 @torch.no_grad()
-def _check_cached_equals_uncached(model, ids: torch.Tensor, n_new: int, per_token: int) -> None:
-    """tests/test_share_kv.py's check, with a sliding-window cache: greedy generate() with the shared cache vs. the
-    model recomputed over the full sequence without one; the cache holds exactly the arithmetic."""
-    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
-                         do_sample=False, return_dict_in_generate=True, output_logits=True)
-    held = ids.shape[1] + n_new - 1  # the last token is sampled, never fed back
-    cache = output_cache(gen)
-    assert cache.get_seq_length() == held
-    assert cache_bytes(cache) == _held_bytes(model.config, per_token, held)
-    cached = torch.stack(gen.logits, 1)  # (1, n_new, vocab)
-    uncached = model(gen.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
-    torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
-    uncached[..., model.generation_config.eos_token_id] = float("-inf")  # min_new_tokens suppresses EOS
-    top2 = uncached.topk(2, -1).values
-    clear = (top2[..., 0] - top2[..., 1]) > 1e-4
-    assert (uncached.argmax(-1) == gen.sequences[:, ids.shape[1] :])[clear].all()
-
-
 def _held_bytes(config, per_token: int, held: int) -> int:
     """Bytes the cache holds after `held` tokens: sliding layers keep their last sliding_window − 1 only."""
     types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers

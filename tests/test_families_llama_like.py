@@ -24,7 +24,7 @@ from qkvconv.convert import (
 )
 from qkvconv.describe import kv_cache_bytes_per_token
 
-from common import SPECIALS, tiny_tokenizer
+from common import SPECIALS, save_random, tiny_tokenizer
 from qkvconv.compat import cache_bytes, output_cache
 
 FAST = dict(num_seqs=2, seq_len=32)
@@ -82,17 +82,7 @@ def tiny_config(name: str):
 
 
 def build(name: str, path, seed: int = 0):
-    torch.manual_seed(seed)
-    config = tiny_config(name)
-    config._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():  # random biases, norm gains and sinks, so every term of the algebra is exercised
-        for n, p in model.named_parameters():
-            if n.endswith(("bias", "sinks")) or "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_random(tiny_config(name), path, seed)
 
 
 NAMES = [f"llama-{r}" for r in ROPES] + ["granite", "smollm3", "gpt_oss"]

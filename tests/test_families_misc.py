@@ -29,7 +29,7 @@ from qkvconv.describe import kv_cache_bytes_per_token
 from qkvconv.errors import TransformError
 from qkvconv.transforms.share_kv import kv_cache_ratio
 
-from common import SPECIALS, tiny_tokenizer
+from common import SPECIALS, save_random
 from test_share_kv import _check_cached_equals_uncached
 
 FAST = dict(num_seqs=2, seq_len=32)
@@ -66,16 +66,7 @@ FAMILIES = ("phi3", "phi3_plain", "phi", "phi_plain", "stablelm", "stablelm_seq"
 
 
 def _build(name: str, path, seed: int = 0):
-    torch.manual_seed(seed)
-    config = _config(name)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():  # random biases and norm gains, so every term of the algebra is exercised
-        for n, p in model.named_parameters():
-            if n.endswith("bias") or "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_random(_config(name), path, seed)
 
 
 @pytest.fixture(scope="session")

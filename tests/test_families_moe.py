@@ -9,7 +9,6 @@ here). The output holds the stacked names, which plain transformers and qkvconv.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

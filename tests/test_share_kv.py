@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from typing import Callable
 
 import pytest
 import torch
@@ -26,15 +27,17 @@ FAST = dict(num_seqs=2, seq_len=32)
 
 
 @torch.no_grad()
-def _check_cached_equals_uncached(model, ids: torch.Tensor, n_new: int, per_token: int) -> None:
+def _check_cached_equals_uncached(model, ids: torch.Tensor, n_new: int, per_token: int,
+                                  held_bytes: Callable[[int], int] | None = None) -> None:
     """Greedy generate() with the shared cache vs. the same tied attention recomputed over the full sequence with
-    use_cache=False: same step logits, same tokens (up to exact ties), and the cache holds exactly the arithmetic."""
+    use_cache=False: same step logits, same tokens (up to exact ties), and the cache holds exactly the arithmetic:
+    per_token bytes per held token, or held_bytes(held tokens) where a sliding-window cache drops some."""
     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
                          do_sample=False, return_dict_in_generate=True, output_logits=True)
     held = ids.shape[1] + n_new - 1  # the last token is sampled, never fed back
     cache = output_cache(gen)
     assert cache.get_seq_length() == held
-    assert cache_bytes(cache) == held * per_token  # measured bytes equal the arithmetic
+    assert cache_bytes(cache) == (held_bytes(held) if held_bytes else held * per_token)  # measured = arithmetic
     cached = torch.stack(gen.logits, 1)  # (1, n_new, vocab)
     uncached = model(gen.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
     torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
