@@ -71,6 +71,13 @@ class Dims:
         return self.num_key_value_heads * self.head_dim
 
 
+def attention_owns_its_norm(spec: ArchSpec, dims: Dims) -> bool:
+    """A pre-attention norm that only the attention reads: absorb-query folds W_Q into it and attach-preproj hangs on
+    it. Otherwise (no such norm: olmo2; the MLP reads it too: phi, parallel stablelm) both go on the attention's
+    own input, so the MLP and the residual still see what they saw."""
+    return spec.attn_norm is not None and not dims.mlp_reads_attn_norm
+
+
 @cache
 def all_specs() -> tuple[ArchSpec, ...]:
     files = sorted(p for p in resources.files("qkvconv.archs").iterdir() if p.name.endswith(".json"))

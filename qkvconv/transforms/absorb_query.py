@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkvconv.archs import ArchSpec, Dims
+from qkvconv.archs import ArchSpec, Dims, attention_owns_its_norm
 from qkvconv.archs.layout import Proj, qkv_keys, read_qkv, write_kv
 from qkvconv.errors import TransformError
 from qkvconv.transforms.layer import LayerResult, layer_dtype
@@ -202,7 +202,7 @@ def absorb_query_layer(
     folded: list[str] = []
     if mode == "exact":
         k2, v2, cond = _absorb_layer(q, k, v, i)
-        if spec.attn_norm is None or dims.mlp_reads_attn_norm:  # no norm private to the attention to fold into
+        if not attention_owns_its_norm(spec, dims):  # no norm private to the attention to fold into
             fold = _attn_affine(spec, i, q, dtype)
             entry = {"query": "identity", "attn_input": "attn_affine"}
         else:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkvconv.archs import ArchSpec, Dims
+from qkvconv.archs import ArchSpec, Dims, attention_owns_its_norm
 from qkvconv.errors import TransformError
 from qkvconv.transforms.layer import LayerResult, layer_dtype
 
@@ -136,12 +136,6 @@ def _every_layer(state_dict: dict, layers: list[dict], one) -> AttachResult:
     return AttachResult(out, new_layers, added)
 
 
-def preproj_on_attention(spec: ArchSpec, dims: Dims) -> bool:
-    """The pre-projection MLP hangs on the attention's input (not on the norm's output) where no norm is private to
-    the attention: the MLP reads the same norm (parallel block on one norm), or there is no pre-attention norm."""
-    return spec.attn_norm is None or dims.mlp_reads_attn_norm
-
-
 def _check_preproj(spec: ArchSpec, expansion: float) -> None:
     if not 0 < expansion <= 16:
         raise TransformError(f"--expansion must be in (0, 16], not {expansion}")
@@ -159,7 +153,7 @@ def attach_preproj_layer(
     inner = max(1, round(expansion * d))
     dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
     gen = layer_generator(seed, i)
-    on_attention = preproj_on_attention(spec, dims)
+    on_attention = not attention_owns_its_norm(spec, dims)
     key = f"{spec.layer(i, attention_module(spec) if on_attention else spec.attn_norm)}.preproj"
     out = {
         f"{key}.up.weight": _normal((inner, d), d, gen).to(dtype),  # W_up, (E, d)
