@@ -430,13 +430,15 @@ def _decode(plan, source, converted_dir: Path, ids: torch.Tensor, dtype: torch.d
 
 
 # ---------------------------------------------------------------------------------------- absorb-query
+EXACT_VERIFY_SEQS = 2  # default calibration sequences (× seq_len tokens) that an exact conversion is verified on
+
 def absorb_query_checkpoint(
     model: str | Path,
     output: str | Path | None,
     *,
     mode: str = "exact",
     calib: Path | None = None,
-    num_seqs: int = 8,
+    num_seqs: int | None = None,
     seq_len: int = 128,
     seed: int = 0,
     atol: float | None = None,
@@ -455,10 +457,14 @@ def absorb_query_checkpoint(
 
     exact: the float64 algebra is cast once to `dtype`; the folded maps are kept at `folded_dtype` (default float64;
     None: the output dtype), and the conversion is refused unless it is exact in float64 and rounds like the
-    original in `dtype` (verify.Exactness); `atol` adds an absolute bound on max |Δlogit|."""
+    original in `dtype` (verify.Exactness); `atol` adds an absolute bound on max |Δlogit|.
+
+    num_seqs None: 2 sequences for exact (the algebra is proved in float64 on any tokens; more only cost time),
+    8 for drop (a lossy error is a statistic, and its fit needs data)."""
     if mode not in ("exact", "drop"):
         raise TransformError(f"unknown absorb-query mode {mode!r}; use exact or drop")
     exact = mode == "exact"
+    num_seqs = num_seqs or (EXACT_VERIFY_SEQS if exact else 8)
 
     def layer(plan, sd, i, attn_input):
         res = absorb_query_layer(sd, plan.spec, plan.dims, i, mode=mode, attn_input=attn_input)

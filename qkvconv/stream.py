@@ -266,7 +266,8 @@ class StateDictSource(TensorSource):
         return self.sd[key]
 
 
-ALGEBRA_SEQS = 2  # calibration sequences the float64 streams of an exact conversion run on
+ALGEBRA_TOKENS = 64  # leading tokens of the first verified sequence that the float64 pair of an exact conversion
+# runs on: causal attention makes a prefix's logits those of the whole sequence at the same positions
 _FINITE_CHUNK = 1 << 22  # elements per sum in check_finite
 
 
@@ -1028,10 +1029,11 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
     variants = ([torch.float64] if exact and dtype != torch.float64 else []) + [dtype] if ids is not None else []
     verify_rows = list(range(len(ids))) if ids is not None and verify_rows is None else (verify_rows or [])
     orig_rows = sorted(set(verify_rows) | set(calib_rows or []))
-    # The float64 pair proves the algebra, which any token exercises: it runs on the first ALGEBRA_SEQS verified
-    # sequences only (rows 0..k-1 of its own stream); the output-dtype pair runs on all of them.
-    algebra_rows = verify_rows[:ALGEBRA_SEQS] if len(variants) == 2 else verify_rows
-    streams = {v: Stream(plan.config, spec, src, v, ids[algebra_rows] if v != dtype else ids, device, batch_size)
+    # The float64 pair proves the algebra, which any token exercises: it runs on the first ALGEBRA_TOKENS tokens of
+    # the first verified sequence only (row 0 of its own stream); the output-dtype pair runs on every verified token.
+    algebra_rows = verify_rows[:1] if len(variants) == 2 else verify_rows
+    n64 = min(ALGEBRA_TOKENS, ids.shape[1]) if len(variants) == 2 else None
+    streams = {v: Stream(plan.config, spec, src, v, ids[algebra_rows, :n64] if v != dtype else ids, device, batch_size)
                for v in variants}
     h_orig = {v: streams[v].embed()[orig_rows] if v == dtype else streams[v].embed() for v in variants}
     pos = {r: j for j, r in enumerate(orig_rows)}
@@ -1138,9 +1140,10 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
                 o64, r64 = (o, r) if s64 is streams[dtype] else (j, j)  # rows of the float64 stream's own ids
                 ref64 = s64.logits(h_orig[s64.dtype][o64], r64).double().cpu()
                 new64 = s64.logits(h_conv[s64.dtype][j], r64).double().cpu()
+                n = ref64.shape[1]  # the float64 pair's prefix of this sequence
                 algebra.add(ref64, new64)
-                r_orig.add(ref, ref64)
-                r_conv.add(new, new64)
+                r_orig.add(ref[:, :n], ref64)
+                r_conv.add(new[:, :n], new64)
                 scale = max(scale, float(ref64.abs().max()))
         result.error = acc.result(source_label)
         if exact:

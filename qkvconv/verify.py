@@ -260,8 +260,12 @@ def _finite_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs()[keep].max()) if keep.any() else 0.0
 
 
-def decode_check(original, converted, ids: torch.Tensor, *, prompts: int = 4, prompt_tokens: int = 32,
-                 new_tokens: int = 32) -> DecodeCheck:
+DECODE_PROMPTS, DECODE_PROMPT_TOKENS, DECODE_NEW_TOKENS = 2, 32, 16  # a cache written by a prompt, then read and
+# extended by 16 single-token steps: every cache path (prefill, append, read) runs; more steps only repeat them
+
+
+def decode_check(original, converted, ids: torch.Tensor, *, prompts: int = DECODE_PROMPTS,
+                 prompt_tokens: int = DECODE_PROMPT_TOKENS, new_tokens: int = DECODE_NEW_TOKENS) -> DecodeCheck:
     """Greedy decoding checked three ways (see DecodeCheck) on the first `prompts` calibration sequences."""
     eos = getattr(original.generation_config, "eos_token_id", None)
     eos = [eos] if isinstance(eos, int) else list(eos or [])
