@@ -573,10 +573,13 @@ def evaluate_models(
     console: Console | None = None,
     task_limits: dict[str, int] | None = None,
     log_samples: bool = False,
+    resolved: tuple[Any, list[str]] | None = None,
 ) -> EvalReport:
     """Evaluate each entry on `tasks` (one load each, freed after); write JSON to `output` if given.
 
-    log_samples: each entry's results also hold `samples`, its per-document scores (extract_samples)."""
+    log_samples: each entry's results also hold `samples`, its per-document scores (extract_samples).
+    resolved: resolve_tasks' (task manager, names) for these tasks, reused across calls (indexing lm-eval's tasks
+    takes seconds)."""
     from rich.console import Console
 
     from qkvconv.manifest import hash_path, manifest
@@ -589,7 +592,7 @@ def evaluate_models(
         raise QkvconvError(f"model names must be unique in one evaluation, got {names}")
     console = console or Console(stderr=True)
     device = pick_device(device)
-    task_manager, task_names = resolve_tasks(tasks, data_dir, include_path)
+    task_manager, task_names = resolved or resolve_tasks(tasks, data_dir, include_path)
     task_limits = dict(task_limits or {})
     if unknown := sorted(set(task_limits) - set(task_names)):
         raise QkvconvError(f"--task-limit names {', '.join(unknown)}, not among the tasks ({', '.join(task_names)})")

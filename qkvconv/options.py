@@ -227,15 +227,27 @@ class EvalOptions(Options):
                 raise ValueError(f"the limit of {task} must be positive, not {n}")
         return v
 
-    def evaluate(self, entries, *, output: Path | None = None, console=None, log_samples: bool = False):
+    def resolve(self):
+        """resolve_tasks for these options: (task manager, task names); reusable across evaluate calls."""
+        from qkvconv.evaluate import resolve_tasks
+
+        return resolve_tasks(self.tasks, self._data_dir(), [Path(p) for p in self.include_path])
+
+    def _data_dir(self) -> Path | None:
+        from qkvconv.evaluate import default_data_dir
+
+        return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
+
+    def evaluate(self, entries, *, output: Path | None = None, console=None, log_samples: bool = False,
+                 resolved=None):
         """qkvconv.evaluate.evaluate_models on `entries` with these options."""
-        from qkvconv.evaluate import default_data_dir, evaluate_models
+        from qkvconv.evaluate import evaluate_models
 
         return evaluate_models(
             entries, tasks=self.tasks, limit=self.limit, batch_size=self.batch_size, device=self.device,
-            data_dir=Path(self.data_dir) if self.data_dir else default_data_dir(),
-            include_path=[Path(p) for p in self.include_path], output=output, seed=self.seed, console=console,
-            task_limits=self.task_limits, log_samples=log_samples,
+            data_dir=self._data_dir(), include_path=[Path(p) for p in self.include_path], output=output,
+            seed=self.seed, console=console, task_limits=self.task_limits, log_samples=log_samples,
+            resolved=resolved,
         )
 
 

@@ -190,6 +190,7 @@ class Runner:
         self.records: dict[str, dict] = {}
         self.t0 = time.perf_counter()
         self.device = _device(plan.recipe)
+        self._resolved: dict[str, tuple] = {}
 
     def dir_of(self, key: str) -> Path | None:
         """The finished folder of step `key` (None: not run yet); the base is its checkpoint."""
@@ -286,7 +287,10 @@ class Runner:
         entry = EvalEntry(name=step.model, load=_load, num_parameters=0, kv_cache_bytes_per_token=0,
                           source_hash=hash_path(source.path) if source.kind != "hub" else None)
         self.display("progress", text=f"lm-eval {', '.join(options.tasks)}")
-        report = options.evaluate([entry], console=_Quiet(), log_samples=True)
+        tasks = json.dumps(step.options, sort_keys=True)
+        if tasks not in self._resolved:  # one lm-eval task index per run (building one takes seconds)
+            self._resolved[tasks] = options.resolve()
+        report = options.evaluate([entry], console=_Quiet(), log_samples=True, resolved=self._resolved[tasks])
         row, results = report.rows[0], report.results[0]
         metrics: dict[str, dict] = {}
         for m in row.metrics:
