@@ -91,11 +91,22 @@ class ShareKvOptions(ConvertOptions):
     """share-kv (METHODS.md §3, §4): num_seqs/seq_len None = 16×128, or 40×256 for init calibrated."""
 
     transform: ClassVar[str] = "share-kv"
-    mode: Optional[Literal["k=v", "q=k", "q=k=v"]] = None
+    mode: Optional[str] = None  # k=v | q=k | q=k=v
     kv_heads: Optional[int] = Field(None, ge=1)
-    init: Literal["key", "value", "mean", "calibrated"] = "key"
-    export: Optional[Literal["stock"]] = None
+    init: str = "key"  # key | value | mean | calibrated
+    export: Optional[str] = None  # stock
     pos2d: Optional[int] = Field(None, ge=1)
+
+    @field_validator("mode", "init", "export")
+    @classmethod
+    def _known(cls, v, info):
+        """The library's own words (transforms.share_kv), at recipe load time instead of at the step."""
+        from qkvconv.transforms.share_kv import INITS, MODES
+
+        known = {"mode": MODES, "init": INITS, "export": ("stock",)}[info.field_name]
+        if v is not None and v not in known:
+            raise ValueError(f"unknown --{info.field_name} {v!r}; use one of {', '.join(known)}")
+        return v
 
     def _library(self):
         from qkvconv.convert import share_kv_checkpoint
@@ -110,7 +121,16 @@ class AttachQueryMlpOptions(ConvertOptions):
 
     transform: ClassVar[str] = "attach-query-mlp"
     rank: Optional[int] = Field(None, ge=1)
-    act: Literal["gelu", "silu", "relu"] = "gelu"
+    act: str = "gelu"  # gelu | silu | relu
+
+    @field_validator("act")
+    @classmethod
+    def _act(cls, v):
+        from qkvconv.transforms.attach import ACTIVATIONS
+
+        if v not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {v!r}; use one of {', '.join(ACTIVATIONS)}")
+        return v
     num_seqs: int = Field(4, ge=1)
     seq_len: int = Field(64, ge=1)
     atol: Optional[float] = None
