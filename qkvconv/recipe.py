@@ -102,8 +102,8 @@ class Recipe(Options):
     name: str = Field(min_length=1, pattern=r"^[\w.=+-]+$")
     description: str = ""
     base: str  # "default": qkvconv's default checkpoint (SmolLM2-135M-Instruct GGUF)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N: every step runs there
+    seed: int = 0  # every conversion's and the heal's seed, unless a step or the heal sets its own
+    device: str = "auto"  # auto | cpu | cuda | cuda:N: every step runs there, unless a step sets its own
     variants: list[Variant] = Field(min_length=1)
     heal: Optional[FinetuneOptions] = None  # one budget for every variant and the control; None: nothing healed
     control: Control = Control()

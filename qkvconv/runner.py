@@ -98,7 +98,8 @@ def _heal_of(recipe: Recipe, variant: Variant | None) -> FinetuneOptions | None:
     if recipe.heal is None or (variant is not None and variant.heal == "none"):
         return None
     train = control_train(recipe) if variant is None else (variant.train or recipe.heal.train)
-    return recipe.heal.model_copy(update={"train": train})
+    seed = recipe.heal.seed if "seed" in recipe.heal.model_fields_set else recipe.seed
+    return recipe.heal.model_copy(update={"train": train, "seed": seed})
 
 
 def _device(recipe: Recipe) -> str:
@@ -137,8 +138,8 @@ def make_plan(recipe: Recipe, *, base_id: str | None = None) -> Plan:
         key, keys, transforms = base_key, [], []
         for s in v.steps:
             opts = s.options
-            if "device" not in opts.model_fields_set:
-                opts = opts.model_copy(update={"device": device})
+            unset = {"device": device, "seed": recipe.seed}  # the recipe's, where the step does not say
+            opts = opts.model_copy(update={k: v for k, v in unset.items() if k not in opts.model_fields_set})
             options = {"transform": s.transform, **opts.model_dump(mode="json")}
             key = add(Step("convert", v.name, options, [key], title=f"{s.transform} → {v.name}"))
             keys.append(key)
