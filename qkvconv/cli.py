@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from qkvconv.errors import QkvconvError, interrupted_by
+from qkvconv.options import (AbsorbQueryOptions, AttachPreprojOptions, AttachQueryMlpOptions, EvalOptions,
+                             FinetuneOptions, ShareKvOptions)
 
 app = typer.Typer(
     name="qkvconv",
@@ -48,16 +50,47 @@ ConvDevice = Annotated[str, typer.Option("--device", help="Where calibration, fi
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Check the input and show what would change, the memory, disk and time it needs; write nothing.")]
 
 
-def _out_dtype(name: str):
-    return None if name == "auto" else _dtype(name)
+def _calib(calib: Path | None) -> str | None:
+    return None if calib is None else str(calib)
 
 
-def _conversion(fn, *, dry_run: bool, **kwargs):
-    """Run a converting library call under a status line that follows its progress; returns its report."""
+def uses(options: type, *, invocation: tuple[str, ...] = (), renamed: dict[str, str] | None = None):
+    """Declare the options model a command builds from its flags: every parameter is a field of `options`
+    (under its `renamed` name), except the `invocation` ones (where it reads and writes). tests/test_recipe.py
+    checks this, so a flag and a recipe key cannot drift apart."""
+
+    def mark(fn):
+        fn.qkvconv_options = (options, frozenset(invocation), dict(renamed or {}))
+        return fn
+
+    return mark
+
+
+def _options(cls: type, **values):
+    """cls(**values); a value pydantic refuses becomes one QkvconvError line naming the flag."""
+    import pydantic
+
+    from qkvconv.options import error_message
+
+    try:
+        return cls(**values)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else ""
+        raise QkvconvError(f"{flag} {values.get(first['loc'][0]) if first['loc'] else ''}: {error_message(first)}"
+                           if flag else error_message(first)) from None
+
+
+CONVERT_INVOCATION = ("model", "output", "force", "allow_pickle", "dry_run")
+
+
+def _conversion(options, model: str, output: Path, *, dry_run: bool, force: bool, allow_pickle: bool):
+    """Run a conversion from its options under a status line that follows its progress; returns its report."""
     if dry_run:
-        return fn(dry_run=True, **kwargs)
+        return options.convert(model, output, force=force, allow_pickle=allow_pickle, dry_run=True)
     with err.status("starting") as status:
-        return fn(progress=lambda step: status.update(f"{step}…"), **kwargs)
+        return options.convert(model, output, force=force, allow_pickle=allow_pickle,
+                               progress=lambda step: status.update(f"{step}…"))
 
 
 def dry_run_table(d) -> Table:
@@ -95,13 +128,9 @@ def _print_report(report, table) -> None:
 
 
 def _dtype(name: str):
-    import torch
+    from qkvconv.options import torch_dtype
 
-    table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise QkvconvError(f"unknown dtype {name!r}; use one of float32, float64, bfloat16, float16")
-    return table[name]
+    return torch_dtype(name)
 
 
 def _quiet_libraries() -> None:
@@ -136,7 +165,7 @@ def command(fn):
             if _state["debug"]:
                 raise
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(getattr(e, "exit_code", 1)) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]: nothing was written")
             raise typer.Exit(130) from None
@@ -245,6 +274,7 @@ def inspect(
 # ------------------------------------------------------------------------------------- absorb-query
 @app.command("absorb-query")
 @command
+@uses(AbsorbQueryOptions, invocation=CONVERT_INVOCATION)
 def absorb_query(
     model: Model,
     output: Output,
@@ -264,16 +294,10 @@ def absorb_query(
     dry_run: DryRun = False,
 ) -> None:
     """Make the query projection the identity (METHODS.md §1), verify against the original, write OUTPUT."""
-    from qkvconv.convert import absorb_query_checkpoint
-
-    if mode not in ("exact", "drop"):
-        raise QkvconvError(f"--mode must be exact or drop, not {mode!r}")
-    report = _conversion(
-        absorb_query_checkpoint, dry_run=dry_run, model=model, output=output, mode=mode, calib=calib,
-        num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=_out_dtype(dtype),
-        folded_dtype=None if folded_dtype == "output" else _dtype(folded_dtype), force=force,
-        allow_pickle=allow_pickle, verify=verify, decode=decode_check, device=device,
-    )
+    options = _options(AbsorbQueryOptions, mode=mode, calib=_calib(calib), num_seqs=num_seqs, seq_len=seq_len,
+                       atol=atol, dtype=dtype, folded_dtype=folded_dtype, seed=seed, verify=verify,
+                       decode_check=decode_check, device=device)
+    report = _conversion(options, model, output, dry_run=dry_run, force=force, allow_pickle=allow_pickle)
     _print_report(report, verification_table)
 
 
@@ -306,6 +330,7 @@ Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda
 
 @app.command("eval")
 @command
+@uses(EvalOptions, invocation=("models", "output", "allow_pickle", "trust_remote_code"), renamed={"task_limit": "task_limits"})
 def eval_(
     models: Annotated[list[str], typer.Argument(help="Checkpoints to compare; deltas are against the first.")],
     tasks: Tasks = "lambada_openai",
@@ -323,16 +348,15 @@ def eval_(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a checkpoint's own modeling code.")] = False,
 ) -> None:
     """Run lm-evaluation-harness on each model and print one before/after table."""
-    from qkvconv.evaluate import evaluate_models
     from qkvconv.report import eval_table
 
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    options = _options(EvalOptions, tasks=tasks, limit=limit, task_limits=_task_limits(task_limit or []),
+                       batch_size=batch_size, device=device, include_path=[str(p) for p in include_path or []],
+                       data_dir=str(data_dir) if data_dir else None, dtype=dtype, seed=seed)
     entries = [eval_entry(m, dtype=_dtype(dtype), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
                for m in models]
     _dedupe_names(entries)
-    report = evaluate_models(entries, tasks=task_list, limit=limit, batch_size=batch_size, device=device,
-                             data_dir=data_dir, include_path=include_path or [], output=output, seed=seed, console=err,
-                             task_limits=_task_limits(task_limit or []))
+    report = options.evaluate(entries, output=output, console=err)
     out.print(eval_table(report))
 
 
@@ -455,6 +479,7 @@ def _attach_table(report) -> Table:
 
 @app.command("attach-query-mlp")
 @command
+@uses(AttachQueryMlpOptions, invocation=CONVERT_INVOCATION)
 def attach_query_mlp(
     model: Model,
     output: Output,
@@ -474,18 +499,16 @@ def attach_query_mlp(
     dry_run: DryRun = False,
 ) -> None:
     """Add a zero-started nonlinear residual query q = X + f(X) (METHODS.md §2), verify, write OUTPUT."""
-    from qkvconv.convert import attach_query_mlp_checkpoint
-
-    report = _conversion(
-        attach_query_mlp_checkpoint, dry_run=dry_run, model=model, output=output, rank=rank, act=act, calib=calib,
-        num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=_out_dtype(dtype), force=force,
-        allow_pickle=allow_pickle, verify=verify, decode=decode_check, device=device,
-    )
+    options = _options(AttachQueryMlpOptions, rank=rank, act=act, calib=_calib(calib), num_seqs=num_seqs,
+                       seq_len=seq_len, atol=atol, dtype=dtype, seed=seed, verify=verify, decode_check=decode_check,
+                       device=device)
+    report = _conversion(options, model, output, dry_run=dry_run, force=force, allow_pickle=allow_pickle)
     _print_report(report, _attach_table)
 
 
 @app.command("attach-preproj")
 @command
+@uses(AttachPreprojOptions, invocation=CONVERT_INVOCATION)
 def attach_preproj(
     model: Model,
     output: Output,
@@ -505,18 +528,16 @@ def attach_preproj(
     dry_run: DryRun = False,
 ) -> None:
     """Add a zero-started pre-projection MLP (+ content skip) before Q/K/V (METHODS.md §5), verify, write OUTPUT."""
-    from qkvconv.convert import attach_preproj_checkpoint
-
-    report = _conversion(
-        attach_preproj_checkpoint, dry_run=dry_run, model=model, output=output, expansion=expansion, skip=skip,
-        calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, atol=atol, dtype=_out_dtype(dtype), force=force,
-        allow_pickle=allow_pickle, verify=verify, decode=decode_check, device=device,
-    )
+    options = _options(AttachPreprojOptions, expansion=expansion, skip=skip, calib=_calib(calib), num_seqs=num_seqs,
+                       seq_len=seq_len, atol=atol, dtype=dtype, seed=seed, verify=verify, decode_check=decode_check,
+                       device=device)
+    report = _conversion(options, model, output, dry_run=dry_run, force=force, allow_pickle=allow_pickle)
     _print_report(report, _attach_table)
 
 
 @app.command("finetune")
 @command
+@uses(FinetuneOptions, invocation=("model", "output", "run_dir", "resume", "control", "force", "allow_pickle"))
 def finetune_cmd(
     model: Model,
     output: Output,
@@ -543,6 +564,7 @@ def finetune_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation order, data order and dropout.")] = 0,
     distill: Annotated[float, typer.Option("--distill", help="Weight α of KL(teacher ‖ model) in the loss: (1−α)·CE + α·KL (0: plain LM loss, 1: pure distillation).")] = 0.0,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher for --distill (default: the checkpoint MODEL was converted from).")] = None,
+    hf_split: Annotated[str, typer.Option("--hf-split", help="Split of an HF dataset --data.")] = "train",
     force: Force = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
@@ -550,16 +572,16 @@ def finetune_cmd(
 
     Multi-GPU: torchrun --nproc-per-node N -m qkvconv.cli finetune ... (or accelerate launch -m qkvconv.cli ...).
     """
-    from qkvconv.finetune import FinetuneConfig, finetune
+    from qkvconv.finetune import finetune
 
-    cfg = FinetuneConfig(
-        data=data, eval_data=eval_data, train=train, steps=steps, tokens=tokens, seq_len=seq_len,
+    options = _options(
+        FinetuneOptions, data=data, eval_data=eval_data, train=train, steps=steps, tokens=tokens, seq_len=seq_len,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm or None, seed=seed, precision=precision, eval_every=eval_every,
-        eval_seqs=eval_seqs, save_every=save_every, distill=distill, teacher=teacher,
+        max_grad_norm=max_grad_norm, seed=seed, precision=precision, eval_every=eval_every, eval_seqs=eval_seqs,
+        save_every=save_every, distill=distill, teacher=teacher, hf_split=hf_split, device=device,
     )
-    result = finetune(model, output, cfg, run_dir=run_dir, resume=resume, control=control, device=device,
-                      force=force, allow_pickle=allow_pickle, show_progress=True)
+    result = finetune(model, output, options.config(), run_dir=run_dir, resume=resume, control=control,
+                      device=options.device, force=force, allow_pickle=allow_pickle, show_progress=True)
     t = Table(title=f"finetune --train {train}: held-out loss", title_justify="left")
     cols = ("step", "tokens", "loss", "ppl") + (("KL to teacher",) if distill else ())
     for col in cols:
@@ -578,6 +600,7 @@ def finetune_cmd(
 # ----------------------------------------------------------------------------------- share-kv (issue #3)
 @app.command("share-kv")
 @command
+@uses(ShareKvOptions, invocation=CONVERT_INVOCATION)
 def share_kv(
     model: Model,
     output: Output,
@@ -599,13 +622,10 @@ def share_kv(
     dry_run: DryRun = False,
 ) -> None:
     """Share projections (K=V, Q=K, Q=K=V) and/or pool KV heads (METHODS.md §3), report the damage, write OUTPUT."""
-    from qkvconv.convert import share_kv_checkpoint
-
-    report = _conversion(
-        share_kv_checkpoint, dry_run=dry_run, model=model, output=output, mode=mode, kv_heads=kv_heads, init=init,
-        export=export, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=_out_dtype(dtype),
-        force=force, allow_pickle=allow_pickle, pos2d=pos2d, verify=verify, decode=decode_check, device=device,
-    )
+    options = _options(ShareKvOptions, mode=mode, kv_heads=kv_heads, init=init, export=export, pos2d=pos2d,
+                       calib=_calib(calib), num_seqs=num_seqs, seq_len=seq_len, dtype=dtype, seed=seed, verify=verify,
+                       decode_check=decode_check, device=device)
+    report = _conversion(options, model, output, dry_run=dry_run, force=force, allow_pickle=allow_pickle)
     if dry_run:
         out.print(dry_run_table(report))
         return
@@ -616,6 +636,93 @@ def share_kv(
         out.print("[yellow]--export stock duplicates the shared weights: the stock cache stores K and V, "
                   "so there is no K=V cache saving[/]")
     out.print(f"wrote [bold]{report.output}[/]")
+
+
+# ------------------------------------------------------------------------------------------- run (issue #12)
+class RunDisplay:
+    """One rich display for a whole run: step i of n with elapsed and remaining time, and the current step's own
+    progress (a heal's optimizer steps, a conversion's phase, an evaluation's tasks)."""
+
+    def __init__(self, console: Console):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.console = console
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[what]}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+            console=console, transient=False,
+        )
+        self.run_task = self.step_task = None
+
+    def __call__(self, event: str, **info) -> None:
+        p = self.progress
+        if event == "start":
+            p.start()
+            self.run_task = p.add_task("run", total=info["total"], what=f"{info['cached']} cached")
+        elif event == "cached":
+            p.advance(self.run_task)
+            p.update(self.run_task, what=f"step {info['index']}/{info['total']}: {info['step'].title} (cached)")
+        elif event == "begin":
+            p.update(self.run_task, what=f"step {info['index']}/{info['total']}: {info['step'].title}")
+            if self.step_task is not None:
+                p.remove_task(self.step_task)
+            self.step_task = p.add_task(info["step"].kind, total=None, what="")
+        elif event == "progress" and self.step_task is not None:
+            p.update(self.step_task, what=info.get("text", ""), **({"total": info["total"]} if "total" in info else {}))
+        elif event == "advance" and self.step_task is not None:
+            p.update(self.step_task, completed=info["completed"], what="training")
+        elif event == "end":
+            p.advance(self.run_task)
+            if self.step_task is not None:
+                p.remove_task(self.step_task)
+                self.step_task = None
+            r = info["record"]
+            p.console.print(f"[green]✓[/] {info['index']}/{info['total']} {info['step'].title} "
+                            f"({r['wall_s']:.1f} s) → {r['dir']}")
+        elif event == "done":
+            p.stop()
+            self.console.print(f"wrote [bold]{info['path']}[/]")
+        elif event == "note":
+            self.console.print(info["text"])
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def plan_table(plan, runner) -> Table:
+    cached = runner.cached()
+    t = Table(title=f"qkvconv run {plan.recipe.name} --dry-run: {len(plan.steps)} steps, "
+                    f"{sum(cached.values())} cached", title_justify="left")
+    for col in ("#", "step", "model", "key", "status"):
+        t.add_column(col)
+    for i, s in enumerate(plan.steps, 1):
+        t.add_row(str(i), s.title, s.model, s.key, "[green]cached[/]" if cached[s.key] else "[yellow]runs[/]")
+    t.caption = f"run dir {runner.run_dir}; base {plan.base}"
+    t.caption_justify = "left"
+    return t
+
+
+@app.command("run")
+@command
+def run_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an existing run dir: finished steps whose options did not change are kept.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (which steps run, which are cached); run nothing.")] = False,
+) -> None:
+    """Run a recipe: convert every variant, heal it and the control identically, evaluate all; write results.json."""
+    from qkvconv.runner import run_recipe
+
+    if dry_run:
+        plan, runner, _ = run_recipe(recipe, output, resume=resume, dry_run=True)
+        out.print(plan_table(plan, runner))
+        return
+    display = RunDisplay(err)
+    try:
+        run_recipe(recipe, output, resume=resume, display=display)
+    finally:
+        display.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -312,7 +312,7 @@ def _jsonable(obj: Any) -> Any:
 
 def _evaluate_loaded(
     model, tokenizer, task_manager, names: list[str], *, limit: int | None, batch_size: int, device: str,
-    seed: int, bootstrap_iters: int, task_limits: dict[str, int] | None = None,
+    seed: int, bootstrap_iters: int, task_limits: dict[str, int] | None = None, log_samples: bool = False,
 ) -> dict:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise QkvconvError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -329,7 +329,9 @@ def _evaluate_loaded(
     merged: dict | None = None
     for group_limit, group in groups.items():
         results = _simple_evaluate(model, tokenizer, task_manager, group, limit=group_limit, batch_size=batch_size,
-                                   device=device, seed=seed, bootstrap_iters=bootstrap_iters)
+                                   device=device, seed=seed, bootstrap_iters=bootstrap_iters, log_samples=log_samples)
+        if log_samples:  # lm-eval's per-document records, reduced to what a paired test needs
+            results["samples"] = extract_samples(results)
         merged = results if merged is None else _merge_results(merged, results)
     merged["data_sources"] = task_sources(merged)
     return merged
@@ -346,7 +348,8 @@ def _merge_results(a: dict, b: dict) -> dict:
     return out
 
 
-def _simple_evaluate(model, tokenizer, task_manager, names, *, limit, batch_size, device, seed, bootstrap_iters) -> dict:
+def _simple_evaluate(model, tokenizer, task_manager, names, *, limit, batch_size, device, seed, bootstrap_iters,
+                     log_samples: bool = False) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -362,7 +365,7 @@ def _simple_evaluate(model, tokenizer, task_manager, names, *, limit, batch_size
             limit=limit,
             batch_size=batch_size,  # recorded in results["config"]; the LM object already has it
             device=device,
-            log_samples=False,
+            log_samples=log_samples,
             bootstrap_iters=bootstrap_iters,
             random_seed=seed,
             numpy_random_seed=seed,
@@ -386,16 +389,18 @@ def run_lm_eval(
     include_path: Sequence[Path] = (),
     seed: int = DEFAULT_SEED,
     bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
+    log_samples: bool = False,
 ) -> dict:
     """Run lm-eval on an already-loaded transformers model (moved to `device`); its results dict, as JSON.
 
     The dict is lm-eval's (`results`, `versions`, `configs`, `n-samples`, `config`, ...) with
-    non-JSON values converted, plus `data_sources`: task -> `local:<file>` / `hub:<dataset>`.
+    non-JSON values converted, plus `data_sources`: task -> `local:<file>` / `hub:<dataset>`, and with
+    `log_samples` the per-document scores (`samples`, see extract_samples).
     """
     task_manager, names = resolve_tasks(tasks, data_dir, include_path)
     results = _evaluate_loaded(
         model, tokenizer, task_manager, names, limit=limit, batch_size=batch_size, device=pick_device(device),
-        seed=seed, bootstrap_iters=bootstrap_iters,
+        seed=seed, bootstrap_iters=bootstrap_iters, log_samples=log_samples,
     )
     return _jsonable(results)
 
@@ -482,6 +487,61 @@ def extract_metrics(results: dict) -> list[Metric]:
     return out
 
 
+def aggregation_names(results: dict) -> dict[str, dict[str, str]]:
+    """task -> metric -> the name of the aggregation lm-eval used for it ("mean", "perplexity", ...): the task
+    config's own, else lm-eval's registered default for the metric."""
+    import lm_eval.api.metrics  # noqa: F401  (registers the aggregations)
+    from lm_eval.api.registry import AGGREGATION_REGISTRY, get_metric_aggregation
+
+    by_function = {fn: name for name, fn in AGGREGATION_REGISTRY.items()}
+    out: dict[str, dict[str, str]] = {}
+    for task, cfg in (results.get("configs") or {}).items():
+        names = out.setdefault(task, {})
+        for item in cfg.get("metric_list") or []:
+            metric, agg = item.get("metric"), item.get("aggregation")
+            if not isinstance(metric, str):
+                continue
+            if isinstance(agg, str):
+                names[metric] = agg
+            elif callable(agg) and agg in by_function:
+                names[metric] = by_function[agg]
+            else:
+                default = get_metric_aggregation(metric)
+                if default in by_function:
+                    names[metric] = by_function[default]
+    return out
+
+
+def extract_samples(results: dict) -> dict:
+    """lm-eval's `log_samples` records as {task: {"doc_ids": [...], "metrics": {metric: {"aggregation": name,
+    "values": [per-doc value, doc_ids order]}}}}: exactly the value lm-eval scored each document with (acc: 0/1;
+    perplexity: the doc's loglikelihood; word_perplexity: [loglikelihood, words]), so a metric can be recomputed
+    on any resample with lm-eval's own aggregation. Metrics under a filter other than "none" are keyed
+    "metric,filter", as in extract_metrics."""
+    aggregations = aggregation_names(results)
+    out: dict = {}
+    for task, records in (results.get("samples") or {}).items():
+        if not records or not isinstance(records[0], dict) or "doc_id" not in records[0]:
+            continue  # already extracted
+        by_filter: dict[str, list[dict]] = {}
+        for r in records:
+            by_filter.setdefault(r.get("filter", "none"), []).append(r)
+        block = None
+        for flt, rows in by_filter.items():
+            rows = sorted(rows, key=lambda r: r["doc_id"])
+            if block is None:
+                block = {"doc_ids": [int(r["doc_id"]) for r in rows], "metrics": {}}
+            for metric in rows[0].get("metrics") or []:
+                if metric not in rows[0]:
+                    continue
+                key = metric if flt == "none" else f"{metric},{flt}"
+                block["metrics"][key] = {"aggregation": aggregations.get(task, {}).get(metric, "mean"),
+                                         "values": [_jsonable(r[metric]) for r in rows]}
+        if block is not None:
+            out[task] = block
+    return out
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -512,8 +572,14 @@ def evaluate_models(
     bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
     console: Console | None = None,
     task_limits: dict[str, int] | None = None,
+    log_samples: bool = False,
+    resolved: tuple[Any, list[str]] | None = None,
 ) -> EvalReport:
-    """Evaluate each entry on `tasks` (one load each, freed after); write JSON to `output` if given."""
+    """Evaluate each entry on `tasks` (one load each, freed after); write JSON to `output` if given.
+
+    log_samples: each entry's results also hold `samples`, its per-document scores (extract_samples).
+    resolved: resolve_tasks' (task manager, names) for these tasks, reused across calls (indexing lm-eval's tasks
+    takes seconds)."""
     from rich.console import Console
 
     from qkvconv.manifest import hash_path, manifest
@@ -526,7 +592,7 @@ def evaluate_models(
         raise QkvconvError(f"model names must be unique in one evaluation, got {names}")
     console = console or Console(stderr=True)
     device = pick_device(device)
-    task_manager, task_names = resolve_tasks(tasks, data_dir, include_path)
+    task_manager, task_names = resolved or resolve_tasks(tasks, data_dir, include_path)
     task_limits = dict(task_limits or {})
     if unknown := sorted(set(task_limits) - set(task_names)):
         raise QkvconvError(f"--task-limit names {', '.join(unknown)}, not among the tasks ({', '.join(task_names)})")
@@ -547,7 +613,7 @@ def evaluate_models(
         try:
             results = _evaluate_loaded(
                 model, tokenizer, task_manager, task_names, limit=limit, batch_size=batch_size, device=device,
-                seed=seed, bootstrap_iters=bootstrap_iters, task_limits=task_limits,
+                seed=seed, bootstrap_iters=bootstrap_iters, task_limits=task_limits, log_samples=log_samples,
             )
         finally:
             del model, tokenizer
