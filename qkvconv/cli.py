@@ -623,7 +623,7 @@ def share_kv(
 @app.command("report")
 @command
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (the --output of `qkvconv run`).", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (the --output of `qkvconv run`).", show_default=False)],
     iters: Annotated[int, typer.Option("--iters", help="Paired-bootstrap resamples per comparison.")] = 10_000,
 ) -> None:
     """Re-render RUN_DIR/report.md and its plots from the stored results.json; print the results table."""

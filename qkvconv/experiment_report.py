@@ -380,7 +380,8 @@ def _tests_table(results: RunResults, tests: dict) -> list[str]:
     if not rows:
         return []
     conf = rows[0][1].confidence
-    lines = [f"| model | vs | task | metric | docs | Δ | {conf:.0%} CI | p | test |", "|---|---|---|---|--:|--:|---|--:|---|"]
+    lines = [f"| model | vs | task | metric | docs | Δ | {conf:.0%} CI | p | test |",
+             "|---|---|---|---|--:|--:|---|--:|---|"]
     for (name, task, metric), t in rows:
         ref = results.model(name).reference
         d = lambda x: format_delta(x, t.value_b)  # noqa: E731
@@ -405,20 +406,24 @@ def _transforms(m: ModelResult) -> str:
     return chain + ("; healed" if m.heal else "; not healed")
 
 
-def markdown(results: RunResults, tests: dict, plots: dict[str, str]) -> str:
+def markdown(
+    results: RunResults, tests: dict, plots: dict[str, str], *, iters: int = DEFAULT_ITERS, seed: int = DEFAULT_SEED,
+) -> str:
+    """report.md's text: the tables, recommendations, plots (`plots`: title -> PNG file name), recipe, environment."""
     main, other = metric_columns(results)
     pending = [m.name for m in results.models if not m.metrics]
     L = [f"# {results.name}", ""]
     L.append(f"Run on **{results.device}** · wall time {_fmt_s(results.wall_s)} · "
-             f"{sum(1 for s in results.steps if not s.cached)} steps run, {sum(1 for s in results.steps if s.cached)} cached"
+             f"{sum(not s.cached for s in results.steps)} steps run, {sum(s.cached for s in results.steps)} cached"
              + (f" · **partial: pending {', '.join(pending)}**" if pending else ""))
     L += ["", "## Results", ""]
     L.append("Δ is against the model's reference (`ref`: the control, i.e. the unmodified model healed the same way, "
              "for healed models; the base model otherwise), on the same documents. p is a paired test on lm-eval's "
              f"per-document values: McNemar's exact test for 0/1 metrics, a paired bootstrap "
-             f"({DEFAULT_ITERS:,} resamples, seed {DEFAULT_SEED}, lm-eval's aggregation) otherwise; "
-             f"**✱** marks p < {ALPHA}. Values are ± lm-eval's stderr. KV B/token: bytes of KV cache per token at "
-             "the eval dtype, and its fraction of the base model's.")
+             f"({iters:,} resamples, seed {seed}, lm-eval's aggregation) otherwise; **✱** marks p < {ALPHA}. "
+             "Values are ± lm-eval's stderr; Δ is between the values shown, the paired tests (CIs under *Paired "
+             "tests*) use the documents both models scored. KV B/token: bytes of KV cache per token at the eval "
+             "dtype, and its fraction of the base model's.")
     L += [""] + _markdown_table(*metrics_table(results, main, tests))
     if other:
         L += ["", "### Other metrics", ""] + _markdown_table(*metrics_table(results, other, tests))
@@ -432,7 +437,8 @@ def markdown(results: RunResults, tests: dict, plots: dict[str, str]) -> str:
     L += ["", "## Models", "", "| model | role | transforms | steps |", "|---|---|---|---|"]
     L += [f"| {m.name} | {m.role} | {_transforms(m)} | {', '.join(k[:10] for k in m.steps) or '–'} |"
           for m in results.models]
-    L += ["", "## Steps", "", "| # | kind | model | key | device | wall | cached | finished |", "|--:|---|---|---|---|--:|---|---|"]
+    L += ["", "## Steps", "", "| # | kind | model | key | device | wall | cached | finished |",
+          "|--:|---|---|---|---|--:|---|---|"]
     L += [f"| {i} | {s.kind} | {s.model} | `{s.key[:10]}` | {s.device or '–'} | {_fmt_s(s.wall_s)} | "
           f"{'yes' if s.cached else 'no'} | {s.finished or '–'} |" for i, s in enumerate(results.steps, 1)]
     L += ["", "## Recipe", "", "```yaml", results.recipe_text.rstrip(), "```"]
@@ -495,9 +501,14 @@ def plot_quality_vs_kv(results: RunResults, path: Path) -> bool:
             ax.errorbar([m.kv_cache_bytes_per_token for m, _ in mine], [v.value for _, v in mine],
                         yerr=[v.stderr or 0 for _, v in mine], fmt=marker, color=color, ms=11 if marker == "*" else 7,
                         capsize=3, label=role, zorder=3)
+        span = (max(v.value for _, v in pts) - min(v.value for _, v in pts)) or 1.0
+        placed: list[tuple[int, float]] = []  # labels of models at (nearly) the same point are stacked
         for m, v in pts:
-            ax.annotate(m.name, (m.kv_cache_bytes_per_token, v.value), textcoords="offset points", xytext=(5, 5),
-                        fontsize=7)
+            x = m.kv_cache_bytes_per_token
+            k = sum(1 for x2, y2 in placed if x2 == x and abs(y2 - v.value) < 0.06 * span)
+            placed.append((x, v.value))
+            ax.annotate(m.name, (m.kv_cache_bytes_per_token, v.value), textcoords="offset points",
+                        xytext=(6, 5 - 10 * k), fontsize=7)
         if better is not None and len(pts) > 1:
             xy = [(float(m.kv_cache_bytes_per_token), v.value) for m, v in pts]
             front = [xy[i] for i in pareto_front(xy, better)]
@@ -524,9 +535,12 @@ def plot_heal_curves(results: RunResults, path: Path) -> bool:
     with_kl = any(p.kl is not None for m in healed for p in m.heal_curve)
     plt = _plt()
     fig, axes = plt.subplots(1, 2 if with_kl else 1, figsize=(11 if with_kl else 6.5, 4.2), squeeze=False)
-    for m in healed:
-        style = dict(marker="o", ms=3, lw=2.2 if m.role == "control" else 1.3,
-                     ls="--" if m.role == "control" else "-", label=m.name)
+    from matplotlib.ticker import EngFormatter
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(healed):  # one colour per model in both panels; the control black and dashed
+        style = dict(marker="o", ms=3, lw=2.2 if m.role == "control" else 1.3, ls="--" if m.role == "control" else "-",
+                     color="black" if m.role == "control" else colors[i % len(colors)], label=m.name)
         axes[0][0].plot([p.tokens for p in m.heal_curve], [p.eval_loss for p in m.heal_curve], **style)
         kl = [(p.tokens, p.kl) for p in m.heal_curve if p.kl is not None]
         if with_kl and kl:
@@ -536,6 +550,7 @@ def plot_heal_curves(results: RunResults, path: Path) -> bool:
         axes[0][1].set_ylabel("KL to the original model (nats/token)")
     for ax in axes[0]:
         ax.set_xlabel("training tokens")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{results.name}: heal curves", fontsize=10)
@@ -572,7 +587,7 @@ def render_report(run_dir: Path, *, iters: int = DEFAULT_ITERS, seed: int = DEFA
             plots["Quality against KV-cache size"] = PARETO_PNG
         if plot_heal_curves(results, tmp / HEAL_PNG):
             plots["Heal curves"] = HEAL_PNG
-        (tmp / REPORT).write_text(markdown(results, tests, plots), encoding="utf-8")
+        (tmp / REPORT).write_text(markdown(results, tests, plots, iters=iters, seed=seed), encoding="utf-8")
         for name in (PARETO_PNG, HEAL_PNG, REPORT):
             if (tmp / name).exists():
                 os.replace(tmp / name, run_dir / name)

@@ -45,7 +45,8 @@ def _model(name, role, ref, kv, acc_shift, ll_shift, healed, rng, docs=120, page
     metrics = {
         "lambada_openai": {
             "perplexity": {"value": perplexity(ll), "stderr": 0.1 * perplexity(ll), "higher_is_better": False},
-            "acc": {"value": mean(acc), "stderr": math.sqrt(mean(acc) * (1 - mean(acc)) / docs), "higher_is_better": True},
+            "acc": {"value": mean(acc), "stderr": math.sqrt(mean(acc) * (1 - mean(acc)) / docs),
+                    "higher_is_better": True},
         },
         "wikitext": {
             "word_perplexity": {"value": weighted_perplexity(wp), "stderr": None, "higher_is_better": False},
@@ -71,7 +72,8 @@ def _model(name, role, ref, kv, acc_shift, ll_shift, healed, rng, docs=120, page
         for step in range(0, 101, 20):
             curve.append({"step": step, "tokens": step * 4096, "eval_loss": 3.0 - ll_shift + 2.0 / (1 + step / 10),
                           "kl": None if role == "control" else 0.5 / (1 + step / 20) - ll_shift / 10})
-    transforms = [] if role != "variant" else [{"transform": "share-kv", "mode": "k=v", "kv_heads": None, "init": "key"}]
+    share = {"transform": "share-kv", "mode": "k=v", "kv_heads": None, "init": "key"}
+    transforms = [share] if role == "variant" else []
     return {
         "name": name, "role": role, "transforms": transforms,
         "heal": {"tokens": 409600, "train": "attention", "lr": 1e-4} if healed else None,
@@ -194,7 +196,8 @@ def test_report_numbers_match_the_paired_tests(tmp_path):
     ]
     assert use[0].startswith("- **≤ 1,024 B/token** (100% of base)")
 
-    for text in (RECIPE_TEXT.strip(), "test-box x86_64", "torch 2.13", "cpu (2 threads)", "wall time 62.0 min", 'seeds: `{"eval": 1234}`'):
+    for text in (f"({ITERS} resamples, seed {SEED}", RECIPE_TEXT.strip(), "test-box x86_64", "torch 2.13",
+                 "cpu (2 threads)", "wall time 62.0 min", 'seeds: `{"eval": 1234}`'):
         assert text in report, text
     assert report.count("| convert |") == 5 and "| 37.5 s |" in report
     assert "![Quality against KV-cache size](quality_vs_kv.png)" in report
@@ -202,7 +205,8 @@ def test_report_numbers_match_the_paired_tests(tmp_path):
     w, h = _png_ok(run / "quality_vs_kv.png")
     assert w > 3 * h  # one panel per main metric: three side by side
     _png_ok(run / "heal_curves.png")
-    assert sorted(p.name for p in run.iterdir()) == ["heal_curves.png", "quality_vs_kv.png", "report.md", "results.json"]
+    assert sorted(p.name for p in run.iterdir()) == [  # and no temporary folder left
+        "heal_curves.png", "quality_vs_kv.png", "report.md", "results.json"]
 
 
 def test_pareto_front():
@@ -329,7 +333,8 @@ def test_results_from_a_real_lm_eval_run_render(tmp_path):
 
     data_dir = tmp_path / "data"
     (data_dir / "lambada_openai").mkdir(parents=True)
-    (data_dir / "lambada_openai" / "lambada_test.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in PASSAGES))
+    lambada = "".join(json.dumps({"text": p}) + "\n" for p in PASSAGES)
+    (data_dir / "lambada_openai" / "lambada_test.jsonl").write_text(lambada)
     (data_dir / "wikitext-2-raw-v1").mkdir()
     (data_dir / "wikitext-2-raw-v1" / "wiki.test.raw").write_text(WIKI)
 
