@@ -725,5 +725,20 @@ def run_cmd(
         display.close()
 
 
+# ----------------------------------------------------------------------------------- report (issue #12)
+@app.command("report")
+@command
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (the --output of `qkvconv run`).", show_default=False)],
+    iters: Annotated[int, typer.Option("--iters", help="Paired-bootstrap resamples per comparison.")] = 10_000,
+) -> None:
+    """Re-render RUN_DIR/report.md and its plots from the stored results.json; print the results table."""
+    from qkvconv.experiment_report import render_report, rich_table
+
+    with err.status("paired tests and plots…"):
+        rendered = render_report(run_dir, iters=iters)
+    out.print(rich_table(rendered))
+    out.print(f"wrote [bold]{rendered.path}[/]")
+
 if __name__ == "__main__":  # pragma: no cover
     app()

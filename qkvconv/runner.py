@@ -386,11 +386,8 @@ def run_recipe(recipe_path: str | Path, run_dir: str | Path | None = None, *, re
     if dry_run:
         return plan, runner, None
     path = runner.run()
-    try:
-        from qkvconv import experiment_report
-    except ImportError:
-        runner.display("note", text="qkvconv.experiment_report is not installed: no report.md rendered")
-    else:
-        experiment_report.render(run_dir)
-        runner.display("note", text=f"rendered {run_dir / 'report.md'}")
+    from qkvconv import experiment_report
+
+    experiment_report.render(run_dir)
+    runner.display("note", text=f"rendered {run_dir / 'report.md'}")
     return plan, runner, path
