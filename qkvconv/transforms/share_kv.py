@@ -13,7 +13,7 @@ Nothing here is lossless on a pretrained model. Inits:
   key | value | mean (data-free)  W_S := W_K, W_V, or the mean of the merged projections (for q=k: W_K, -, mean of
       W_Q and W_K); pooled heads are averaged (the GQA paper's uptraining start); W_Q and W_O are kept.
 
-  calibrated (data-aware), per layer, on calibration attention inputs h of the original model, float64:
+  calibrated (data-aware), per layer, on calibration attention inputs h of the original model:
    1. pool with alignment: each head merged into a new head is first mapped onto the group's first head by
       least squares (a RoPE-commuting map on rotary dims — one complex scale per frequency — and a full linear
       map elsewhere; values: a full linear map), then averaged;
@@ -30,6 +30,12 @@ Nothing here is lossless on a pretrained model. Inits:
       o_new·W_O' + b_O' matches the original's o·W_O + b_O on the calibration tokens; the candidate with the
       smallest relative error ‖Δy‖²/‖y‖² wins.
   Layers are fitted independently on the original model's inputs (no error propagation is modelled).
+
+Precision: activations, attention and the Gram matrices of step 4 are computed in the calibration inputs' dtype
+(float32 from a float32 or bf16 model, the precision the inputs were captured in); the weights, the small per-head
+fits (alignments, T, value directions) and every solve are float64, and the new weights are cast once at the end.
+Each candidate is attended and its W_O solved once: the normal equations' Gram (ridge 1e-6·mean diagonal, far above
+float32 rounding of the Gram) pick the winner and give its W_O in the same batched solve.
 """
 
 from __future__ import annotations
@@ -196,27 +202,28 @@ def _pool(p: Proj, H: int, G: int, N: int, dh: int, align=None) -> Proj:
 
 
 # ------------------------------------------------------------------------------ calibration helpers
-def _act(h: torch.Tensor, p: Proj) -> torch.Tensor:
-    return h @ p.W + (p.b if p.b is not None else 0)
+def _act(h: torch.Tensor, p: Proj) -> torch.Tensor:  # h·W + b in h's dtype (W, b are float64 weights)
+    return h @ p.W.to(h.dtype) + (p.b.to(h.dtype) if p.b is not None else 0)
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, gain_offset: float = 0.0) -> torch.Tensor:
     if w is None:
         return x
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (gain_offset + w)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (gain_offset + w).to(x.dtype)
 
 
 class _Calib:
     """Calibration activations of one layer, shaped for attention: (C·B, n, L, dh) for C candidates at once."""
 
     def __init__(self, c: Calibration, i: int, dims: Dims):
-        self.h = c.attn_inputs[i].double()
+        h = c.attn_inputs[i]
+        self.h = h.to(torch.promote_types(h.dtype, torch.float32))  # the activations' dtype (module docstring)
         self.L, self.dh, self.eps, self.gain_offset = c.seq_len, dims.head_dim, c.norm_eps, c.norm_gain_offset
         self.scale = c.scaling if c.scaling is not None else dims.head_dim**-0.5
         self.softcap, self.window = c.softcap, c.sliding_window
         self.B = self.h.shape[0] // self.L
-        self.cos = None if c.cos is None else c.cos.double()
-        self.sin = None if c.sin is None else c.sin.double()
+        self.cos = None if c.cos is None else c.cos.to(self.h.dtype)
+        self.sin = None if c.sin is None else c.sin.to(self.h.dtype)
         self.rotary = dims.rotary_dim
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:  # (C, B·L, n·dh) or (B·L, n·dh) -> (C·B, n, L, dh)
@@ -234,11 +241,11 @@ class _Calib:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal softmax attention; q (C·B, Hq, L, dh), k/v (C·B, N, L, dh) -> head outputs (C, B·L, Hq·dh)."""
         rep = q.shape[1] // k.shape[1]
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        if self.softcap is None and self.window is None:  # softmax(q·kᵀ·scale + causal)·v
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if self.softcap is None and self.window is None:  # softmax(q·kᵀ·scale + causal)·v, query heads grouped
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
         else:
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
             logits = q @ k.transpose(-1, -2) * scale
             if self.softcap is not None:
                 logits = self.softcap * torch.tanh(logits / self.softcap)
@@ -251,7 +258,7 @@ class _Calib:
 @dataclass
 class _Candidate:
     """One choice of projections (W_O still to be refit) and what attention reads from it on the calibration tokens,
-    before RoPE, float64: q (n, Hq, dh) after q_norm (Hq = H, or N where queries come from S: one per group);
+    before RoPE, in the activations' dtype: q (n, Hq, dh) after q_norm (Hq = H, or N where queries come from S: one per group);
     k, v (n, N, dh), k after k_norm."""
 
     w: dict  # name -> Proj, or a function returning it (built only if the candidate wins)
@@ -275,9 +282,10 @@ def _head_outputs(c: _Calib, cands: list[_Candidate], H: int, dtype: torch.dtype
 
 
 def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge least squares X_c·W + b ≈ y for each of C candidates at once; X (C, n, p), y (n, d) float64.
+    """Ridge least squares X_c·W + b ≈ y for each of C candidates at once; X (C, n, p), y (n, d).
 
-    The Gram XᵀX and Xᵀy are formed in X's dtype (float32 only to score candidates), the solve is float64.
+    The Gram XᵀX and Xᵀy are formed in X's dtype (float32: rounding ~1e-7·‖XᵀX‖, well under the ridge), the solve
+    is float64.
     Returns the solutions (C, p+1 with bias, d) and the relative errors ‖Δy‖²/‖y‖² (C,), the latter from the normal
     equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩.
     """
@@ -288,30 +296,20 @@ def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, 
         s = X.sum(1).double()  # (C, p)
         A = torch.cat([torch.cat([A, s[:, :, None]], 2),
                        torch.cat([s, torch.full((C, 1), float(n), dtype=torch.float64)], 1)[:, None]], 1)
-        b = torch.cat([b, y.sum(0).expand(C, 1, -1)], 1)
+        b = torch.cat([b, y.sum(0).double().expand(C, 1, -1)], 1)
     eye = torch.eye(A.shape[-1], dtype=torch.float64)
     ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # (C,)
     sol = torch.linalg.solve(A + ridge[:, None, None] * eye, b)
-    yy = y.pow(2).sum()
+    yy = y.double().pow(2).sum()
     err = (yy - 2 * (sol * b).sum((1, 2)) + (sol * (A @ sol)).sum((1, 2))) / yy.clamp_min(1e-30)
     return sol, err
 
 
-SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+1e-6) of the best are decided in float64
-
-
 def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: bool) -> tuple[dict, dict]:
-    """The candidate whose refit W_O leaves the smallest relative error, with that W_O (step 4).
-
-    All candidates are scored in one float32 attention and batched Gram products; the best — and any within
-    SCORE_TIE of it, where float32 rounding could decide — are then refit in float64, which picks the winner."""
-    if len(cands) > 1:
-        _, score = _fit_o(_head_outputs(c, cands, H, torch.float32), y, bias)
-        best = float(score.min())  # near 0 (more weights than tokens) float32 scores can even come out < 0
-        close = [cd for cd, e in zip(cands, score.tolist()) if e <= best + SCORE_TIE * abs(best) + 1e-6]
-        cands = close or cands  # all of them where a score is not finite
-    sol, err = _fit_o(_head_outputs(c, cands, H, torch.float64), y, bias)
-    best = int(err.argmin())
+    """The candidate whose refit W_O leaves the smallest relative error, with that W_O (step 4): all candidates in
+    one batched attention and one batched normal-equations solve, in the activations' dtype (module docstring)."""
+    sol, err = _fit_o(_head_outputs(c, cands, H, c.h.dtype), y, bias)
+    best = int(torch.nan_to_num(err, nan=float("inf")).argmin())
     s = sol[best]
     o = Proj(s[:-1], s[-1]) if bias else Proj(s, None)
     w = {k: p() if callable(p) else p for k, p in cands[best].w.items()}  # deferred weights (W_Q') built now
@@ -320,6 +318,7 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
 
 def _value_directions(x: torch.Tensor) -> torch.Tensor:
     """(dh, dh) principal directions of one value head's calibration activations x (n, dh), strongest first."""
+    x = x.double()
     x = x - x.mean(0)
     _, vecs = torch.linalg.eigh(x.T @ x)
     return vecs.flip(1)
@@ -349,8 +348,8 @@ def _swap_in_values(base: Proj, s: torch.Tensor, v: Proj, vx: torch.Tensor, E: t
             break
         dims_out += units[idx]
     Em = E[:, : len(dims_out)]  # (dh, m)
-    vW, vb, vxm = v.W @ Em, None if v.b is None else v.b @ Em, vx @ Em  # vxm = h·vW + vb
-    scale = s.std().clamp_min(1e-12) / vxm.std().clamp_min(1e-12)
+    vW, vb, vxm = v.W @ Em, None if v.b is None else v.b @ Em, vx @ Em.to(vx.dtype)  # vxm = h·vW + vb
+    scale = float(s.std().clamp_min(1e-12) / vxm.std().clamp_min(1e-12))
     W, b, x = base.W.clone(), None if base.b is None else base.b.clone(), s.clone()
     W[:, dims_out] = scale * vW
     x[:, dims_out] = scale * vxm
@@ -405,15 +404,15 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
                       c.heads(v_act), c.scale)[0]
         y = _act(o0, L.o)  # (n, d)
     else:
-        y = target.double()
+        y = target.to(h.dtype)
 
     @cache
     def align_key(g: int, ref: int) -> torch.Tensor:
-        return _rope_commuting_refit(k_old[:, g], k_old[:, ref], r)
+        return _rope_commuting_refit(k_old[:, g].double(), k_old[:, ref].double(), r)
 
     @cache
     def align_value(g: int, ref: int) -> torch.Tensor:
-        return torch.linalg.lstsq(cols(v_act, g), cols(v_act, ref)).solution
+        return torch.linalg.lstsq(cols(v_act, g).double(), cols(v_act, ref).double()).solution
 
     K = _pool(L.k, H, G, N, dh, align_key) if G > N else L.k
     V = _pool(L.v, H, G, N, dh, align_value) if G > N else L.v
@@ -425,14 +424,14 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
         s_keys (n, N, dh): the new keys before RoPE. Returns W_Q' (deferred) and its queries (n, H, dh)."""
         if L.q_norm is not None:
             return lambda: L.q, split(q_flat, L.q_norm)
-        T = {pair: _rope_commuting_refit(s_keys[:, pair[0]], k_old[:, pair[1]], r)
+        T = {pair: _rope_commuting_refit(s_keys[:, pair[0]].double(), k_old[:, pair[1]].double(), r)
              for pair in {(j // (H // N), j // (H // G)) for j in range(H)}}
         Tj = torch.stack([T[j // (H // N), j // (H // G)] for j in range(H)])  # (H, dh, dh)
 
         def weights() -> Proj:  # built for the chosen candidate only
             return _cat([_times(_head(L.q, j, dh), Tj[j].T) for j in range(H)])
 
-        return weights, torch.einsum("nhd,hed->nhe", q_flat.reshape(n, H, dh), Tj)  # q' = q·Tᵀ per head
+        return weights, torch.einsum("nhd,hed->nhe", q_flat.reshape(n, H, dh), Tj.to(h.dtype))  # q' = q·Tᵀ per head
 
     def mix(lam: float) -> tuple[Proj, torch.Tensor]:  # q=k: between keys and group-mean queries at the logit scale
         Qbar = _pool(L.q, H, H, N, dh)
