@@ -232,11 +232,14 @@ class _Calib:
     def rope(self, x: torch.Tensor) -> torch.Tensor:
         if self.cos is None or not self.rotary:
             return x
-        r = self.cos.shape[-1]
-        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
-        xr = x[..., :r]
-        rot = torch.cat([-xr[..., r // 2 :], xr[..., : r // 2]], -1)
-        return torch.cat([xr * cos + rot * sin, x[..., r:]], -1)
+        r, f = self.cos.shape[-1], self.cos.shape[-1] // 2
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)  # (L, r)
+        out = x.clone() if r < x.shape[-1] else torch.empty_like(x)  # dims past r pass through
+        # HF rotate_half pairs (u, u + r/2): (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin), written in place
+        x1, x2, o1, o2 = x[..., :f], x[..., f:r], out[..., :f], out[..., f:r]
+        torch.mul(x1, cos[:, :f], out=o1).addcmul_(x2, sin[:, :f], value=-1)
+        torch.mul(x2, cos[:, f:], out=o2).addcmul_(x1, sin[:, f:])
+        return out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal softmax attention; q (C·B, Hq, L, dh), k/v (C·B, N, L, dh) -> head outputs (C, B·L, Hq·dh)."""
@@ -299,7 +302,9 @@ def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, 
         b = torch.cat([b, y.sum(0).double().expand(C, 1, -1)], 1)
     eye = torch.eye(A.shape[-1], dtype=torch.float64)
     ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # (C,)
-    sol = torch.linalg.solve(A + ridge[:, None, None] * eye, b)
+    M = A + ridge[:, None, None] * eye  # symmetric positive definite: Cholesky, LU only if rounding broke it
+    chol, info = torch.linalg.cholesky_ex(M)
+    sol = torch.cholesky_solve(b, chol) if not info.any() else torch.linalg.solve(M, b)
     yy = y.double().pow(2).sum()
     err = (yy - 2 * (sol * b).sum((1, 2)) + (sol * (A @ sol)).sum((1, 2))) / yy.clamp_min(1e-30)
     return sol, err
