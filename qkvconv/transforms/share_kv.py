@@ -261,8 +261,8 @@ class _Calib:
 @dataclass
 class _Candidate:
     """One choice of projections (W_O still to be refit) and what attention reads from it on the calibration tokens,
-    before RoPE, in the activations' dtype: q (n, Hq, dh) after q_norm (Hq = H, or N where queries come from S: one per group);
-    k, v (n, N, dh), k after k_norm."""
+    before RoPE, in the activations' dtype: q (n, Hq, dh) after q_norm (Hq = H, or N where queries come from S: one
+    per group); k, v (n, N, dh), k after k_norm."""
 
     w: dict  # name -> Proj, or a function returning it (built only if the candidate wins)
     info: dict
@@ -303,7 +303,7 @@ def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, 
     The Gram XᵀX and Xᵀy are formed in X's dtype (float32: rounding ~1e-7·‖XᵀX‖, well under the ridge), the solve
     is float64.
     Returns the solutions (C, p+1 with bias, d) and the relative errors ‖Δy‖²/‖y‖² (C,), the latter from the normal
-    equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩.
+    equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩, and XᵀX·W = Xᵀy − ridge·W at the ridge solution.
     """
     C, n, p = X.shape
     A = _gram(X).double()  # (C, p, p)
@@ -319,7 +319,7 @@ def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, 
     chol, info = torch.linalg.cholesky_ex(M)
     sol = torch.cholesky_solve(b, chol) if not info.any() else torch.linalg.solve(M, b)
     yy = y.double().pow(2).sum()
-    err = (yy - 2 * (sol * b).sum((1, 2)) + (sol * (A @ sol)).sum((1, 2))) / yy.clamp_min(1e-30)
+    err = (yy - (sol * b).sum((1, 2)) - ridge * sol.pow(2).sum((1, 2))) / yy.clamp_min(1e-30)
     return sol, err
 
 
