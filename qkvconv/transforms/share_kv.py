@@ -31,11 +31,12 @@ Nothing here is lossless on a pretrained model. Inits:
       smallest relative error ‖Δy‖²/‖y‖² wins.
   Layers are fitted independently on the original model's inputs (no error propagation is modelled).
 
-Precision: activations, attention and the Gram matrices of step 4 are computed in the calibration inputs' dtype
-(float32 from a float32 or bf16 model, the precision the inputs were captured in); the weights, the small per-head
-fits (alignments, T, value directions) and every solve are float64, and the new weights are cast once at the end.
-Each candidate is attended and its W_O solved once: the normal equations' Gram (ridge 1e-6·mean diagonal, far above
-float32 rounding of the Gram) pick the winner and give its W_O in the same batched solve.
+Precision: activations and attention are computed in the calibration inputs' dtype (float32 from a float32 or bf16
+model, the precision the inputs were captured in), once per candidate; the weights, the small per-head fits
+(alignments, T, value directions) and every solve are float64, and the new weights are cast once at the end. Step 4
+scores all candidates with float32 Gram matrices, then refits the best (and any float32 near-tie) from the same head
+outputs with a float64 Gram: a float32 Gram's rounding (~1e-7·√n relative) can exceed the ridge (1e-6), which the
+winner's W_O would feel, the ranking hardly.
 """
 
 from __future__ import annotations
@@ -300,8 +301,7 @@ def _gram(X: torch.Tensor, blocks: int = 3) -> torch.Tensor:
 def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares X_c·W + b ≈ y for each of C candidates at once; X (C, n, p), y (n, d).
 
-    The Gram XᵀX and Xᵀy are formed in X's dtype (float32: rounding ~1e-7·‖XᵀX‖, well under the ridge), the solve
-    is float64.
+    The Gram XᵀX and Xᵀy are formed in X's dtype (float32 only to score candidates), the solve is float64.
     Returns the solutions (C, p+1 with bias, d) and the relative errors ‖Δy‖²/‖y‖² (C,), the latter from the normal
     equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩, and XᵀX·W = Xᵀy − ridge·W at the ridge solution.
     """
@@ -323,15 +323,28 @@ def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, 
     return sol, err
 
 
+SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+1e-6) of the best are decided in float64
+
+
 def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: bool) -> tuple[dict, dict]:
-    """The candidate whose refit W_O leaves the smallest relative error, with that W_O (step 4): all candidates in
-    one batched attention and one batched normal-equations solve, in the activations' dtype (module docstring)."""
-    sol, err = _fit_o(_head_outputs(c, cands, H, c.h.dtype), y, bias)
+    """The candidate whose refit W_O leaves the smallest relative error, with that W_O (step 4).
+
+    All candidates are attended once, in one batched attention in the activations' dtype, and scored with batched
+    Gram products in that dtype; the best — and any within SCORE_TIE of it, where float32 rounding could decide — are
+    refit from the same head outputs with float64 Grams, which pick the winner and give its W_O."""
+    X = _head_outputs(c, cands, H, c.h.dtype)  # (C, n, H·dh)
+    keep = torch.arange(len(cands))
+    if len(cands) > 1 and X.dtype != torch.float64:
+        _, score = _fit_o(X, y, bias)
+        best = float(score.min())  # near 0 (more weights than tokens) float32 scores can even come out < 0
+        close = score <= best + SCORE_TIE * abs(best) + 1e-6
+        keep = keep[close] if close.any() else keep  # all of them where a score is not finite
+    sol, err = _fit_o(X[keep].double(), y.double(), bias)
     best = int(torch.nan_to_num(err, nan=float("inf")).argmin())
     s = sol[best]
     o = Proj(s[:-1], s[-1]) if bias else Proj(s, None)
-    w = {k: p() if callable(p) else p for k, p in cands[best].w.items()}  # deferred weights (W_Q') built now
-    return w | {"o": o}, cands[best].info | {"relative_error": float(err[best])}
+    w = {k: p() if callable(p) else p for k, p in cands[int(keep[best])].w.items()}  # deferred weights (W_Q') now
+    return w | {"o": o}, cands[int(keep[best])].info | {"relative_error": float(err[best])}
 
 
 def _value_directions(x: torch.Tensor) -> torch.Tensor:
