@@ -133,8 +133,9 @@ def test_data_free_inits(tiny_models):
 def _per_candidate_error(c, cand, y: torch.Tensor, H: int, bias: bool) -> float:
     """One candidate the unbatched float64 way: masked-softmax attention, ridge W_O, explicit residual."""
     n, dh = len(c.h), c.dh
-    q = cand.q.repeat_interleave(H // cand.q.shape[1], 1)
-    k, v = (x.repeat_interleave(H // x.shape[1], 1) for x in (cand.k, cand.v))  # (n, H, dh)
+    q = cand.q.double().repeat_interleave(H // cand.q.shape[1], 1)
+    k, v = (x.double().repeat_interleave(H // x.shape[1], 1) for x in (cand.k, cand.v))  # (n, H, dh)
+    y = y.double()
     q, k, v = (x.reshape(c.B, c.L, H, dh).transpose(1, 2) for x in (q, k, v))
     logits = c.rope(q) @ c.rope(k).transpose(-1, -2) * dh**-0.5
     probs = logits.masked_fill(torch.ones(c.L, c.L, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
@@ -148,8 +149,9 @@ def _per_candidate_error(c, cand, y: torch.Tensor, H: int, bias: bool) -> float:
 
 @pytest.mark.parametrize("mode,kvh", [("k=v", 1), ("q=k", None), ("q=k=v", None), (None, 1)])
 def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kvh):
-    """--init calibrated scores all candidates of a layer in one batched float32 attention, then refits the best in
-    float64: scores and the winner's error equal the per-candidate float64 evaluation, and the winner is its argmin."""
+    """--init calibrated scores and fits all candidates of a layer in one batched float32 attention and normal-equations
+    solve: scores equal the per-candidate float64 evaluation (to 1e-9 when batched in float64, 1e-4 in float32), and
+    the winner is its argmin (up to that float32 tolerance)."""
     import importlib
 
     from qkvconv.checkpoint import load
@@ -173,7 +175,7 @@ def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kv
             _, err = skv._fit_o(skv._head_outputs(c, cands, H, dtype), y, bias)
             torch.testing.assert_close(err, ref, rtol=rtol, atol=0)
         w, info = skv._choose(c, cands, y, H, bias)
-        assert info["relative_error"] == pytest.approx(float(ref.min()), rel=1e-9)
+        assert info["relative_error"] == pytest.approx(float(ref.min()), rel=1e-4)
         assert w["o"].W.shape == (H * dims.head_dim, dims.hidden_size)
 
 # ------------------------------------------------------------------------------------------- CLI

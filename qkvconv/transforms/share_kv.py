@@ -13,7 +13,7 @@ Nothing here is lossless on a pretrained model. Inits:
   key | value | mean (data-free)  W_S := W_K, W_V, or the mean of the merged projections (for q=k: W_K, -, mean of
       W_Q and W_K); pooled heads are averaged (the GQA paper's uptraining start); W_Q and W_O are kept.
 
-  calibrated (data-aware), per layer, on calibration attention inputs h of the original model, float64:
+  calibrated (data-aware), per layer, on calibration attention inputs h of the original model:
    1. pool with alignment: each head merged into a new head is first mapped onto the group's first head by
       least squares (a RoPE-commuting map on rotary dims — one complex scale per frequency — and a full linear
       map elsewhere; values: a full linear map), then averaged;
@@ -30,6 +30,13 @@ Nothing here is lossless on a pretrained model. Inits:
       o_new·W_O' + b_O' matches the original's o·W_O + b_O on the calibration tokens; the candidate with the
       smallest relative error ‖Δy‖²/‖y‖² wins.
   Layers are fitted independently on the original model's inputs (no error propagation is modelled).
+
+Precision: activations and attention are computed in the calibration inputs' dtype (float32 from a float32 or bf16
+model, the precision the inputs were captured in), once per candidate; the weights, the small per-head fits
+(alignments, T, value directions) and every solve are float64, and the new weights are cast once at the end. Step 4
+scores all candidates with float32 Gram matrices, then refits the best (and any float32 near-tie) from the same head
+outputs with a float64 Gram: a float32 Gram's rounding (~1e-7·√n relative) can exceed the ridge (1e-6), which the
+winner's W_O would feel, the ranking hardly.
 """
 
 from __future__ import annotations
@@ -196,27 +203,28 @@ def _pool(p: Proj, H: int, G: int, N: int, dh: int, align=None) -> Proj:
 
 
 # ------------------------------------------------------------------------------ calibration helpers
-def _act(h: torch.Tensor, p: Proj) -> torch.Tensor:
-    return h @ p.W + (p.b if p.b is not None else 0)
+def _act(h: torch.Tensor, p: Proj) -> torch.Tensor:  # h·W + b in h's dtype (W, b are float64 weights)
+    return h @ p.W.to(h.dtype) + (p.b.to(h.dtype) if p.b is not None else 0)
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, gain_offset: float = 0.0) -> torch.Tensor:
     if w is None:
         return x
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (gain_offset + w)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (gain_offset + w).to(x.dtype)
 
 
 class _Calib:
     """Calibration activations of one layer, shaped for attention: (C·B, n, L, dh) for C candidates at once."""
 
     def __init__(self, c: Calibration, i: int, dims: Dims):
-        self.h = c.attn_inputs[i].double()
+        h = c.attn_inputs[i]
+        self.h = h.to(torch.promote_types(h.dtype, torch.float32))  # the activations' dtype (module docstring)
         self.L, self.dh, self.eps, self.gain_offset = c.seq_len, dims.head_dim, c.norm_eps, c.norm_gain_offset
         self.scale = c.scaling if c.scaling is not None else dims.head_dim**-0.5
         self.softcap, self.window = c.softcap, c.sliding_window
         self.B = self.h.shape[0] // self.L
-        self.cos = None if c.cos is None else c.cos.double()
-        self.sin = None if c.sin is None else c.sin.double()
+        self.cos = None if c.cos is None else c.cos.to(self.h.dtype)
+        self.sin = None if c.sin is None else c.sin.to(self.h.dtype)
         self.rotary = dims.rotary_dim
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:  # (C, B·L, n·dh) or (B·L, n·dh) -> (C·B, n, L, dh)
@@ -225,20 +233,23 @@ class _Calib:
     def rope(self, x: torch.Tensor) -> torch.Tensor:
         if self.cos is None or not self.rotary:
             return x
-        r = self.cos.shape[-1]
-        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
-        xr = x[..., :r]
-        rot = torch.cat([-xr[..., r // 2 :], xr[..., : r // 2]], -1)
-        return torch.cat([xr * cos + rot * sin, x[..., r:]], -1)
+        r, f = self.cos.shape[-1], self.cos.shape[-1] // 2
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)  # (L, r)
+        out = x.clone() if r < x.shape[-1] else torch.empty_like(x)  # dims past r pass through
+        # HF rotate_half pairs (u, u + r/2): (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin), written in place
+        x1, x2, o1, o2 = x[..., :f], x[..., f:r], out[..., :f], out[..., f:r]
+        torch.mul(x1, cos[:, :f], out=o1).addcmul_(x2, sin[:, :f], value=-1)
+        torch.mul(x2, cos[:, f:], out=o2).addcmul_(x1, sin[:, f:])
+        return out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal softmax attention; q (C·B, Hq, L, dh), k/v (C·B, N, L, dh) -> head outputs (C, B·L, Hq·dh)."""
         rep = q.shape[1] // k.shape[1]
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        if self.softcap is None and self.window is None:  # softmax(q·kᵀ·scale + causal)·v
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if self.softcap is None and self.window is None:  # softmax(q·kᵀ·scale + causal)·v, query heads grouped
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
         else:
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
             logits = q @ k.transpose(-1, -2) * scale
             if self.softcap is not None:
                 logits = self.softcap * torch.tanh(logits / self.softcap)
@@ -251,8 +262,8 @@ class _Calib:
 @dataclass
 class _Candidate:
     """One choice of projections (W_O still to be refit) and what attention reads from it on the calibration tokens,
-    before RoPE, float64: q (n, Hq, dh) after q_norm (Hq = H, or N where queries come from S: one per group);
-    k, v (n, N, dh), k after k_norm."""
+    before RoPE, in the activations' dtype: q (n, Hq, dh) after q_norm (Hq = H, or N where queries come from S: one
+    per group); k, v (n, N, dh), k after k_norm."""
 
     w: dict  # name -> Proj, or a function returning it (built only if the candidate wins)
     info: dict
@@ -274,26 +285,41 @@ def _head_outputs(c: _Calib, cands: list[_Candidate], H: int, dtype: torch.dtype
     return o
 
 
+def _gram(X: torch.Tensor, blocks: int = 3) -> torch.Tensor:
+    """XᵀX (C, p, p) for X (C, n, p), from the upper block triangle only (column blocks i ≤ j, mirrored): 2/3 of the
+    products of a full batched matmul, whose cost dominates the fit."""
+    C, _, p = X.shape
+    A = torch.empty(C, p, p, dtype=X.dtype, device=X.device)
+    edges = [round(i * p / blocks) for i in range(blocks + 1)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        row = X[:, :, a:b].transpose(1, 2) @ X[:, :, a:]  # (C, b−a, p−a): block row i, blocks j ≥ i
+        A[:, a:b, a:] = row
+        A[:, a:, a:b] = row.transpose(1, 2)
+    return A
+
+
 def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge least squares X_c·W + b ≈ y for each of C candidates at once; X (C, n, p), y (n, d) float64.
+    """Ridge least squares X_c·W + b ≈ y for each of C candidates at once; X (C, n, p), y (n, d).
 
     The Gram XᵀX and Xᵀy are formed in X's dtype (float32 only to score candidates), the solve is float64.
     Returns the solutions (C, p+1 with bias, d) and the relative errors ‖Δy‖²/‖y‖² (C,), the latter from the normal
-    equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩.
+    equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩, and XᵀX·W = Xᵀy − ridge·W at the ridge solution.
     """
     C, n, p = X.shape
-    A = (X.transpose(1, 2) @ X).double()  # (C, p, p)
-    b = (X.transpose(1, 2) @ y.to(X.dtype)).double()  # (C, p, d)
+    A = _gram(X).double()  # (C, p, p)
+    b = torch.bmm(X.transpose(1, 2), y.to(X.dtype).expand(C, -1, -1)).double()  # (C, p, d)
     if bias:  # a column of ones: Xᵀ1 and 1ᵀ1 = n, 1ᵀy
         s = X.sum(1).double()  # (C, p)
         A = torch.cat([torch.cat([A, s[:, :, None]], 2),
                        torch.cat([s, torch.full((C, 1), float(n), dtype=torch.float64)], 1)[:, None]], 1)
-        b = torch.cat([b, y.sum(0).expand(C, 1, -1)], 1)
+        b = torch.cat([b, y.sum(0).double().expand(C, 1, -1)], 1)
     eye = torch.eye(A.shape[-1], dtype=torch.float64)
     ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # (C,)
-    sol = torch.linalg.solve(A + ridge[:, None, None] * eye, b)
-    yy = y.pow(2).sum()
-    err = (yy - 2 * (sol * b).sum((1, 2)) + (sol * (A @ sol)).sum((1, 2))) / yy.clamp_min(1e-30)
+    M = A + ridge[:, None, None] * eye  # symmetric positive definite: Cholesky, LU only if rounding broke it
+    chol, info = torch.linalg.cholesky_ex(M)
+    sol = torch.cholesky_solve(b, chol) if not info.any() else torch.linalg.solve(M, b)
+    yy = y.double().pow(2).sum()
+    err = (yy - (sol * b).sum((1, 2)) - ridge * sol.pow(2).sum((1, 2))) / yy.clamp_min(1e-30)
     return sol, err
 
 
@@ -303,23 +329,27 @@ SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+1e
 def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: bool) -> tuple[dict, dict]:
     """The candidate whose refit W_O leaves the smallest relative error, with that W_O (step 4).
 
-    All candidates are scored in one float32 attention and batched Gram products; the best — and any within
-    SCORE_TIE of it, where float32 rounding could decide — are then refit in float64, which picks the winner."""
-    if len(cands) > 1:
-        _, score = _fit_o(_head_outputs(c, cands, H, torch.float32), y, bias)
+    All candidates are attended once, in one batched attention in the activations' dtype, and scored with batched
+    Gram products in that dtype; the best — and any within SCORE_TIE of it, where float32 rounding could decide — are
+    refit from the same head outputs with float64 Grams, which pick the winner and give its W_O."""
+    X = _head_outputs(c, cands, H, c.h.dtype)  # (C, n, H·dh)
+    keep = torch.arange(len(cands))
+    if len(cands) > 1 and X.dtype != torch.float64:
+        _, score = _fit_o(X, y, bias)
         best = float(score.min())  # near 0 (more weights than tokens) float32 scores can even come out < 0
-        close = [cd for cd, e in zip(cands, score.tolist()) if e <= best + SCORE_TIE * abs(best) + 1e-6]
-        cands = close or cands  # all of them where a score is not finite
-    sol, err = _fit_o(_head_outputs(c, cands, H, torch.float64), y, bias)
-    best = int(err.argmin())
+        close = score <= best + SCORE_TIE * abs(best) + 1e-6
+        keep = keep[close] if close.any() else keep  # all of them where a score is not finite
+    sol, err = _fit_o(X[keep].double(), y.double(), bias)
+    best = int(torch.nan_to_num(err, nan=float("inf")).argmin())
     s = sol[best]
     o = Proj(s[:-1], s[-1]) if bias else Proj(s, None)
-    w = {k: p() if callable(p) else p for k, p in cands[best].w.items()}  # deferred weights (W_Q') built now
-    return w | {"o": o}, cands[best].info | {"relative_error": float(err[best])}
+    w = {k: p() if callable(p) else p for k, p in cands[int(keep[best])].w.items()}  # deferred weights (W_Q') now
+    return w | {"o": o}, cands[int(keep[best])].info | {"relative_error": float(err[best])}
 
 
 def _value_directions(x: torch.Tensor) -> torch.Tensor:
     """(dh, dh) principal directions of one value head's calibration activations x (n, dh), strongest first."""
+    x = x.double()
     x = x - x.mean(0)
     _, vecs = torch.linalg.eigh(x.T @ x)
     return vecs.flip(1)
@@ -349,8 +379,8 @@ def _swap_in_values(base: Proj, s: torch.Tensor, v: Proj, vx: torch.Tensor, E: t
             break
         dims_out += units[idx]
     Em = E[:, : len(dims_out)]  # (dh, m)
-    vW, vb, vxm = v.W @ Em, None if v.b is None else v.b @ Em, vx @ Em  # vxm = h·vW + vb
-    scale = s.std().clamp_min(1e-12) / vxm.std().clamp_min(1e-12)
+    vW, vb, vxm = v.W @ Em, None if v.b is None else v.b @ Em, vx @ Em.to(vx.dtype)  # vxm = h·vW + vb
+    scale = float(s.std().clamp_min(1e-12) / vxm.std().clamp_min(1e-12))
     W, b, x = base.W.clone(), None if base.b is None else base.b.clone(), s.clone()
     W[:, dims_out] = scale * vW
     x[:, dims_out] = scale * vxm
@@ -405,15 +435,15 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
                       c.heads(v_act), c.scale)[0]
         y = _act(o0, L.o)  # (n, d)
     else:
-        y = target.double()
+        y = target.to(h.dtype)
 
     @cache
     def align_key(g: int, ref: int) -> torch.Tensor:
-        return _rope_commuting_refit(k_old[:, g], k_old[:, ref], r)
+        return _rope_commuting_refit(k_old[:, g].double(), k_old[:, ref].double(), r)
 
     @cache
     def align_value(g: int, ref: int) -> torch.Tensor:
-        return torch.linalg.lstsq(cols(v_act, g), cols(v_act, ref)).solution
+        return torch.linalg.lstsq(cols(v_act, g).double(), cols(v_act, ref).double()).solution
 
     K = _pool(L.k, H, G, N, dh, align_key) if G > N else L.k
     V = _pool(L.v, H, G, N, dh, align_value) if G > N else L.v
@@ -425,14 +455,14 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
         s_keys (n, N, dh): the new keys before RoPE. Returns W_Q' (deferred) and its queries (n, H, dh)."""
         if L.q_norm is not None:
             return lambda: L.q, split(q_flat, L.q_norm)
-        T = {pair: _rope_commuting_refit(s_keys[:, pair[0]], k_old[:, pair[1]], r)
+        T = {pair: _rope_commuting_refit(s_keys[:, pair[0]].double(), k_old[:, pair[1]].double(), r)
              for pair in {(j // (H // N), j // (H // G)) for j in range(H)}}
         Tj = torch.stack([T[j // (H // N), j // (H // G)] for j in range(H)])  # (H, dh, dh)
 
         def weights() -> Proj:  # built for the chosen candidate only
             return _cat([_times(_head(L.q, j, dh), Tj[j].T) for j in range(H)])
 
-        return weights, torch.einsum("nhd,hed->nhe", q_flat.reshape(n, H, dh), Tj)  # q' = q·Tᵀ per head
+        return weights, torch.einsum("nhd,hed->nhe", q_flat.reshape(n, H, dh), Tj.to(h.dtype))  # q' = q·Tᵀ per head
 
     def mix(lam: float) -> tuple[Proj, torch.Tensor]:  # q=k: between keys and group-mean queries at the logit scale
         Qbar = _pool(L.q, H, H, N, dh)
