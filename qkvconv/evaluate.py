@@ -487,59 +487,12 @@ def extract_metrics(results: dict) -> list[Metric]:
     return out
 
 
-def aggregation_names(results: dict) -> dict[str, dict[str, str]]:
-    """task -> metric -> the name of the aggregation lm-eval used for it ("mean", "perplexity", ...): the task
-    config's own, else lm-eval's registered default for the metric."""
-    import lm_eval.api.metrics  # noqa: F401  (registers the aggregations)
-    from lm_eval.api.registry import AGGREGATION_REGISTRY, get_metric_aggregation
-
-    by_function = {fn: name for name, fn in AGGREGATION_REGISTRY.items()}
-    out: dict[str, dict[str, str]] = {}
-    for task, cfg in (results.get("configs") or {}).items():
-        names = out.setdefault(task, {})
-        for item in cfg.get("metric_list") or []:
-            metric, agg = item.get("metric"), item.get("aggregation")
-            if not isinstance(metric, str):
-                continue
-            if isinstance(agg, str):
-                names[metric] = agg
-            elif callable(agg) and agg in by_function:
-                names[metric] = by_function[agg]
-            else:
-                default = get_metric_aggregation(metric)
-                if default in by_function:
-                    names[metric] = by_function[default]
-    return out
-
-
 def extract_samples(results: dict) -> dict:
-    """lm-eval's `log_samples` records as {task: {"doc_ids": [...], "metrics": {metric: {"aggregation": name,
-    "values": [per-doc value, doc_ids order]}}}}: exactly the value lm-eval scored each document with (acc: 0/1;
-    perplexity: the doc's loglikelihood; word_perplexity: [loglikelihood, words]), so a metric can be recomputed
-    on any resample with lm-eval's own aggregation. Metrics under a filter other than "none" are keyed
-    "metric,filter", as in extract_metrics."""
-    aggregations = aggregation_names(results)
-    out: dict = {}
-    for task, records in (results.get("samples") or {}).items():
-        if not records or not isinstance(records[0], dict) or "doc_id" not in records[0]:
-            continue  # already extracted
-        by_filter: dict[str, list[dict]] = {}
-        for r in records:
-            by_filter.setdefault(r.get("filter", "none"), []).append(r)
-        block = None
-        for flt, rows in by_filter.items():
-            rows = sorted(rows, key=lambda r: r["doc_id"])
-            if block is None:
-                block = {"doc_ids": [int(r["doc_id"]) for r in rows], "metrics": {}}
-            for metric in rows[0].get("metrics") or []:
-                if metric not in rows[0]:
-                    continue
-                key = metric if flt == "none" else f"{metric},{flt}"
-                block["metrics"][key] = {"aggregation": aggregations.get(task, {}).get(metric, "mean"),
-                                         "values": [_jsonable(r[metric]) for r in rows]}
-        if block is not None:
-            out[task] = block
-    return out
+    """lm-eval's `log_samples` records reduced to what a paired test needs (qkvconv.run/1's `samples`); the
+    reduction is experiment_report.samples_from_lm_eval, the one place that knows the contract."""
+    from qkvconv.experiment_report import samples_from_lm_eval
+
+    return samples_from_lm_eval(results)
 
 
 def _is_number(x: Any) -> bool:

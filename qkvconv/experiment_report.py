@@ -494,12 +494,15 @@ def plot_quality_vs_kv(results: RunResults, path: Path) -> bool:
     styles = {"base": ("s", "black"), "control": ("*", "tab:red"), "variant": ("o", "tab:blue")}
     for ax, (task, metric, pts) in zip(axes[0], panels):
         better = _higher_is_better(results, task, metric)
+        log = "perplexity" in metric and all(v.value > 0 for _, v in pts)  # perplexities span decades
         for role, (marker, color) in styles.items():
             mine = [(m, v) for m, v in pts if m.role == role]
             if not mine:
                 continue
+            err = [v.stderr or 0 for _, v in mine]
+            low = [min(e, 0.9 * v.value) if log else e for e, (_, v) in zip(err, mine)]  # a log axis has no ≤ 0
             ax.errorbar([m.kv_cache_bytes_per_token for m, _ in mine], [v.value for _, v in mine],
-                        yerr=[v.stderr or 0 for _, v in mine], fmt=marker, color=color, ms=11 if marker == "*" else 7,
+                        yerr=[low, err], fmt=marker, color=color, ms=11 if marker == "*" else 7,
                         capsize=3, label=role, zorder=3)
         span = (max(v.value for _, v in pts) - min(v.value for _, v in pts)) or 1.0
         placed: list[tuple[int, float]] = []  # labels of models at (nearly) the same point are stacked
@@ -517,7 +520,9 @@ def plot_quality_vs_kv(results: RunResults, path: Path) -> bool:
         arrow = {True: " (higher is better)", False: " (lower is better)"}.get(better, "")
         ax.set_title(f"{task}: {metric}{arrow}", fontsize=9)
         ax.set_xlabel("KV-cache bytes per token")
-        ax.set_ylabel(SHORT_METRIC_NAMES.get(metric, metric))
+        ax.set_ylabel(SHORT_METRIC_NAMES.get(metric, metric) + (" (log scale)" if log else ""))
+        if log:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{results.name}: quality against KV-cache size", fontsize=10)
