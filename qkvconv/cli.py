@@ -564,6 +564,7 @@ def finetune_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation order, data order and dropout.")] = 0,
     distill: Annotated[float, typer.Option("--distill", help="Weight α of KL(teacher ‖ model) in the loss: (1−α)·CE + α·KL (0: plain LM loss, 1: pure distillation).")] = 0.0,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher for --distill (default: the checkpoint MODEL was converted from).")] = None,
+    eval_kl: Annotated[bool, typer.Option("--eval-kl", help="Also log the held-out KL to the original (or --teacher) at every eval, without distilling.")] = False,
     hf_split: Annotated[str, typer.Option("--hf-split", help="Split of an HF dataset --data.")] = "train",
     force: Force = False,
     allow_pickle: AllowPickle = False,
@@ -578,16 +579,17 @@ def finetune_cmd(
         FinetuneOptions, data=data, eval_data=eval_data, train=train, steps=steps, tokens=tokens, seq_len=seq_len,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, seed=seed, precision=precision, eval_every=eval_every, eval_seqs=eval_seqs,
-        save_every=save_every, distill=distill, teacher=teacher, hf_split=hf_split, device=device,
+        save_every=save_every, distill=distill, teacher=teacher, eval_kl=eval_kl, hf_split=hf_split, device=device,
     )
     result = finetune(model, output, options.config(), run_dir=run_dir, resume=resume, control=control,
                       device=options.device, force=force, allow_pickle=allow_pickle, show_progress=True)
     t = Table(title=f"finetune --train {train}: held-out loss", title_justify="left")
-    cols = ("step", "tokens", "loss", "ppl") + (("KL to teacher",) if distill else ())
+    with_kl = bool(distill or eval_kl)
+    cols = ("step", "tokens", "loss", "ppl") + (("KL to teacher",) if with_kl else ())
     for col in cols:
         t.add_column(col, justify="right")
     for row in result.eval_curve:
-        kl = (f"{row['kl']:.4f}",) if distill else ()
+        kl = (f"{row['kl']:.4f}",) if with_kl else ()
         t.add_row(str(row["step"]), f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.3g}", *kl)
     t.caption = (f"{result.trainable_parameters:,} trainable parameters; {result.tokens_per_s:,.0f} tokens/s; "
                  f"curves: {result.run_dir / 'curves.png'}")

@@ -70,6 +70,7 @@ class FinetuneConfig:
     hf_split: str = "train"
     distill: float = 0.0  # weight α of KL(teacher ‖ student): loss = (1 − α)·cross-entropy + α·KL
     teacher: str | None = None  # default with distill: the checkpoint the model was converted from
+    eval_kl: bool = False  # also log the held-out KL to the teacher (the original) at every eval, without distilling
 
 
 @dataclass
@@ -355,8 +356,9 @@ def evaluate_loss(model, windows: torch.Tensor, batch_size: int, device: torch.d
 
 
 def load_teacher(model: str | Path, cfg: FinetuneConfig, vocab_size: int, device: torch.device, allow_pickle: bool):
-    """The frozen model whose next-token distributions --distill matches (default: MODEL's original source)."""
-    path = cfg.teacher or original_source(model)
+    """The frozen model whose next-token distributions --distill matches and --eval-kl measures the distance to
+    (default: MODEL's original source; for --eval-kl on an unconverted model, MODEL as it starts)."""
+    path = cfg.teacher or (str(model) if not cfg.distill and not _has_history(model) else original_source(model))
     teacher = load(resolve_source(path, allow_pickle=allow_pickle), dtype=torch.float32, allow_pickle=allow_pickle)
     net = teacher.model.to(device).eval()
     if net.config.vocab_size != vocab_size:
@@ -364,6 +366,10 @@ def load_teacher(model: str | Path, cfg: FinetuneConfig, vocab_size: int, device
     for p in net.parameters():
         p.requires_grad_(False)
     return net
+
+
+def _has_history(model: str | Path) -> bool:
+    return Path(model).is_dir() and bool((read_record(model) or {}).get("history"))
 
 
 def original_source(model: str | Path) -> str:
@@ -403,8 +409,8 @@ def finetune(
         raise QkvconvError(f"--precision must be fp32 or bf16, not {cfg.precision!r}")
     if not 0.0 <= cfg.distill <= 1.0:
         raise QkvconvError(f"--distill {cfg.distill}: the KL weight must be between 0 and 1")
-    if cfg.teacher is not None and not cfg.distill:
-        raise QkvconvError("--teacher is only used with --distill")
+    if cfg.teacher is not None and not (cfg.distill or cfg.eval_kl):
+        raise QkvconvError("--teacher is only used with --distill or --eval-kl")
     if control and cfg.distill:
         raise QkvconvError("--control with --distill would distil the original into itself; compare with the teacher")
     if control:
@@ -434,7 +440,7 @@ def finetune(
         p.requires_grad_(n in names)
     params = [p for n, p in net.named_parameters() if n in names]
     n_trainable = sum(p.numel() for p in params)
-    teacher = load_teacher(model, cfg, net.config.vocab_size, dev, allow_pickle) if cfg.distill else None
+    teacher = load_teacher(model, cfg, net.config.vocab_size, dev, allow_pickle) if cfg.distill or cfg.eval_kl else None
 
     per_step = cfg.batch_size * cfg.grad_accum * dist.world  # windows per optimizer step
     steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.tokens / (per_step * cfg.seq_len)))
@@ -512,7 +518,7 @@ def finetune(
                 with (nullcontext() if sync else train_model.no_sync()), autocast():
                     out = train_model(input_ids=x, labels=x)
                     loss = out.loss
-                    if teacher is not None:
+                    if cfg.distill:
                         with torch.no_grad():
                             target = teacher(input_ids=x).logits
                         loss = (1 - cfg.distill) * loss + cfg.distill * kl_to_teacher(out.logits, target)

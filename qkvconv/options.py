@@ -190,6 +190,7 @@ class FinetuneOptions(Options):
     seed: int = 0
     distill: float = Field(0.0, ge=0, le=1)
     teacher: Optional[str] = None
+    eval_kl: bool = False
     hf_split: str = "train"
     device: str = "auto"
 

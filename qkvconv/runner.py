@@ -126,8 +126,10 @@ def make_plan(recipe: Recipe, *, base_id: str | None = None) -> Plan:
     def heal_step(name: str, source_key: str, heal: FinetuneOptions, control: bool) -> str:
         options = heal.model_dump(mode="json") | {"device": heal.device if "device" in heal.model_fields_set
                                                    else device}
+        eval_kl = heal.eval_kl if "eval_kl" in heal.model_fields_set else True  # a run's heal curves show KL
         options = {**options, "data": _expand(options["data"]), "eval_data": _expand(options["eval_data"]),
-                   "teacher": _expand(options["teacher"]) or (base if heal.distill else None)}
+                   "eval_kl": eval_kl,
+                   "teacher": _expand(options["teacher"]) or (base if heal.distill or eval_kl else None)}
         return add(Step("finetune", name, options, [source_key], title=f"heal {name}" + (" (control)" * control)))
 
     def eval_step(name: str, source_key: str) -> str:

@@ -230,6 +230,20 @@ def test_distill_pulls_a_share_kv_model_towards_its_original(tiny_models, corpus
     assert abs(same.eval_curve[0]["kl"]) < 1e-6
 
 
+def test_eval_kl_logs_the_distance_to_the_original_without_distilling(tiny_models, corpus, tmp_path):
+    """--eval-kl: the held-out KL to the original is logged at every eval while the loss stays the LM loss; on an
+    unconverted model the original is the model as it starts (KL 0 at step 0, then it drifts away); the weights are
+    those of the same run without --eval-kl."""
+    plain = finetune(tiny_models["llama"], None, cfg(corpus, train="attention"), run_dir=tmp_path / "plain")
+    with_kl = finetune(tiny_models["llama"], tmp_path / "ft", cfg(corpus, train="attention", eval_kl=True),
+                       run_dir=tmp_path / "kl")
+    kls = [row["kl"] for row in with_kl.eval_curve]
+    print(f"held-out KL of the healed model to its start: {kls}")
+    assert abs(kls[0]) < 1e-6 and kls[-1] > 1e-4
+    assert [r["loss"] for r in with_kl.eval_curve] == [r["loss"] for r in plain.eval_curve]
+    assert all("kl" not in r for r in plain.eval_curve)
+
+
 @pytest.mark.parametrize("kw,match", [({"distill": 1.5}, "between 0 and 1"), ({"teacher": "x"}, "only used with"),
                                       ({"distill": 1.0, "control": True}, "distil the original into itself")])
 def test_distill_bad_options(tiny_models, corpus, tmp_path, kw, match):
