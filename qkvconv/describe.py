@@ -41,12 +41,13 @@ def attached_parameters(model) -> dict[str, int]:
 
 def kv_cache_bytes_per_token(config, spec, dtype: torch.dtype) -> int:
     """Bytes the KV cache holds per generated token: keys and values of every layer, by each layer's mode
-    (share-kv: a K=V layer stores one tensor, "kv_heads" pooled heads)."""
+    (share-kv: a K=V layer stores one tensor, "kv_heads" pooled heads; latent-kv: "kv_latent" rank r values)."""
     dims = dims_of(config, spec)
     block = qkvconv_block(config)
     modes = block["layers"] if block else [{}] * dims.num_hidden_layers
     per_token = sum(
-        (1 if m.get("kv") == "shared" else 2) * m.get("kv_heads", dims.num_key_value_heads) * dims.head_dim
+        m["kv_latent"]["rank"] if "kv_latent" in m
+        else (1 if m.get("kv") == "shared" else 2) * m.get("kv_heads", dims.num_key_value_heads) * dims.head_dim
         for m in modes
     )
     return per_token * torch.empty((), dtype=dtype).element_size()
@@ -61,6 +62,8 @@ def layer_modes(config) -> list[str] | None:
     for m in block["layers"]:
         shared = [x for x, on in (("q=k", m.get("qk") == "shared"), ("k=v", m.get("kv") == "shared")) if on]
         words = ["q=k=v" if len(shared) == 2 else (shared[0] if shared else "qkv")]
+        if "kv_latent" in m:
+            words = [f"kv latent rank {m['kv_latent']['rank']}"]
         if "kv_heads" in m:
             words.append(f"kv_heads {m['kv_heads']}")
         if "pos2d" in m:

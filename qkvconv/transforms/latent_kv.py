@@ -191,7 +191,7 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
                 removed.append(key)
     removed = [key for key in removed if key not in out]
     entry = {"query": "projection", "attn_input": "norm", "kv_latent": {"rank": r}}
-    return LayerResult(out, removed, entry, {"latent": {"rank": r, "group_ranks": ranks, "kept_energy": kept}})
+    return LayerResult(out, removed, entry, {"fit": {"rank": r, "group_ranks": ranks, "kept_energy": kept}})
 
 
 def kv_cache_ratio(ranks: list[int], dims: Dims) -> float:
