@@ -89,8 +89,8 @@ def describe(loaded: Loaded) -> dict:
     dtype = next(model.parameters()).dtype
     identity_query = bool(block) and any(layer["query"] == "identity" for layer in block["layers"])
     square = dims.q_size == dims.hidden_size
-    shared = bool(block) and any({"kv", "qk", "kv_heads"} & set(layer) for layer in block["layers"])
-    if shared:  # share-kv layers keep no stock q/k/v weights to read
+    shared = bool(block) and any({"kv", "qk", "kv_heads", "kv_latent"} & set(layer) for layer in block["layers"])
+    if shared:  # share-kv and latent-kv layers keep no stock q/k/v weights to read
         cond = _summary([float("nan")] * dims.num_hidden_layers)
     else:
         cond = _summary([1.0] * dims.num_hidden_layers if identity_query else wq_condition(sd, spec, dims))
@@ -99,7 +99,7 @@ def describe(loaded: Loaded) -> dict:
         for k in sd
     )
     if shared:
-        exact = {"applies": False, "why": "share-kv layers: absorb-query needs stock projections"}
+        exact = {"applies": False, "why": "share-kv / latent-kv layers: absorb-query needs stock projections"}
     elif identity_query:
         exact = {"applies": False, "why": "the query is already the identity"}
     elif not square:
