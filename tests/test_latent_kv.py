@@ -240,3 +240,30 @@ def test_cli_latent_kv_and_recipe_step(tiny_models, tmp_path):
     bad = runner.invoke(app, ["latent-kv", str(tiny_models["qwen2"]), "-o", str(tmp_path / "bad"), "--kv-rank", "0"])
     assert bad.exit_code == 1 and "--kv-rank" in bad.output and not (tmp_path / "bad").exists()
     assert TRANSFORMS["latent-kv"](kv_rank=192).kv_rank == 192  # a recipe's `- latent-kv: {kv_rank: 192}`
+
+
+# ------------------------------------------------------------------------------------------------- heal
+def test_finetune_new_trains_only_the_latent_projections_and_lowers_the_loss(tiny_models, tmp_path):
+    import random
+
+    from safetensors.torch import load_file
+
+    from qkvconv.finetune import FinetuneConfig, finetune
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat and the dog ran to the park while small birds sang".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(400)))
+    latent_kv_checkpoint(tiny_models["llama"], tmp_path / "r8", kv_rank=8, **FAST)
+    res = finetune(tmp_path / "r8", tmp_path / "healed", FinetuneConfig(
+        data=str(corpus), train="new", steps=8, seq_len=32, batch_size=4, lr=1e-2, eval_every=4, eval_seqs=4,
+        save_every=0))
+    print(f"latent rank 8, --train new: held-out {res.first_eval:.4f} -> {res.last_eval:.4f}")
+    assert res.last_eval < res.first_eval
+    before, after = load_file(tmp_path / "r8" / "model.safetensors"), load_file(tmp_path / "healed" / "model.safetensors")
+    moved = {k for k in after if not torch.equal(before[k], after[k])}
+    assert moved and all(any(m in k for m in (".kv_a_proj.", ".k_b_proj.", ".v_b_proj.")) for k in moved)
+    model, tok = qkvconv.load(tmp_path / "healed")
+    per_token = kv_cache_bytes_per_token(model.config, spec_for(model.config.model_type), torch.float32)
+    assert per_token == 8 * 2 * 4
+    _check_cached_equals_uncached(model, tok(["the cat"], return_tensors="pt").input_ids, 4, per_token)
