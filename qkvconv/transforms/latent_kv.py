@@ -107,12 +107,13 @@ def _split_even(rank: int, groups: int) -> list[int]:
     return [rank // groups + (j < rank % groups) for j in range(groups)]
 
 
-def allocate_ranks(spectra: list[list[torch.Tensor]], kv_rank: int, min_rank: int | None = None) -> list[list[int]]:
+def allocate_ranks(spectra: list[list[torch.Tensor]], kv_rank: int, min_rank: int | None = None,
+                   relative: bool = True) -> list[list[int]]:
     """Greedy rank allocation across layers (and groups): L·kv_rank ranks in all, each layer ≥ min_rank (default
     MIN_RANK_FRACTION·kv_rank, split over its groups), then every further rank goes where it removes the most of its
     layer's relative K/V error, σ_j² / Σ σ² of that layer. Within a group σ_j² does not increase with j, so taking
     the largest marginal reductions one by one is the same as taking the largest remaining ones at once (a heap).
-    Returns ranks[layer][group]."""
+    relative=False: σ_j² as is (the summed, not relative, K/V error). Returns ranks[layer][group]."""
     n_layers, groups = len(spectra), len(spectra[0])
     total = n_layers * kv_rank
     caps = [[len(s) for s in layer] for layer in spectra]
@@ -120,7 +121,7 @@ def allocate_ranks(spectra: list[list[torch.Tensor]], kv_rank: int, min_rank: in
         raise TransformError(f"--kv-rank {kv_rank} exceeds the layers' full rank")
     floor = max(groups, round(MIN_RANK_FRACTION * kv_rank) if min_rank is None else min_rank)
     ranks = [[min(f, c) for f, c in zip(_split_even(min(floor, kv_rank), groups), cap)] for cap in caps]
-    energy = [float(sum(s.sum() for s in layer)) or 1.0 for layer in spectra]
+    energy = [(float(sum(s.sum() for s in layer)) or 1.0) if relative else 1.0 for layer in spectra]
     heap = [(-float(spectra[l][g][ranks[l][g]]) / energy[l], l, g) for l in range(n_layers) for g in range(groups)
             if ranks[l][g] < caps[l][g]]
     heapq.heapify(heap)
