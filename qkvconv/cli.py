@@ -649,7 +649,7 @@ def latent_kv(
     output: Output,
     kv_rank: Annotated[int, typer.Option("--kv-rank", help="Average latent size per layer (the cache holds it instead of 2 × KV heads × head_dim).", show_default=False)],
     groups: Annotated[int, typer.Option("--groups", help="One latent per group of KV heads (divides the KV heads).")] = 1,
-    rank_allocation: Annotated[str, typer.Option("--rank-allocation", help="greedy (by each layer's whitened spectrum) | uniform.")] = "greedy",
+    rank_allocation: Annotated[str, typer.Option("--rank-allocation", help="uniform (every layer --kv-rank) | greedy (by each layer's whitened K/V spectrum; measured worse than uniform on SmolLM2).")] = "uniform",
     calib: Calib = None,
     num_seqs: Annotated[Optional[int], typer.Option("--num-seqs", help="Calibration sequences (default 40, 1 in 5 held out).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Calibration sequence length (default 256).")] = None,

@@ -122,7 +122,7 @@ class LatentKvOptions(ConvertOptions):
     transform: ClassVar[str] = "latent-kv"
     kv_rank: int = Field(ge=1)
     groups: int = Field(1, ge=1)
-    rank_allocation: Literal["uniform", "greedy"] = "greedy"
+    rank_allocation: Literal["uniform", "greedy"] = "uniform"  # greedy: measured worse on SmolLM2 (convert.py)
 
     def _library(self):
         from qkvconv.convert import latent_kv_checkpoint
