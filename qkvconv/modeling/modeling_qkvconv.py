@@ -667,7 +667,7 @@ def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dic
     norms = [layer.get_submodule(p) if _has_module(layer, p) else None for p in paths.get("qk_norm") or []]
     q_norm, k_norm = (norms + [None, None])[:2]
     new = cls(old, model.config, i, spec, rotary, getattr(qkv, "bias", None) is not None,
-                                    getattr(o, "bias", None) is not None, q_norm, k_norm)
+              getattr(o, "bias", None) is not None, q_norm, k_norm)
     new.norm_over_heads = paths.get("qk_norm_scope") == "projection"
     _set_module(layer, paths["attn"], new)
 
