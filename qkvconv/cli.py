@@ -14,7 +14,7 @@ from rich.table import Table
 
 from qkvconv.errors import QkvconvError, interrupted_by
 from qkvconv.options import (AbsorbQueryOptions, AttachPreprojOptions, AttachQueryMlpOptions, EvalOptions,
-                             FinetuneOptions, ShareKvOptions)
+                             FinetuneOptions, LatentKvOptions, ShareKvOptions)
 
 app = typer.Typer(
     name="qkvconv",
@@ -426,7 +426,9 @@ def verification_table(report) -> Table:
     if report.error is None:
         return _unverified_table(report)
     e, cond = report.error, [c for c in report.wq_condition if c == c]
-    t = Table(title=f"{report.transform} --mode {report.options['mode']}: verification", title_justify="left")
+    how = (f"--mode {report.options['mode']}" if "mode" in report.options
+           else f"--kv-rank {report.options['kv_rank']}" if "kv_rank" in report.options else "")
+    t = Table(title=f"{report.transform} {how}: verification", title_justify="left")
     for col in ("max |Δlogit|", "mean |Δlogit|", "max rel", "KL (nats/token)", "top-1 agree", "cond(W_Q) min/med/max"):
         t.add_column(col, justify="right")
     t.add_row(f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.max_rel:.3g}", f"{e.kl:.3g}", f"{100 * e.top1_agreement:.2f}%",
@@ -637,6 +639,45 @@ def share_kv(
     if export == "stock" and report.options["mode"] in ("k=v", "q=k=v"):
         out.print("[yellow]--export stock duplicates the shared weights: the stock cache stores K and V, "
                   "so there is no K=V cache saving[/]")
+    out.print(f"wrote [bold]{report.output}[/]")
+
+
+# ---------------------------------------------------------------------------------------- latent-kv (issue #16)
+@app.command("latent-kv")
+@command
+@uses(LatentKvOptions, invocation=CONVERT_INVOCATION)
+def latent_kv(
+    model: Model,
+    output: Output,
+    kv_rank: Annotated[int, typer.Option("--kv-rank", help="Average latent size per layer (the cache holds it instead of 2 × KV heads × head_dim).", show_default=False)],
+    groups: Annotated[int, typer.Option("--groups", help="One latent per group of KV heads (divides the KV heads).")] = 1,
+    rank_allocation: Annotated[str, typer.Option("--rank-allocation", help="uniform (every layer --kv-rank) | greedy (by each layer's whitened K/V spectrum; measured worse than uniform on SmolLM2).")] = "uniform",
+    calib: Calib = None,
+    num_seqs: Annotated[Optional[int], typer.Option("--num-seqs", help="Calibration sequences (default 40, 1 in 5 held out).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Calibration sequence length (default 256).")] = None,
+    dtype: OutDtype = "auto",
+    seed: Seed = 0,
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+    verify: Verify = True,
+    decode_check: DecodeCheck = "auto",
+    device: ConvDevice = "cpu",
+    dry_run: DryRun = False,
+) -> None:
+    """Replace each layer's keys and values by one low-rank latent, the only thing cached (METHODS.md §6); write OUTPUT."""
+    options = _options(LatentKvOptions, kv_rank=kv_rank, groups=groups, rank_allocation=rank_allocation,
+                       calib=_calib(calib), num_seqs=num_seqs, seq_len=seq_len, dtype=dtype, seed=seed, verify=verify,
+                       decode_check=decode_check, device=device)
+    report = _conversion(options, model, output, dry_run=dry_run, force=force, allow_pickle=allow_pickle)
+    if dry_run:
+        out.print(dry_run_table(report))
+        return
+    out.print(verification_table(report))
+    ranks = report.options["kv_ranks"]
+    out.print(f"ranks per layer ({report.options['rank_allocation']}, mean {sum(ranks) / len(ranks):g}): "
+              f"{' '.join(map(str, ranks))}")
+    kv = report.options["kv_cache_bytes_per_token"]
+    out.print(f"KV cache: {kv['before']:,} → {kv['after']:,} bytes/token ({kv['after'] / kv['before']:.1%})")
     out.print(f"wrote [bold]{report.output}[/]")
 
 

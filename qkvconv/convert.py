@@ -24,6 +24,7 @@ from qkvconv.modeling import FORMAT
 from qkvconv.modeling.modeling_qkvconv import restore_folded, to_dtype_keeping_folded
 from qkvconv.transforms.absorb_query import absorb_query_layer
 from qkvconv.transforms.attach import attach_preproj_layer, attach_query_mlp_layer, stock_layers
+from qkvconv.transforms.latent_kv import latent_kv_layer
 from qkvconv.transforms.share_kv import share_kv_layer
 from qkvconv.stream import folded_dtypes
 from qkvconv.verify import DecodeCheck, Exactness, LogitError, calibration_ids, decode_check
@@ -209,12 +210,14 @@ def _pipeline(
     calibrate: bool = False, held_out: bool = False, refuse: Callable | None = None,
     config_for: Callable | None = None, details: Callable | None = None,
     finish: Callable | None = None, max_shard_bytes: int | None = None, dry_run: bool = False,
+    prepare: Callable | None = None,
 ) -> Report:
     """One conversion: open (headers and checks), calibration ids, stream (transform, verify, write), exactness and
     decode checks, record; nothing is left at `output` unless every check passed.
 
     layer_fn(plan, sd64, i, attn_input) -> LayerResult. calibrate: the transform needs each layer's attention
-    inputs (fitted on 4 of every 5 sequences when held_out, verified on the 5th)."""
+    inputs (fitted on 4 of every 5 sequences when held_out, verified on the 5th). prepare(plan, ids, calib_rows,
+    dtype): runs once after calibration, before the first layer is transformed (latent-kv's first pass)."""
     from qkvconv.checkpoint import DEFAULT_SHARD_BYTES
     from qkvconv.stream import atomic_output, open_plan, stream_convert
 
@@ -253,6 +256,9 @@ def _pipeline(
     config_for = config_for or (lambda entries: _converted(plan, entries, dtype))
 
     def run(tmp: Path | None) -> Report:
+        if prepare is not None:
+            with _timed(t, "prepare", progress):
+                prepare(plan, ids, calib_rows, dtype)
         with _timed(t, "convert", progress):
             streamed = stream_convert(
                 plan, tmp, lambda sd, i, x: layer_fn(plan, sd, i, x), dtype=dtype, config_for=config_for,
@@ -690,4 +696,96 @@ def share_kv_checkpoint(
         force=force, allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device,
         calibrate=init == "calibrated", held_out=init == "calibrated", refuse=refuse, config_for=config_for,
         details=lambda r: {"calibrated_fit": r.fit}, finish=finish, dry_run=dry_run,
+    )
+
+
+# ------------------------------------------------------------------------------------------ latent-kv
+def latent_kv_checkpoint(
+    model: str | Path,
+    output: str | Path | None,
+    *,
+    kv_rank: int,
+    groups: int = 1,
+    rank_allocation: str = "uniform",
+    calib: Path | None = None,
+    num_seqs: int | None = None,
+    seq_len: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+    verify: bool = True,
+    decode: str = "auto",
+    device: str = "cpu",
+    dry_run: bool = False,
+) -> Report:
+    """latent-kv on a checkpoint (METHODS.md §6; lossy below full rank: reported, never refused), streamed layer by
+    layer, written to `output` unless it is None. kv_rank: the average latent size per layer.
+
+    Calibration: num_seqs×seq_len tokens (default 40×256), fitted on 4 of every 5 sequences, the error reported on
+    the 5th. rank_allocation "uniform" gives every layer kv_rank (the default: on SmolLM2-135M the greedy allocation
+    below gave a higher held-out KL at ranks 192 and 128, bench/bench_latent_kv_allocation.py); "greedy" needs every layer's spectrum before the first layer is written: a first pass
+    streams the original's layers over the fitting sequences and keeps only each layer's whitened singular values
+    (nothing is written, no layer held beyond its own turn).
+    """
+    from qkvconv.describe import kv_cache_bytes_per_token
+    from qkvconv.stream import stream_convert
+    from qkvconv.transforms.attach import stock_layers
+    from qkvconv.transforms.latent_kv import (ALLOCATIONS, allocate_ranks, check_latent_options, kept_energy,
+                                              layer_spectrum, uniform_ranks)
+    from qkvconv.transforms.layer import LayerResult
+
+    if rank_allocation not in ALLOCATIONS:
+        raise TransformError(f"unknown --rank-allocation {rank_allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+    num_seqs, seq_len = num_seqs or 40, seq_len or 256
+    state: dict = {}
+
+    def refuse(config, source):
+        _refuse_converted(config, source)
+        spec = spec_for(config.model_type)
+        dims = dims_of(config, spec)
+        check_latent_options(spec, dims, kv_rank, groups)  # before calibration
+        state["ranks"] = uniform_ranks(dims.num_hidden_layers, kv_rank, groups)  # (dry run: no spectra)
+
+    def prepare(plan, ids, calib_rows, dtype):
+        if rank_allocation == "uniform":
+            return
+        spectra: list = []
+
+        def spectrum(sd, i, attn_input):  # the original's layer i: its spectrum only, the layer unchanged
+            spectra.append(layer_spectrum(sd, plan.spec, plan.dims, i, attn_input, groups))
+            return LayerResult({}, [], stock_layers(plan.dims)[i])
+
+        stream_convert(plan, None, spectrum, dtype=dtype, config_for=lambda entries: _converted(plan, entries, dtype),
+                       ids=ids, verify_rows=[], calib_rows=calib_rows, device=device)
+        state["ranks"] = allocate_ranks(spectra, kv_rank)
+        state["spectra"] = spectra
+
+    def layer(plan, sd, i, attn_input):
+        return latent_kv_layer(sd, plan.spec, plan.dims, i, state["ranks"][i], attn_input, groups)
+
+    def finish(report, plan):
+        out_dtype = getattr(torch, report.options["dtype"])
+        ranks = [sum(r) for r in state["ranks"]]
+        report.options["kv_ranks"] = ranks
+        report.options["kv_cache_bytes_per_token"] = {
+            "before": kv_cache_bytes_per_token(plan.config, plan.spec, out_dtype),
+            "after": kv_cache_bytes_per_token(report.converted_config, plan.spec, out_dtype),
+        }
+
+    def details(report):
+        return {"kv_ranks": report.options["kv_ranks"], "rank_allocation": rank_allocation, "groups": groups,
+                "group_ranks": [x["group_ranks"] for x in report.fit],
+                "kept_energy": [x["kept_energy"] for x in report.fit],
+                "kv_cache_bytes_per_token": report.options["kv_cache_bytes_per_token"]}
+
+    return _pipeline(
+        model, output, name="latent-kv",
+        options={"kv_rank": kv_rank, "groups": groups, "rank_allocation": rank_allocation,
+                 "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed},
+        layer_fn=layer, exact=False, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=dtype,
+        force=force, allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device,
+        calibrate=True, held_out=True, refuse=refuse, details=details, finish=finish, dry_run=dry_run,
+        prepare=prepare,
     )

@@ -41,12 +41,13 @@ def attached_parameters(model) -> dict[str, int]:
 
 def kv_cache_bytes_per_token(config, spec, dtype: torch.dtype) -> int:
     """Bytes the KV cache holds per generated token: keys and values of every layer, by each layer's mode
-    (share-kv: a K=V layer stores one tensor, "kv_heads" pooled heads)."""
+    (share-kv: a K=V layer stores one tensor, "kv_heads" pooled heads; latent-kv: "kv_latent" rank r values)."""
     dims = dims_of(config, spec)
     block = qkvconv_block(config)
     modes = block["layers"] if block else [{}] * dims.num_hidden_layers
     per_token = sum(
-        (1 if m.get("kv") == "shared" else 2) * m.get("kv_heads", dims.num_key_value_heads) * dims.head_dim
+        m["kv_latent"]["rank"] if "kv_latent" in m
+        else (1 if m.get("kv") == "shared" else 2) * m.get("kv_heads", dims.num_key_value_heads) * dims.head_dim
         for m in modes
     )
     return per_token * torch.empty((), dtype=dtype).element_size()
@@ -61,6 +62,8 @@ def layer_modes(config) -> list[str] | None:
     for m in block["layers"]:
         shared = [x for x, on in (("q=k", m.get("qk") == "shared"), ("k=v", m.get("kv") == "shared")) if on]
         words = ["q=k=v" if len(shared) == 2 else (shared[0] if shared else "qkv")]
+        if "kv_latent" in m:
+            words = [f"kv latent rank {m['kv_latent']['rank']}"]
         if "kv_heads" in m:
             words.append(f"kv_heads {m['kv_heads']}")
         if "pos2d" in m:
@@ -86,8 +89,8 @@ def describe(loaded: Loaded) -> dict:
     dtype = next(model.parameters()).dtype
     identity_query = bool(block) and any(layer["query"] == "identity" for layer in block["layers"])
     square = dims.q_size == dims.hidden_size
-    shared = bool(block) and any({"kv", "qk", "kv_heads"} & set(layer) for layer in block["layers"])
-    if shared:  # share-kv layers keep no stock q/k/v weights to read
+    shared = bool(block) and any({"kv", "qk", "kv_heads", "kv_latent"} & set(layer) for layer in block["layers"])
+    if shared:  # share-kv and latent-kv layers keep no stock q/k/v weights to read
         cond = _summary([float("nan")] * dims.num_hidden_layers)
     else:
         cond = _summary([1.0] * dims.num_hidden_layers if identity_query else wq_condition(sd, spec, dims))
@@ -96,7 +99,7 @@ def describe(loaded: Loaded) -> dict:
         for k in sd
     )
     if shared:
-        exact = {"applies": False, "why": "share-kv layers: absorb-query needs stock projections"}
+        exact = {"applies": False, "why": "share-kv / latent-kv layers: absorb-query needs stock projections"}
     elif identity_query:
         exact = {"applies": False, "why": "the query is already the identity"}
     elif not square:

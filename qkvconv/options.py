@@ -116,6 +116,22 @@ class ShareKvOptions(ConvertOptions):
                                          **self._common())
 
 
+class LatentKvOptions(ConvertOptions):
+    """latent-kv (METHODS.md §6): kv_rank is the average latent size per layer; num_seqs/seq_len None = 40×256."""
+
+    transform: ClassVar[str] = "latent-kv"
+    kv_rank: int = Field(ge=1)
+    groups: int = Field(1, ge=1)
+    rank_allocation: Literal["uniform", "greedy"] = "uniform"  # greedy: measured worse on SmolLM2 (convert.py)
+
+    def _library(self):
+        from qkvconv.convert import latent_kv_checkpoint
+
+        return latent_kv_checkpoint, dict(kv_rank=self.kv_rank, groups=self.groups,
+                                          rank_allocation=self.rank_allocation, num_seqs=self.num_seqs,
+                                          seq_len=self.seq_len, **self._common())
+
+
 class AttachQueryMlpOptions(ConvertOptions):
     """attach-query-mlp (METHODS.md §2)."""
 
@@ -162,6 +178,7 @@ class AttachPreprojOptions(ConvertOptions):
 TRANSFORMS: dict[str, type[ConvertOptions]] = {
     "absorb-query": AbsorbQueryOptions,
     "share-kv": ShareKvOptions,
+    "latent-kv": LatentKvOptions,
     "attach-query-mlp": AttachQueryMlpOptions,
     "attach-preproj": AttachPreprojOptions,
 }

@@ -11,7 +11,7 @@ Config block (config.json, key "qkvconv"):
      "paths": {"layers": ..., "attn_norm": ..., "q_proj": ..., "fused_qkv": ..., "qkv_layout": ...},
      "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "attn_affine" | "norm",
                  optional share-kv keys: "kv": "shared", "qk": "shared", "kv_heads": N,
-                 "pos2d": {"channels": p} (q=k only)}, ...]}
+                 "pos2d": {"channels": p} (q=k only); latent-kv: "kv_latent": {"rank": r}}, ...]}
     "folded_dtype": "float64" (absorb-query: the folded maps kept at that precision, see keep_folded),
     optional per-layer keys: "query_mlp": {"size", "rank", "act"} (QueryMLP on the q projection),
     "preproj": {"size", "inner", "expansion", "skip", optional "on": "attention"} (PreProj on attn_norm, or on the
@@ -589,6 +589,11 @@ class SharedProjectionAttention(nn.Module):
             k = self._rotate(self._norm(self.k_norm, k), past)
             v = heads(self.v_proj(hidden_states))
             k_all, v_all = cache.update(k, v, self.layer_idx) if cache is not None else (k, v)
+        return self._attend(q, k_all, v_all, attention_mask, past, kwargs)
+
+    def _attend(self, q, k_all, v_all, attention_mask, past: int, kwargs: dict):
+        """The family's attention kernel over all keys/values (with pos2d and sinks), then o_proj."""
+        B, _, T, _ = q.shape
         if hasattr(self, "pos2d"):
             bias = self.pos2d.key_bias(0, k_all.shape[-2], q.device, q.dtype)
             attention_mask = _with_bias(attention_mask, bias, T, past, q.dtype)
@@ -602,8 +607,51 @@ class SharedProjectionAttention(nn.Module):
         return self.o_proj(out.reshape(B, T, -1).contiguous()), weights
 
 
-def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dict, paths: dict) -> None:
-    """Replace layer i's attention block with SharedProjectionAttention (share-kv layer keys)."""
+class LatentKVAttention(SharedProjectionAttention):
+    """Attention whose KV cache holds one low-rank latent per token (latent-kv, METHODS.md §6).
+
+    Layer key "kv_latent": {"rank": r}. c = h·A (kv_a_proj, d → r, no bias) is all the cache stores: (B, 1, T, r) in
+    the key slot, a zero-width tensor in the value slot. At every step, over all cached positions:
+        keys = RoPE(k_norm(c·B_K + b_K))   (k_b_proj; rebuilt, THEN rotated at absolute cache indices)
+        values = c·B_V + b_V               (v_b_proj)
+    Queries, the kernel, scaling, soft-capping, sliding window and sinks are the family's, as in
+    SharedProjectionAttention.
+    """
+
+    def __init__(self, old: nn.Module, config, layer_idx: int, spec: dict, rotary, qkv_bias: bool, o_bias: bool,
+                 q_norm: nn.Module | None, k_norm: nn.Module | None):
+        super().__init__(old, config, layer_idx, {}, rotary, qkv_bias, o_bias, q_norm, k_norm)
+        d, N, dh, r = config.hidden_size, self.kv_heads, self.head_dim, spec["kv_latent"]["rank"]
+        del self.k_proj, self.v_proj
+        self.rank = r
+        self.kv_a_proj = nn.Linear(d, r, bias=False)  # A: c = h·A
+        self.k_b_proj = nn.Linear(r, N * dh, bias=qkv_bias)  # B_K
+        self.v_b_proj = nn.Linear(r, N * dh, bias=qkv_bias)  # B_V
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        cache = take_cache(kwargs)
+        self.cache_seen = cache is not None
+        for k in ("position_embeddings", "position_ids", "use_cache", "output_attentions"):
+            kwargs.pop(k, None)
+        B, T, _ = hidden_states.shape
+
+        def heads(x):  # (B, S, n·dh) -> (B, n, S, dh)
+            return x.view(B, x.shape[1], -1, self.head_dim).transpose(1, 2)
+
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        q = self._rotate(self._norm(self.q_norm, heads(self.q_proj(hidden_states))), past)
+        c = self.kv_a_proj(hidden_states)[:, None]  # (B, 1, T, r): the only tensor cached
+        c_all = cache.update(c, c[..., :0], self.layer_idx)[0][:, 0] if cache is not None else c[:, 0]  # (B, S, r)
+        first = past + T - c_all.shape[-2]  # > 0 where a sliding-window cache dropped the oldest tokens
+        k_all = self._rotate(self._norm(self.k_norm, heads(self.k_b_proj(c_all))), first)
+        v_all = heads(self.v_b_proj(c_all))
+        return self._attend(q, k_all, v_all, attention_mask, past, kwargs)
+
+
+def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dict, paths: dict,
+                           cls: type = SharedProjectionAttention) -> None:
+    """Replace layer i's attention block with SharedProjectionAttention (share-kv layer keys), or `cls`
+    (LatentKVAttention for latent-kv layers)."""
     old = layer.get_submodule(paths["attn"])
     qkv = layer.get_submodule(paths["q_proj"] if paths["qkv_layout"] == "separate" else paths["fused_qkv"])
     o = layer.get_submodule(paths["o_proj"])
@@ -618,8 +666,8 @@ def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dic
         rotary = None
     norms = [layer.get_submodule(p) if _has_module(layer, p) else None for p in paths.get("qk_norm") or []]
     q_norm, k_norm = (norms + [None, None])[:2]
-    new = SharedProjectionAttention(old, model.config, i, spec, rotary, getattr(qkv, "bias", None) is not None,
-                                    getattr(o, "bias", None) is not None, q_norm, k_norm)
+    new = cls(old, model.config, i, spec, rotary, getattr(qkv, "bias", None) is not None,
+              getattr(o, "bias", None) is not None, q_norm, k_norm)
     new.norm_over_heads = paths.get("qk_norm_scope") == "projection"
     _set_module(layer, paths["attn"], new)
 
@@ -645,7 +693,9 @@ def apply_qkvconv_layout(model: nn.Module, block: dict) -> None:
     layers = model.get_submodule(paths["layers"])
     d = cfg.hidden_size
     for i, (layer, spec) in enumerate(zip(layers, block["layers"], strict=True)):
-        if "kv" in spec or "qk" in spec or "kv_heads" in spec:
+        if "kv_latent" in spec:
+            _swap_shared_attention(model, layer, i, spec, paths, LatentKVAttention)
+        elif "kv" in spec or "qk" in spec or "kv_heads" in spec:
             _swap_shared_attention(model, layer, i, spec, paths)
         folded = getattr(torch, spec["folded_dtype"]) if spec.get("folded_dtype") else None
         if spec["attn_input"] == "affine":

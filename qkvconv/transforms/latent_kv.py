@@ -1,0 +1,200 @@
+"""latent-kv: one low-rank latent for keys and values (METHODS.md §6; Palu arXiv 2407.21118, MHA2MLA 2502.14837).
+
+K = h·W_K + b_K and V = h·W_V + b_V read the same attention input h, so one latent c = h·A (r values per token)
+can serve both:
+
+    K ≈ c·B_K + b_K,   V ≈ c·B_V + b_V,   keys = RoPE(k_norm(c·B_K + b_K))  (rebuilt from c, THEN rotated)
+
+The cache holds c only (r instead of 2·G·dh values per token and layer); RoPE and the QK-norm act on the rebuilt
+keys as they acted on the original ones, so at full rank r = 2·G·dh the model is the original (up to rounding).
+
+Activation-aware fit, per layer (or per group of KV heads, --groups): with H = hᵀh/n on calibration tokens
+(+ a ridge of RIDGE·tr(H)/d) and H = L·Lᵀ (Cholesky), W = [W_K | W_V] (d × 2·G·dh):
+
+    Lᵀ·W = U·Σ·Vᵀ,   A = L⁻ᵀ·U_r·Σ_r (d × r),   [B_K | B_V] = V_rᵀ (r × 2·G·dh)
+
+minimises E‖h·W − h·A·[B_K | B_V]‖² (Eckart–Young in the whitened space); σ_j² is exactly what rank j removes from
+that error, which the rank allocation across layers uses. Without calibration H = I (plain SVD of W). The biases
+stay on the up-projections, so they are exact at any rank. Groups: each group of G/groups KV heads gets its own
+latent; the latents are concatenated (c = h·[A_1 … A_g]) and B_K, B_V are block-diagonal, so the loader sees one
+dense latent attention whatever the grouping. float64 throughout, one cast at the end.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from qkvconv.archs import ArchSpec, Dims
+from qkvconv.archs.layout import Proj, qkv_keys, read_qkv
+from qkvconv.errors import TransformError
+from qkvconv.transforms.layer import LayerResult, layer_dtype
+from qkvconv.transforms.share_kv import _attn_prefix, _o_key, _put, read_o
+
+ALLOCATIONS = ("uniform", "greedy")
+RIDGE = 1e-6  # relative to the mean eigenvalue tr(H)/d
+MIN_RANK_FRACTION = 0.25  # greedy: every layer keeps at least this share of the average rank
+
+
+def full_rank(dims: Dims, groups: int = 1) -> int:
+    """The largest useful rank of one layer: each group's W is d × 2·(G/groups)·dh."""
+    per_group = 2 * (dims.num_key_value_heads // groups) * dims.head_dim
+    return groups * min(dims.hidden_size, per_group)
+
+
+def check_latent_options(spec: ArchSpec, dims: Dims, kv_rank: int, groups: int = 1) -> None:
+    """Refuse, in one line, a request that does not apply to this model.
+
+    Every family in qkvconv/archs reads K and V from one attention input h, so the latent applies to all of them:
+    QK-norms (per head, per KV head, or over the whole projection), partial RoPE, sinks, soft-capping and sliding
+    windows act on the keys rebuilt from the cached latent at read time, as share-kv's K=V does with S."""
+    G = dims.num_key_value_heads
+    if groups < 1 or G % groups:
+        raise TransformError(f"--groups {groups} must divide the model's {G} key/value heads (try one of "
+                             f"{', '.join(str(n) for n in range(1, G + 1) if G % n == 0)})")
+    top = full_rank(dims, groups)
+    if kv_rank < groups:
+        raise TransformError(f"--kv-rank {kv_rank} is below --groups {groups}: each group needs at least rank 1")
+    if kv_rank > top:
+        raise TransformError(f"--kv-rank {kv_rank} exceeds the full rank {top} of [W_K | W_V] "
+                             f"(2 × {G} heads × {dims.head_dim}): nothing would be saved")
+
+
+# ------------------------------------------------------------------------------------------ the fit
+def _gram(attn_input: torch.Tensor | None, d: int) -> torch.Tensor:
+    """H = hᵀh/n + RIDGE·tr(H)/d·I in float64 (identity without calibration: plain SVD)."""
+    if attn_input is None:
+        return torch.eye(d, dtype=torch.float64)
+    x = attn_input.double().reshape(-1, d)
+    H = x.T @ x / len(x)  # (d, d)
+    return H + RIDGE * H.trace() / d * torch.eye(d, dtype=torch.float64)
+
+
+def _group_weights(k: Proj, v: Proj, dims: Dims, groups: int) -> list[torch.Tensor]:
+    """[W_K | W_V] of each group of KV heads: (d, 2·(G/groups)·dh) each, the group's key columns first."""
+    w = dims.kv_size // groups
+    return [torch.cat([k.W[:, j * w:(j + 1) * w], v.W[:, j * w:(j + 1) * w]], 1) for j in range(groups)]
+
+
+@dataclass
+class _Whitened:
+    """The whitened SVD of one group: Lᵀ·W = U·Σ·Vᵀ, and Lᵀ to undo the whitening."""
+
+    Lt: torch.Tensor  # (d, d) upper triangular
+    U: torch.Tensor  # (d, m)
+    S: torch.Tensor  # (m,)
+    Vh: torch.Tensor  # (m, 2·Gg·dh)
+
+
+def _whiten(H: torch.Tensor, W: torch.Tensor) -> _Whitened:
+    L = torch.linalg.cholesky(H)  # H = L·Lᵀ
+    U, S, Vh = torch.linalg.svd(L.T @ W, full_matrices=False)  # Lᵀ·W = U·Σ·Vᵀ
+    return _Whitened(L.T, U, S, Vh)
+
+
+def layer_spectrum(sd: dict, spec: ArchSpec, dims: Dims, i: int, attn_input: torch.Tensor | None,
+                   groups: int = 1) -> list[torch.Tensor]:
+    """Layer i's whitened squared singular values per group, σ_j² (each (min(d, 2·Gg·dh),), float64): what rank j
+    removes from E‖h·W − h·A·B‖² (their sum is E‖h·[W_K | W_V]‖², the layer's K/V output energy)."""
+    _, k, v = read_qkv(sd, spec, dims, i)
+    H = _gram(attn_input, dims.hidden_size)
+    return [_whiten(H, W).S.pow(2) for W in _group_weights(k, v, dims, groups)]
+
+
+def _split_even(rank: int, groups: int) -> list[int]:
+    return [rank // groups + (j < rank % groups) for j in range(groups)]
+
+
+def allocate_ranks(spectra: list[list[torch.Tensor]], kv_rank: int, min_rank: int | None = None,
+                   relative: bool = True) -> list[list[int]]:
+    """Greedy rank allocation across layers (and groups): L·kv_rank ranks in all, each layer ≥ min_rank (default
+    MIN_RANK_FRACTION·kv_rank, split over its groups), then every further rank goes where it removes the most of its
+    layer's relative K/V error, σ_j² / Σ σ² of that layer. Within a group σ_j² does not increase with j, so taking
+    the largest marginal reductions one by one is the same as taking the largest remaining ones at once (a heap).
+    relative=False: σ_j² as is (the summed, not relative, K/V error). Returns ranks[layer][group]."""
+    n_layers, groups = len(spectra), len(spectra[0])
+    total = n_layers * kv_rank
+    caps = [[len(s) for s in layer] for layer in spectra]
+    if total > sum(map(sum, caps)):
+        raise TransformError(f"--kv-rank {kv_rank} exceeds the layers' full rank")
+    floor = max(groups, round(MIN_RANK_FRACTION * kv_rank) if min_rank is None else min_rank)
+    ranks = [[min(f, c) for f, c in zip(_split_even(min(floor, kv_rank), groups), cap)] for cap in caps]
+    energy = [(float(sum(s.sum() for s in layer)) or 1.0) if relative else 1.0 for layer in spectra]
+    heap = [(-float(spectra[l][g][ranks[l][g]]) / energy[l], l, g) for l in range(n_layers) for g in range(groups)
+            if ranks[l][g] < caps[l][g]]
+    heapq.heapify(heap)
+    for _ in range(total - sum(map(sum, ranks))):
+        _, l, g = heapq.heappop(heap)
+        ranks[l][g] += 1
+        if ranks[l][g] < caps[l][g]:
+            heapq.heappush(heap, (-float(spectra[l][g][ranks[l][g]]) / energy[l], l, g))
+    return ranks
+
+
+def uniform_ranks(n_layers: int, kv_rank: int, groups: int = 1) -> list[list[int]]:
+    return [_split_even(kv_rank, groups) for _ in range(n_layers)]
+
+
+def kept_energy(spectra: list[torch.Tensor], ranks: list[int]) -> float:
+    """The share of the layer's K/V output energy (activation norm) its ranks keep: Σ_{j<r} σ_j² / Σ σ²."""
+    total = sum(float(s.sum()) for s in spectra)
+    return sum(float(s[:r].sum()) for s, r in zip(spectra, ranks)) / total if total else 1.0
+
+
+# ----------------------------------------------------------------------------------------- one layer
+def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, rank: int | list[int],
+                    attn_input: torch.Tensor | None, groups: int = 1) -> LayerResult:
+    """Layer i of latent-kv (the unit the streaming driver calls). rank: the layer's latent size (split evenly over
+    the groups) or one rank per group; attn_input (n, d): the original's attention inputs (None: plain SVD).
+
+    Writes, under the attention block: q_proj, kv_a_proj (A: d → r), k_b_proj (B_K: r → G·dh, b_K),
+    v_b_proj (B_V, b_V), o_proj, and the QK-norms; fused QKV families are split (the block is replaced at load)."""
+    ranks = _split_even(rank, groups) if isinstance(rank, int) else list(rank)
+    check_latent_options(spec, dims, max(sum(ranks), groups), groups)
+    if len(ranks) != groups or min(ranks) < 1:
+        raise TransformError(f"layer {i}: {ranks} is not one positive rank per group ({groups} groups)")
+    dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
+    q, k, v = read_qkv(sd, spec, dims, i)
+    o = read_o(sd, spec, dims, i)
+    H = _gram(attn_input, dims.hidden_size)
+    d, w, r = dims.hidden_size, dims.kv_size // groups, sum(ranks)
+    A = torch.zeros(d, r, dtype=torch.float64)
+    Bk = torch.zeros(r, dims.kv_size, dtype=torch.float64)
+    Bv = torch.zeros(r, dims.kv_size, dtype=torch.float64)
+    kept, start = [], 0
+    for j, (W, rj) in enumerate(zip(_group_weights(k, v, dims, groups), ranks)):
+        f = _whiten(H, W)
+        if rj > len(f.S):
+            raise TransformError(f"layer {i}: rank {rj} exceeds the group's full rank {len(f.S)}")
+        rows = slice(start, start + rj)
+        # A = L⁻ᵀ·U_r·Σ_r ; [B_K | B_V] = V_rᵀ
+        A[:, rows] = torch.linalg.solve_triangular(f.Lt, f.U[:, :rj] * f.S[:rj], upper=True)
+        Bk[rows, j * w:(j + 1) * w] = f.Vh[:rj, :w]
+        Bv[rows, j * w:(j + 1) * w] = f.Vh[:rj, w:]
+        kept.append(float(f.S[:rj].pow(2).sum() / f.S.pow(2).sum().clamp_min(1e-300)))
+        start += rj
+    attn = _attn_prefix(spec, i)
+    out: dict[str, torch.Tensor] = {}
+    _put(out, f"{attn}.q_proj", q, dtype)
+    _put(out, f"{attn}.kv_a_proj", Proj(A, None), dtype)  # (d, r): c = h·A
+    _put(out, f"{attn}.k_b_proj", Proj(Bk, k.b), dtype)  # (r, G·dh): K = c·B_K + b_K
+    _put(out, f"{attn}.v_b_proj", Proj(Bv, v.b), dtype)
+    _put(out, f"{attn}.o_proj", o, dtype)
+    removed = qkv_keys(sd, spec, i) + [key for key in sd if key.startswith(_o_key(spec, i) + ".")]
+    for norm, new in zip(spec.qk_norm, ("q_norm", "k_norm")):  # every tensor of the norm: weight, bias, per-head
+        prefix = f"{spec.layer(i, norm)}."
+        for key in [key for key in sd if key.startswith(prefix)]:
+            moved = f"{attn}.{new}.{key.removeprefix(prefix)}"
+            if moved != key:
+                out[moved] = sd[key]
+                removed.append(key)
+    removed = [key for key in removed if key not in out]
+    entry = {"query": "projection", "attn_input": "norm", "kv_latent": {"rank": r}}
+    return LayerResult(out, removed, entry, {"fit": {"rank": r, "group_ranks": ranks, "kept_energy": kept}})
+
+
+def kv_cache_ratio(ranks: list[int], dims: Dims) -> float:
+    """Cache values after / before: Σ r_l over L·2·G·dh."""
+    return sum(ranks) / (len(ranks) * 2 * dims.kv_size)
