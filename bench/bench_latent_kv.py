@@ -30,9 +30,11 @@ def main() -> None:
     ap.add_argument("--base", default=None)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
     args = ap.parse_args()
     models = {"base": qkvconv.load(args.base or str(default_checkpoint()))}
     models |= {str(p): qkvconv.load(p) for p in args.converted}
+    models = {name: (model.to(args.device), tok) for name, (model, tok) in models.items()}
     best: dict[str, tuple[int, float]] = {}
     for _ in range(args.repeats):
         for name, (model, tok) in models.items():
@@ -40,7 +42,8 @@ def main() -> None:
             if name not in best or speed > best[name][1]:
                 best[name] = (held, speed)
     base_bytes, base_speed = best["base"]
-    print(f"{args.tokens} greedy tokens, torch threads {torch.get_num_threads()}, best of {args.repeats}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, torch threads {torch.get_num_threads()}"
+    print(f"{args.tokens} greedy tokens, {where}, {next(iter(models.values()))[0].dtype}, best of {args.repeats}")
     print(f"{'model':<24} {'cache bytes/token':>18} {'tokens/s':>9} {'× base':>7}")
     for name, (held, speed) in best.items():
         print(f"{name:<24} {held / args.tokens:>18,.0f} {speed:>9.1f} {speed / base_speed:>7.2f}")

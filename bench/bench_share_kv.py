@@ -34,11 +34,15 @@ from qkvconv.compat import cache_bytes, output_cache  # noqa: E402
 def decode(model, tokenizer, tokens: int) -> tuple[int, float]:
     """(bytes held by the cache, decode tokens/s) for greedy generation of `tokens` tokens after one BOS."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([[bos]])
+    device = next(model.parameters()).device
+    ids = torch.tensor([[bos]], device=device)
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                          do_sample=False, return_dict_in_generate=True)
+    sync()
     return cache_bytes(output_cache(gen)), tokens / (time.perf_counter() - t)
 
 

@@ -91,6 +91,8 @@ SIZES = {
     # hidden, layers, heads, kv heads, intermediate, vocab, shard bytes
     "full": dict(hidden=2048, layers=44, heads=32, kv_heads=8, inter=5632, vocab=49152, shard_bytes=2_000_000_000),
     "small": dict(hidden=256, layers=4, heads=8, kv_heads=2, inter=704, vocab=49152, shard_bytes=20_000_000),
+    # SmolLM2-135M's shape (untied head), for speed checks that need no trained weights
+    "smol": dict(hidden=576, layers=30, heads=9, kv_heads=3, inter=1536, vocab=49152, shard_bytes=300_000_000),
 }
 BUILDER_VERSION = 1
 
