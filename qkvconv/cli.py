@@ -634,8 +634,7 @@ def share_kv(
         out.print(dry_run_table(report))
         return
     out.print(verification_table(report))
-    kv = report.options["kv_cache_bytes_per_token"]
-    out.print(f"KV cache: {kv['before']:,} → {kv['after']:,} bytes/token ({kv['after'] / kv['before']:.1%})")
+    _print_kv_cache(report)
     if export == "stock" and report.options["mode"] in ("k=v", "q=k=v"):
         out.print("[yellow]--export stock duplicates the shared weights: the stock cache stores K and V, "
                   "so there is no K=V cache saving[/]")
@@ -676,9 +675,13 @@ def latent_kv(
     ranks = report.options["kv_ranks"]
     out.print(f"ranks per layer ({report.options['rank_allocation']}, mean {sum(ranks) / len(ranks):g}): "
               f"{' '.join(map(str, ranks))}")
+    _print_kv_cache(report)
+    out.print(f"wrote [bold]{report.output}[/]")
+
+
+def _print_kv_cache(report) -> None:
     kv = report.options["kv_cache_bytes_per_token"]
     out.print(f"KV cache: {kv['before']:,} → {kv['after']:,} bytes/token ({kv['after'] / kv['before']:.1%})")
-    out.print(f"wrote [bold]{report.output}[/]")
 
 
 # ------------------------------------------------------------------------------------------- run (issue #12)

@@ -732,8 +732,8 @@ def latent_kv_checkpoint(
     from qkvconv.describe import kv_cache_bytes_per_token
     from qkvconv.stream import stream_convert
     from qkvconv.transforms.attach import stock_layers
-    from qkvconv.transforms.latent_kv import (ALLOCATIONS, allocate_ranks, check_latent_options, kept_energy,
-                                              layer_spectrum, uniform_ranks)
+    from qkvconv.transforms.latent_kv import (ALLOCATIONS, allocate_ranks, check_latent_options, layer_spectrum,
+                                              uniform_ranks)
     from qkvconv.transforms.layer import LayerResult
 
     if rank_allocation not in ALLOCATIONS:

@@ -19,14 +19,9 @@ from qkvconv.cli import app
 from qkvconv.runner import FORMAT, make_plan
 from qkvconv.recipe import parse_recipe
 
-PASSAGES = [
-    "The cat sat on the warm mat by the door and purred at the dog",
-    "She opened the old box and found a letter from her grandmother",
-    "After the storm the sailors counted the barrels left on the deck",
-    "He lit the candle because the power had been out since noon",
-    "The children ran to the river to watch the boats go by the bridge",
-    "Every morning the baker sold the first loaf to the old teacher",
-]
+from test_evaluate import PASSAGES as _ALL_PASSAGES
+
+PASSAGES = _ALL_PASSAGES[:6]
 WORDS = "the cat sat on a mat and the dog ran to the park while small birds sang in tall green trees".split()
 
 RECIPE = """\

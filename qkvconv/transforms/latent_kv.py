@@ -31,7 +31,7 @@ from qkvconv.archs import ArchSpec, Dims
 from qkvconv.archs.layout import Proj, qkv_keys, read_qkv
 from qkvconv.errors import TransformError
 from qkvconv.transforms.layer import LayerResult, layer_dtype
-from qkvconv.transforms.share_kv import _attn_prefix, _o_key, _put, read_o
+from qkvconv.transforms.share_kv import _attn_prefix, _o_key, _put, move_qk_norms, read_o
 
 ALLOCATIONS = ("uniform", "greedy")
 RIDGE = 1e-6  # relative to the mean eigenvalue tr(H)/d
@@ -183,13 +183,7 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
     _put(out, f"{attn}.v_b_proj", Proj(Bv, v.b), dtype)
     _put(out, f"{attn}.o_proj", o, dtype)
     removed = qkv_keys(sd, spec, i) + [key for key in sd if key.startswith(_o_key(spec, i) + ".")]
-    for norm, new in zip(spec.qk_norm, ("q_norm", "k_norm")):  # every tensor of the norm: weight, bias, per-head
-        prefix = f"{spec.layer(i, norm)}."
-        for key in [key for key in sd if key.startswith(prefix)]:
-            moved = f"{attn}.{new}.{key.removeprefix(prefix)}"
-            if moved != key:
-                out[moved] = sd[key]
-                removed.append(key)
+    move_qk_norms(sd, spec, i, attn, out, removed)
     removed = [key for key in removed if key not in out]
     entry = {"query": "projection", "attn_input": "norm", "kv_latent": {"rank": r}}
     return LayerResult(out, removed, entry, {"fit": {"rank": r, "group_ranks": ranks, "kept_energy": kept}})

@@ -521,6 +521,18 @@ def _put(out: dict, key: str, p: Proj, dtype: torch.dtype, conv1d: bool = False)
         out[f"{key}.bias"] = p.b.contiguous().to(dtype)
 
 
+def move_qk_norms(sd: dict, spec: ArchSpec, i: int, attn: str, out: dict, removed: list[str]) -> None:
+    """Layer i's QK norms (every tensor: weight, bias, per-head) under the converted attention module `attn` as
+    q_norm / k_norm; the keys they leave are appended to `removed`."""
+    for norm, new in zip(spec.qk_norm, ("q_norm", "k_norm")):
+        prefix = f"{spec.layer(i, norm)}."
+        for key in [k for k in sd if k.startswith(prefix)]:
+            moved = f"{attn}.{new}.{key.removeprefix(prefix)}"
+            if moved != key:
+                out[moved] = sd[key]
+                removed.append(key)
+
+
 def _expand(p: Proj, N: int, H: int, dh: int) -> Proj:
     """N heads → H heads, head g repeated for its H/N query heads (the stock layout of pooled/shared heads)."""
     return _cat([_head(p, j // (H // N), dh) for j in range(H)])
@@ -584,13 +596,7 @@ def share_kv_layer(
     attn = _attn_prefix(spec, i)
     for name, p in w.items():  # q, k, v, s, o -> q_proj, k_proj, v_proj, s_proj, o_proj
         _put(out, f"{attn}.{name}_proj", p, dtype)
-    for norm, new in zip(spec.qk_norm, ("q_norm", "k_norm")):  # every tensor of the norm: weight, bias, per-head
-        prefix = f"{spec.layer(i, norm)}."
-        for key in [k for k in sd if k.startswith(prefix)]:
-            moved = f"{attn}.{new}.{key.removeprefix(prefix)}"
-            if moved != key:
-                out[moved] = sd[key]
-                removed.append(key)
+    move_qk_norms(sd, spec, i, attn, out, removed)
     layer = {"query": "projection", "attn_input": "norm", "kv_heads": N}
     if mode in ("k=v", "q=k=v"):
         layer["kv"] = "shared"
