@@ -40,6 +40,25 @@ def hash_path(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def machine() -> dict:
+    """What the numbers ran on: CPU model, cores, memory, OS (psutil where present, /proc/cpuinfo for the model)."""
+    import os
+
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        memory = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:  # pragma: no cover
+        memory = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory, "os": platform.platform()}
+
+
 def manifest(**extra) -> dict:
     """A manifest block: library versions, the tested-range verdicts and device (`qkvconv env`), command line,
     time, plus whatever the caller records."""
@@ -48,6 +67,7 @@ def manifest(**extra) -> dict:
     return {
         "versions": library_versions(),
         "environment": environment(),
+        "machine": machine(),
         "argv": sys.argv,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,
