@@ -477,6 +477,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path, title: str) -> None:
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_quality_vs_kv(results: RunResults, path: Path) -> bool:
     """One panel per main metric: metric against KV-cache bytes per token, the Pareto front drawn. False if no
     model has both a value and its KV bytes yet."""
@@ -525,10 +532,7 @@ def plot_quality_vs_kv(results: RunResults, path: Path) -> bool:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{results.name}: quality against KV-cache size", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, f"{results.name}: quality against KV-cache size")
     return True
 
 
@@ -558,10 +562,7 @@ def plot_heal_curves(results: RunResults, path: Path) -> bool:
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{results.name}: heal curves", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, f"{results.name}: heal curves")
     return True
 
 

@@ -564,17 +564,21 @@ class SharedProjectionAttention(nn.Module):
             return x
         return _rope(x, *self._rotary(x, start))
 
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
+    def _begin(self, kwargs: dict):
+        """The cache transformers hands this layer (None without one) and how many tokens it already holds; drops the
+        keyword arguments the stock attention reads and this one recomputes (positions, RoPE tables, flags)."""
         cache = take_cache(kwargs)
         self.cache_seen = cache is not None
         for k in ("position_embeddings", "position_ids", "use_cache", "output_attentions"):
             kwargs.pop(k, None)
-        B, T, _ = hidden_states.shape
+        return cache, cache.get_seq_length(self.layer_idx) if cache is not None else 0
 
-        def heads(x):  # (B, T, n·dh) -> (B, n, T, dh)
-            return x.view(B, T, -1, self.head_dim).transpose(1, 2)
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, n·dh) -> (B, n, S, dh)
+        return x.view(x.shape[0], x.shape[1], -1, self.head_dim).transpose(1, 2)
 
-        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        cache, past = self._begin(kwargs)
+        T, heads = hidden_states.shape[1], self._heads
         s = heads(self.s_proj(hidden_states)) if hasattr(self, "s_proj") else None
         q = s if self.qk_shared else heads(self.q_proj(hidden_states))
         if self.qk_shared:  # before q_norm: a norm per query head, or over all H heads, sees what the stock one does
@@ -629,16 +633,8 @@ class LatentKVAttention(SharedProjectionAttention):
         self.v_b_proj = nn.Linear(r, N * dh, bias=qkv_bias)  # B_V
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        cache = take_cache(kwargs)
-        self.cache_seen = cache is not None
-        for k in ("position_embeddings", "position_ids", "use_cache", "output_attentions"):
-            kwargs.pop(k, None)
-        B, T, _ = hidden_states.shape
-
-        def heads(x):  # (B, S, n·dh) -> (B, n, S, dh)
-            return x.view(B, x.shape[1], -1, self.head_dim).transpose(1, 2)
-
-        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        cache, past = self._begin(kwargs)
+        T, heads = hidden_states.shape[1], self._heads
         q = self._rotate(self._norm(self.q_norm, heads(self.q_proj(hidden_states))), past)
         c = self.kv_a_proj(hidden_states)[:, None]  # (B, 1, T, r): the only tensor cached
         c_all = cache.update(c, c[..., :0], self.layer_idx)[0][:, 0] if cache is not None else c[:, 0]  # (B, S, r)
