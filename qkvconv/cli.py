@@ -280,7 +280,7 @@ def absorb_query(
     output: Output,
     mode: Annotated[str, typer.Option("--mode", help="exact (basis change, lossless) or drop (remove W_Q, lossy).")] = "exact",
     calib: Calib = None,
-    num_seqs: Annotated[Optional[int], typer.Option("--num-seqs", help="Calibration sequences (default 2 for exact, 8 for drop).")] = None,
+    num_seqs: Annotated[Optional[int], typer.Option("--num-seqs", help="Calibration sequences (default 1 for exact, 8 for drop).")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration sequence length.")] = 128,
     atol: Annotated[Optional[float], typer.Option("--atol", help="exact: also fail if max |Δlogit| exceeds this (an extra absolute bound).")] = None,
     dtype: OutDtype = "auto",

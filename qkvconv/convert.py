@@ -436,7 +436,7 @@ def _decode(plan, source, converted_dir: Path, ids: torch.Tensor, dtype: torch.d
 
 
 # ---------------------------------------------------------------------------------------- absorb-query
-EXACT_VERIFY_SEQS = 2  # default calibration sequences (× seq_len tokens) that an exact conversion is verified on
+EXACT_VERIFY_SEQS = 1  # default calibration sequences (× seq_len tokens) that an exact conversion is verified on
 
 def absorb_query_checkpoint(
     model: str | Path,

@@ -74,7 +74,7 @@ class AbsorbQueryOptions(ConvertOptions):
 
     transform: ClassVar[str] = "absorb-query"
     mode: Literal["exact", "drop"] = "exact"
-    num_seqs: Optional[int] = Field(None, ge=1)  # None: 2 for exact, 8 for drop
+    num_seqs: Optional[int] = Field(None, ge=1)  # None: 1 for exact, 8 for drop
     seq_len: int = Field(128, ge=1)
     atol: Optional[float] = None
     folded_dtype: Literal["float64", "float32", "output"] = "float64"
