@@ -8,7 +8,9 @@ decoding checked where the model fits in memory, and renamed into place only whe
 from __future__ import annotations
 
 import copy
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +258,18 @@ def _pipeline(
     config_for = config_for or (lambda entries: _converted(plan, entries, dtype))
 
     def run(tmp: Path | None) -> Report:
+        # the input's sha256 (for the record) is read and hashed on a thread while the layers convert: hashlib and
+        # file reads release the GIL, so it overlaps the conversion instead of adding a read of the checkpoint
+        hashing, stop = (ThreadPoolExecutor(1), threading.Event()) if tmp is not None else (None, None)
+        source_hash = hashing.submit(_source_hash, source, stop) if hashing else None
+        try:
+            return _run(tmp, source_hash)
+        finally:
+            if hashing:
+                stop.set()  # done, or failed/interrupted: the thread stops within one block
+                hashing.shutdown(wait=True)
+
+    def _run(tmp: Path | None, source_hash) -> Report:
         if prepare is not None:
             with _timed(t, "prepare", progress):
                 prepare(plan, ids, calib_rows, dtype)
@@ -290,7 +304,7 @@ def _pipeline(
                 with _timed(t, "decode", progress):
                     report.decoding = _decode(plan, source, tmp, ids[verify_rows or slice(None)], dtype, name)
             record = history_record(
-                transform=name, options=options, source=source, source_hash=_source_hash(source),
+                transform=name, options=options, source=source, source_hash=source_hash.result(),
                 details={"verification": report.error.as_dict() if report.error else None,
                          **(details(report) if details else {}),
                          **({"exactness": report.exactness.as_dict()} if report.exactness else {}),
@@ -401,10 +415,10 @@ def _dry_run(plan, name: str, layer_fn: Callable, dtype: torch.dtype, config_for
     )
 
 
-def _source_hash(source) -> str | None:
+def _source_hash(source, stop=None) -> str | None:
     from qkvconv.manifest import hash_path
 
-    return hash_path(source.path) if source.kind != "hub" else None
+    return hash_path(source.path, stop=stop) if source.kind != "hub" else None
 
 
 def _calibration(plan, source, calib, num_seqs: int, seq_len: int, seed: int):

@@ -18,25 +18,32 @@ def library_versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), **{name: installed(name.replace("_", "-")) for name in PACKAGES}}
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+class HashCancelled(Exception):
+    pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22, stop=None) -> str:
+    """stop: a threading.Event checked between 4 MB blocks (a hash on a thread must not outlive an interrupt)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
+            if stop is not None and stop.is_set():
+                raise HashCancelled(str(path))
             h.update(block)
     return h.hexdigest()
 
 
-def hash_path(path: str | Path) -> str:
+def hash_path(path: str | Path, stop=None) -> str:
     """sha256 of a file, or of a checkpoint directory's weight/config files (names and contents, sorted)."""
     p = Path(path)
     if p.is_file():
-        return sha256_file(p)
+        return sha256_file(p, stop=stop)
     if not p.is_dir():
         return f"hub:{path}"  # a hub id: the revision is not known offline
     h = hashlib.sha256()
     for f in sorted(x for x in p.iterdir() if x.is_file() and x.suffix in _HASHED_SUFFIXES):
         h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
+        h.update(sha256_file(f, stop=stop).encode())
     return h.hexdigest()
 
 
