@@ -615,11 +615,24 @@ class LatentKVAttention(SharedProjectionAttention):
     """Attention whose KV cache holds one low-rank latent per token (latent-kv, METHODS.md §6).
 
     Layer key "kv_latent": {"rank": r}. c = h·A (kv_a_proj, d → r, no bias) is all the cache stores: (B, 1, T, r) in
-    the key slot, a zero-width tensor in the value slot. At every step, over all cached positions:
+    the key slot, a zero-width tensor in the value slot. Over all cached positions:
         keys = RoPE(k_norm(c·B_K + b_K))   (k_b_proj; rebuilt, THEN rotated at absolute cache indices)
         values = c·B_V + b_V               (v_b_proj)
-    Queries, the kernel, scaling, soft-capping, sliding window and sinks are the family's, as in
-    SharedProjectionAttention.
+    Values are never rebuilt where that is cheaper (decoding): a softmax row p sums to its mass m (1, or less beside a
+    sink), so per query head of KV head g
+
+        p·(c·B_V,g + b_V,g) = (p·c)·B_V,g + m·b_V,g          ((H·T)·S·r instead of S·r·G·dh per step).
+
+    With "rope_pairs": [[i_1 … i_P] per KV head] (MHA2MLA, arXiv 2502.14837), each KV head keeps RoPE on P frequency
+    pairs only: those 2P key dims come from k_rope_proj (d → G·2P, rotated, cached as-is in the value slot) and the
+    other e = dh − 2P come from the latent, never rotated; q_proj's heads are laid out to match, [pair firsts |
+    pair seconds | the e RoPE-free dims]. The RoPE-free scores then absorb B_K (the latent is never expanded):
+
+        q_nope·(c·B_K,g + b_K,g)ᵀ = (q_nope·B_K,gᵀ)·cᵀ + q_nope·b_K,g
+
+    Queries, scaling, soft-capping, sliding window (by the mask) and sinks are the family's, as in
+    SharedProjectionAttention. `absorb`: None picks the cheaper evaluation per call (absorbed when the query rows H·T
+    are fewer than the rebuilt width G·dh, i.e. when decoding), True / False force one (tests compare them).
     """
 
     def __init__(self, old: nn.Module, config, layer_idx: int, spec: dict, rotary, qkv_bias: bool, o_bias: bool,
@@ -627,21 +640,118 @@ class LatentKVAttention(SharedProjectionAttention):
         super().__init__(old, config, layer_idx, {}, rotary, qkv_bias, o_bias, q_norm, k_norm)
         d, N, dh, r = config.hidden_size, self.kv_heads, self.head_dim, spec["kv_latent"]["rank"]
         del self.k_proj, self.v_proj
-        self.rank = r
+        self.rank, self.absorb = r, None
+        pairs = spec["kv_latent"].get("rope_pairs")
+        self.rope_pairs = pairs  # (G, P) frequency indices, a list: a tensor made here would be left on the meta device
+        self._pair_index: dict = {}  # (device, heads) -> the frequency index per head, (heads, P)
+        self.rope_width = 0 if pairs is None else 2 * len(pairs[0])  # 2P key dims per KV head kept out of the latent
+        nope = dh - self.rope_width  # the key dims rebuilt from the latent
         self.kv_a_proj = nn.Linear(d, r, bias=False)  # A: c = h·A
-        self.k_b_proj = nn.Linear(r, N * dh, bias=qkv_bias)  # B_K
+        if nope:
+            self.k_b_proj = nn.Linear(r, N * nope, bias=qkv_bias)  # B_K (of the RoPE-free dims with rope_pairs)
         self.v_b_proj = nn.Linear(r, N * dh, bias=qkv_bias)  # B_V
+        if self.rope_width:
+            self.k_rope_proj = nn.Linear(d, N * self.rope_width, bias=qkv_bias)  # the kept pairs' key dims
 
+    # -------------------------------------------------------------------------------------------- helpers
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, e) -> (B, G, (H/G)·T, e): query head h = g·H/G + j belongs to KV head g (repeat_kv's order)."""
+        B, H, T, e = x.shape
+        return x.reshape(B, self.kv_heads, (H // self.kv_heads) * T, e)
+
+    def _per_kv_head(self, linear: nn.Linear):
+        """An up-projection's weight as (G, r, e) and bias as (G, 1, e) or None: its columns per KV head."""
+        G = self.kv_heads
+        w = linear.weight.view(G, -1, linear.weight.shape[-1]).transpose(1, 2)
+        return w, None if linear.bias is None else linear.bias.view(G, 1, -1)
+
+    def _rotate_pairs(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """RoPE on the kept pairs only: x (B, n, T, 2P) laid out [firsts | seconds], n = G keys or H queries, each
+        head at its KV head's frequencies."""
+        if self._rotary is None or not self.use_rope:
+            return x
+        cos, sin = self._rotary(x, start)  # (1, T, rotary_dim), rotate_half layout: column i is frequency i
+        n = x.shape[1]
+        pairs = self._pair_index.get((x.device, n))
+        if pairs is None:
+            pairs = torch.tensor(self.rope_pairs, dtype=torch.long, device=x.device).view(len(self.rope_pairs), -1)
+            pairs = self._pair_index[(x.device, n)] = pairs.repeat_interleave(n // pairs.shape[0], 0)
+        cos, sin = (t[0][:, pairs].permute(1, 0, 2).repeat(1, 1, 2)[None].to(x.dtype) for t in (cos, sin))  # (1,n,T,2P)
+        return x * cos + _rotate_half(x) * sin
+
+    def _probs(self, logits: torch.Tensor, attention_mask, past: int) -> torch.Tensor:
+        """softmax over the keys of scaled logits (B, H, T, S), as the family's eager attention: soft-capping, the
+        mask (the causal one when none is given), sinks; in float32 (float64 stays float64), returned in the logits'
+        dtype."""
+        B, H, T, S = logits.shape
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        logits = logits + _with_bias(attention_mask, logits.new_zeros(1, 1, 1, S), T, past, logits.dtype)
+        if hasattr(self, "sinks"):  # one more logit per row, the head's sink, dropped after the softmax
+            logits = torch.cat([logits, self.sinks.to(logits.dtype).view(1, H, 1, 1).expand(B, H, T, 1)], -1)
+        p = nn.functional.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        return p.to(logits.dtype)[..., :S]
+
+    def _absorbed_values(self, p: torch.Tensor, c_all: torch.Tensor) -> torch.Tensor:
+        """Σ_s p_s·(c_s·B_V + b_V) = (p·c)·B_V + (Σ_s p_s)·b_V per query head: p (B, H, T, S), c_all (B, S, r) ->
+        (B, H, T, dh), no value ever rebuilt."""
+        B, H, T, S = p.shape
+        pc = (p.reshape(B, H * T, S) @ c_all).view(B, H, T, -1)  # (B, H, T, r)
+        w, b = self._per_kv_head(self.v_b_proj)  # (G, r, dh), (G, 1, dh)
+        out = self._grouped(pc) @ w  # (B, G, (H/G)·T, dh)
+        if b is not None:
+            out = out + self._grouped(p.sum(-1, keepdim=True)) * b
+        return out.view(B, H, T, -1)
+
+    def _output(self, out: torch.Tensor, p: torch.Tensor):
+        B, H, T, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), p
+
+    # -------------------------------------------------------------------------------------------- forward
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         cache, past = self._begin(kwargs)
-        T, heads = hidden_states.shape[1], self._heads
-        q = self._rotate(self._norm(self.q_norm, heads(self.q_proj(hidden_states))), past)
-        c = self.kv_a_proj(hidden_states)[:, None]  # (B, 1, T, r): the only tensor cached
-        c_all = cache.update(c, c[..., :0], self.layer_idx)[0][:, 0] if cache is not None else c[:, 0]  # (B, S, r)
+        B, T = hidden_states.shape[:2]
+        q = self._norm(self.q_norm, self._heads(self.q_proj(hidden_states)))  # (B, H, T, dh), not yet rotated
+        c = self.kv_a_proj(hidden_states)[:, None]  # (B, 1, T, r): cached
+        kr = c[..., :0]  # (B, 1, T, 0) without kept pairs
+        if self.rope_width:  # the kept pairs' keys, rotated like a stock key cache: (B, G, T, 2P)
+            kr = self._rotate_pairs(self._heads_of(self.k_rope_proj(hidden_states), self.rope_width), past)
+        if cache is not None:
+            c, kr = cache.update(c, kr, self.layer_idx)
+        c_all = c[:, 0]  # (B, S, r)
         first = past + T - c_all.shape[-2]  # > 0 where a sliding-window cache dropped the oldest tokens
-        k_all = self._rotate(self._norm(self.k_norm, heads(self.k_b_proj(c_all))), first)
-        v_all = heads(self.v_b_proj(c_all))
-        return self._attend(q, k_all, v_all, attention_mask, past, kwargs)
+        H, G, dh = q.shape[1], self.kv_heads, self.head_dim
+        absorb = self.absorb if self.absorb is not None else H * T < G * dh
+        if self.rope_pairs is None:
+            q = self._rotate(q, past)
+            k_all = self._rotate(self._norm(self.k_norm, self._heads(self.k_b_proj(c_all))), first)
+            if not absorb:
+                return self._attend(q, k_all, self._heads(self.v_b_proj(c_all)), attention_mask, past, kwargs)
+            logits = (self._grouped(q) @ k_all.transpose(-1, -2)).view(B, H, T, -1)
+        else:
+            w, has_nope = self.rope_width, hasattr(self, "k_b_proj")
+            q_rope, q_nope = self._rotate_pairs(q[..., :w], past), q[..., w:]
+            if not absorb:
+                parts = ([kr] if w else []) + ([self._heads_of(self.k_b_proj(c_all), dh - w)] if has_nope else [])
+                k_all = torch.cat(parts, -1)
+                q = torch.cat([q_rope, q_nope], -1)
+                return self._attend(q, k_all, self._heads(self.v_b_proj(c_all)), attention_mask, past, kwargs)
+            logits = c_all.new_zeros(B, H, T, c_all.shape[1])
+            if w:
+                logits = logits + (self._grouped(q_rope) @ kr.transpose(-1, -2)).view(B, H, T, -1)
+            if has_nope:  # (q_nope·B_Kᵀ)·cᵀ + q_nope·b_K per KV head
+                wk, bk = self._per_kv_head(self.k_b_proj)  # (G, r, e), (G, 1, e)
+                qn = self._grouped(q_nope)  # (B, G, (H/G)·T, e)
+                q_lat = (qn @ wk.transpose(-1, -2)).view(B, H * T, -1)  # (B, H·T, r)
+                nope = q_lat @ c_all.transpose(-1, -2)  # (B, H·T, S)
+                if bk is not None:
+                    nope = nope + (qn * bk).sum(-1).view(B, H * T, 1)
+                logits = logits + nope.view(B, H, T, -1)
+        p = self._probs(logits * self.scaling, attention_mask, past)
+        return self._output(self._absorbed_values(p, c_all), p)
+
+    def _heads_of(self, x: torch.Tensor, width: int) -> torch.Tensor:  # (B, S, n·width) -> (B, n, S, width)
+        return x.view(x.shape[0], x.shape[1], -1, width).transpose(1, 2)
 
 
 def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dict, paths: dict,
