@@ -686,7 +686,8 @@ class LatentKVAttention(SharedProjectionAttention):
         B, H, T, S = logits.shape
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
-        logits = logits + _with_bias(attention_mask, logits.new_zeros(1, 1, 1, S), T, past, logits.dtype)
+        if attention_mask is not None or T > 1:  # one new token with no mask given sees every cached one
+            logits = logits + _with_bias(attention_mask, logits.new_zeros(1, 1, 1, S), T, past, logits.dtype)
         if hasattr(self, "sinks"):  # one more logit per row, the head's sink, dropped after the softmax
             logits = torch.cat([logits, self.sinks.to(logits.dtype).view(1, H, 1, 1).expand(B, H, T, 1)], -1)
         p = nn.functional.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
