@@ -2,13 +2,13 @@
 its figures).
 
     python bench/bench_latent_kv.py CONVERTED [CONVERTED ...] [--base MODEL] [--context 1024,4096] [--steps 32]
-                                    [--repeats 2] [--device cpu] [--json OUT]
+                                    [--device cpu] [--json OUT]
 
 Each CONVERTED is a latent-kv output directory (e.g. /tmp/lk192, or one made with --rope-pairs). For every context
 length N: each model prefills the same N tokens once (batch 1, seeded random token ids: the cost does not depend on
-the text), then --repeats times the cache is cropped back to N and --steps single-token cached forwards (greedy, fed
-back) are timed; models are interleaved and the best repeat kept (on a shared CPU the other load only ever slows a
-run down). The reconstruct-then-rotate variant rebuilds every cached key at each step (values are absorbed: (p·c)·B_V);
+the text), then --steps single-token cached forwards (greedy, fed back) are timed one step of each model in turn, and
+the median step gives tokens/s (on a shared CPU, bursts of other load hit every model alike and the median ignores
+them; the context grows by --steps tokens during the run). The reconstruct-then-rotate variant rebuilds every cached key at each step (values are absorbed: (p·c)·B_V);
 the --rope-pairs variant rebuilds nothing (B_K absorbed into the query). Cache bytes/token is what the cache object
 holds after the prefill divided by N, next to the arithmetic from the config (describe.kv_cache_bytes_per_token).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -34,19 +35,17 @@ def prefill(model, n: int, seed: int = 0):
     return output_cache(out), out.logits[:, -1:].argmax(-1)
 
 
-def steps_per_second(model, cache, token, n: int, steps: int) -> float:
-    """Decode tokens/s: `steps` single-token cached forwards from a cache cropped back to n tokens."""
+def step(model, cache, token):
+    """One single-token cached forward (greedy): (seconds, the next token)."""
     import torch
 
-    cache.crop(n)
     sync = torch.cuda.synchronize if token.device.type == "cuda" else (lambda: None)
     sync()
     t = time.perf_counter()
-    for _ in range(steps):
-        out = model(token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
+    out = model(token, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
     sync()
-    return steps / (time.perf_counter() - t)
+    return time.perf_counter() - t, token
 
 
 def main() -> None:
@@ -62,8 +61,7 @@ def main() -> None:
     ap.add_argument("converted", nargs="+", type=Path)
     ap.add_argument("--base", default=None)
     ap.add_argument("--context", default="1024,4096", help="comma-separated prefill lengths")
-    ap.add_argument("--steps", type=int, default=32, help="timed single-token steps per repeat")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=32, help="timed single-token steps per model")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     args = ap.parse_args()
@@ -82,14 +80,18 @@ def main() -> None:
                 state[name] = prefill(model, n)
                 held = cache_bytes(state[name][0]) / n
                 arithmetic = kv_cache_bytes_per_token(model.config, spec_for(model.config.model_type), dtype)
-                best[name] = {"held": held, "arithmetic": arithmetic, "prefill_s": time.perf_counter() - t,
-                              "tokens_per_s": 0.0}
-            for _ in range(args.repeats):
+                best[name] = {"held": held, "arithmetic": arithmetic, "prefill_s": time.perf_counter() - t}
+            times: dict[str, list[float]] = {name: [] for name in models}
+            for _ in range(args.steps):  # one step of each model in turn: they share whatever else loads the machine
                 for name, model in models.items():
-                    speed = steps_per_second(model, *state[name], n, args.steps)
-                    best[name]["tokens_per_s"] = max(best[name]["tokens_per_s"], speed)
+                    seconds, token = step(model, state[name][0], state[name][1])
+                    state[name] = (state[name][0], token)
+                    times[name].append(seconds)
+            for name in models:
+                best[name]["tokens_per_s"] = 1 / statistics.median(times[name])
+                best[name]["step_s"] = sorted(times[name])
         base = best["base"]["tokens_per_s"]
-        print(f"\ncontext {n}, {args.steps} decode steps, batch 1, {where}, {dtype}, best of {args.repeats}")
+        print(f"\ncontext {n}, {args.steps} decode steps per model (interleaved, median), batch 1, {where}, {dtype}")
         print(f"{'model':<28} {'cache B/token':>13} {'arithmetic':>10} {'prefill s':>9} {'tokens/s':>9} {'× base':>7}")
         for name, b in best.items():
             print(f"{name:<28} {b['held']:>13,.0f} {b['arithmetic']:>10,} {b['prefill_s']:>9.1f} "
@@ -97,8 +99,8 @@ def main() -> None:
             rows.append({"model": name, "context": n, **b, "x_base": b["tokens_per_s"] / base})
         del state
     if args.json:
-        args.json.write_text(json.dumps({"device": where, "dtype": str(dtype), "steps": args.steps,
-                                         "repeats": args.repeats, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"device": where, "dtype": str(dtype), "steps": args.steps, "rows": rows},
+                                        indent=1))
 
 
 if __name__ == "__main__":

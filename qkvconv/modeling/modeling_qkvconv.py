@@ -11,7 +11,8 @@ Config block (config.json, key "qkvconv"):
      "paths": {"layers": ..., "attn_norm": ..., "q_proj": ..., "fused_qkv": ..., "qkv_layout": ...},
      "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "attn_affine" | "norm",
                  optional share-kv keys: "kv": "shared", "qk": "shared", "kv_heads": N,
-                 "pos2d": {"channels": p} (q=k only); latent-kv: "kv_latent": {"rank": r}}, ...]}
+                 "pos2d": {"channels": p} (q=k only); latent-kv: "kv_latent": {"rank": r, optional "rope_pairs":
+                 [[frequency indices] per KV head]}}, ...]}
     "folded_dtype": "float64" (absorb-query: the folded maps kept at that precision, see keep_folded),
     optional per-layer keys: "query_mlp": {"size", "rank", "act"} (QueryMLP on the q projection),
     "preproj": {"size", "inner", "expansion", "skip", optional "on": "attention"} (PreProj on attn_norm, or on the
@@ -643,7 +644,7 @@ class LatentKVAttention(SharedProjectionAttention):
         self.rank, self.absorb = r, None
         pairs = spec["kv_latent"].get("rope_pairs")
         self.rope_pairs = pairs  # (G, P) frequency indices, a list: a tensor made here would be left on the meta device
-        self._pair_index: dict = {}  # (device, heads) -> the frequency index per head, (heads, P)
+        self._pair_index: dict = {}  # device -> each KV head's frequency indices, twice: (G, 2P)
         self.rope_width = 0 if pairs is None else 2 * len(pairs[0])  # 2P key dims per KV head kept out of the latent
         nope = dh - self.rope_width  # the key dims rebuilt from the latent
         self.kv_a_proj = nn.Linear(d, r, bias=False)  # A: c = h·A
@@ -665,19 +666,24 @@ class LatentKVAttention(SharedProjectionAttention):
         w = linear.weight.view(G, -1, linear.weight.shape[-1]).transpose(1, 2)
         return w, None if linear.bias is None else linear.bias.view(G, 1, -1)
 
-    def _rotate_pairs(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """RoPE on the kept pairs only: x (B, n, T, 2P) laid out [firsts | seconds], n = G keys or H queries, each
-        head at its KV head's frequencies."""
+    def _pair_rope(self, x: torch.Tensor, start: int):
+        """cos, sin of the kept pairs at the positions of x (B, G, T, 2P), per KV head: (1, G, 1, T, 2P) each, laid out
+        [firsts | seconds]; None where the layer has no RoPE."""
         if self._rotary is None or not self.use_rope:
-            return x
+            return None
         cos, sin = self._rotary(x, start)  # (1, T, rotary_dim), rotate_half layout: column i is frequency i
-        n = x.shape[1]
-        pairs = self._pair_index.get((x.device, n))
-        if pairs is None:
-            pairs = torch.tensor(self.rope_pairs, dtype=torch.long, device=x.device).view(len(self.rope_pairs), -1)
-            pairs = self._pair_index[(x.device, n)] = pairs.repeat_interleave(n // pairs.shape[0], 0)
-        cos, sin = (t[0][:, pairs].permute(1, 0, 2).repeat(1, 1, 2)[None].to(x.dtype) for t in (cos, sin))  # (1,n,T,2P)
-        return x * cos + _rotate_half(x) * sin
+        index = self._pair_index.get(x.device)
+        if index is None:  # (G, 2P): each KV head's frequencies, twice
+            index = self._pair_index[x.device] = torch.tensor(self.rope_pairs, device=x.device).repeat(1, 2)
+        return tuple(t[0][:, index].permute(1, 0, 2)[None, :, None].to(x.dtype) for t in (cos, sin))
+
+    def _rotate_pairs(self, x: torch.Tensor, table) -> torch.Tensor:
+        """RoPE on the kept pairs: x (B, n, T, 2P), n = G keys or H queries, each head at its KV head's frequencies."""
+        if table is None:
+            return x
+        B, n, T, w = x.shape
+        x = x.reshape(B, self.kv_heads, n // self.kv_heads, T, w)
+        return (x * table[0] + _rotate_half(x) * table[1]).view(B, n, T, w)
 
     def _probs(self, logits: torch.Tensor, attention_mask, past: int) -> torch.Tensor:
         """softmax over the keys of scaled logits (B, H, T, S), as the family's eager attention: soft-capping, the
@@ -714,9 +720,11 @@ class LatentKVAttention(SharedProjectionAttention):
         B, T = hidden_states.shape[:2]
         q = self._norm(self.q_norm, self._heads(self.q_proj(hidden_states)))  # (B, H, T, dh), not yet rotated
         c = self.kv_a_proj(hidden_states)[:, None]  # (B, 1, T, r): cached
-        kr = c[..., :0]  # (B, 1, T, 0) without kept pairs
+        kr, table = c[..., :0], None  # (B, 1, T, 0) without kept pairs
         if self.rope_width:  # the kept pairs' keys, rotated like a stock key cache: (B, G, T, 2P)
-            kr = self._rotate_pairs(self._heads_of(self.k_rope_proj(hidden_states), self.rope_width), past)
+            kr = self._heads_of(self.k_rope_proj(hidden_states), self.rope_width)
+            table = self._pair_rope(kr, past)
+            kr = self._rotate_pairs(kr, table)
         if cache is not None:
             c, kr = cache.update(c, kr, self.layer_idx)
         c_all = c[:, 0]  # (B, S, r)
@@ -731,15 +739,15 @@ class LatentKVAttention(SharedProjectionAttention):
             logits = (self._grouped(q) @ k_all.transpose(-1, -2)).view(B, H, T, -1)
         else:
             w, has_nope = self.rope_width, hasattr(self, "k_b_proj")
-            q_rope, q_nope = self._rotate_pairs(q[..., :w], past), q[..., w:]
+            q_rope, q_nope = self._rotate_pairs(q[..., :w], table), q[..., w:]
             if not absorb:
                 parts = ([kr] if w else []) + ([self._heads_of(self.k_b_proj(c_all), dh - w)] if has_nope else [])
                 k_all = torch.cat(parts, -1)
                 q = torch.cat([q_rope, q_nope], -1)
                 return self._attend(q, k_all, self._heads(self.v_b_proj(c_all)), attention_mask, past, kwargs)
-            logits = c_all.new_zeros(B, H, T, c_all.shape[1])
+            logits = 0
             if w:
-                logits = logits + (self._grouped(q_rope) @ kr.transpose(-1, -2)).view(B, H, T, -1)
+                logits = (self._grouped(q_rope) @ kr.transpose(-1, -2)).view(B, H, T, -1)
             if has_nope:  # (q_nope·B_Kᵀ)·cᵀ + q_nope·b_K per KV head
                 wk, bk = self._per_kv_head(self.k_b_proj)  # (G, r, e), (G, 1, e)
                 qn = self._grouped(q_nope)  # (B, G, (H/G)·T, e)

@@ -159,6 +159,8 @@ class _RopeSplit:
 
 
 def split_rope_pairs(q: Proj, k: Proj, dims: Dims, pairs: int, attn_input: torch.Tensor | None) -> _RopeSplit:
+    """Select each KV head's `pairs` pairs by score and split W_K into the kept pairs' columns and the RoPE-free rest;
+    W_Q's heads follow their KV head's layout, so every q·k is the same sum of products, reordered."""
     H, G, dh = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
     scores = rope_pair_scores(q, k, dims, attn_input)  # (G, rotary_dim/2)
     selected = select_rope_pairs(scores, pairs)
