@@ -424,6 +424,7 @@ class _RopeTable:
     def __init__(self, rotary: nn.Module, layer_type: str | None = None, half: bool = False):
         self.rotary, self.layer_type, self.key, self.cos, self.sin = rotary, layer_type, None, None, None
         self.half = half  # the rotary module returns each frequency once (config block "rope_table": "half")
+        self.derived: dict = {}  # tables a consumer computes from cos/sin (latent-kv's kept pairs), dropped with them
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor):
         cos, sin = self.rotary(x, positions) if self.layer_type is None else self.rotary(x, positions, self.layer_type)
@@ -442,7 +443,7 @@ class _RopeTable:
             size = max(end, 2 * self.cos.shape[-2]) if key == self.key else end
             with torch.no_grad():
                 self.cos, self.sin = self._rotary(x, torch.arange(size, device=x.device)[None])
-            self.key = key
+            self.key, self.derived = key, {}
         return self.cos[:, start:end], self.sin[:, start:end]
 
 
@@ -555,6 +556,8 @@ class SharedProjectionAttention(nn.Module):
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A QK-norm on head-split states (B, n, T, dh); norm_over_heads: one norm over all n·dh of a token (olmo2's
         q_norm/k_norm), per token, so it can run on cached pre-norm states at read time."""
+        if isinstance(norm, nn.Identity):
+            return x
         if not self.norm_over_heads:
             return norm(x)
         B, n, T, dh = x.shape
@@ -644,7 +647,6 @@ class LatentKVAttention(SharedProjectionAttention):
         self.rank, self.absorb = r, None
         pairs = spec["kv_latent"].get("rope_pairs")
         self.rope_pairs = pairs  # (G, P) frequency indices, a list: a tensor made here would be left on the meta device
-        self._pair_index: dict = {}  # device -> each KV head's frequency indices, twice: (G, 2P)
         self.rope_width = 0 if pairs is None else 2 * len(pairs[0])  # 2P key dims per KV head kept out of the latent
         nope = dh - self.rope_width  # the key dims rebuilt from the latent
         self.kv_a_proj = nn.Linear(d, r, bias=False)  # A: c = h·A
@@ -667,15 +669,29 @@ class LatentKVAttention(SharedProjectionAttention):
         return w, None if linear.bias is None else linear.bias.view(G, 1, -1)
 
     def _pair_rope(self, x: torch.Tensor, start: int):
-        """cos, sin of the kept pairs at the positions of x (B, G, T, 2P), per KV head: (1, G, 1, T, 2P) each, laid out
-        [firsts | seconds]; None where the layer has no RoPE."""
+        """cos and sign-folded sin of the kept pairs at the positions of x (B, G, T, 2P), per KV head: (1, G, 1, T, 2P)
+        each; None where the layer has no RoPE. Gathered once per table (the shared one grows geometrically) and
+        sliced per step, except for rope types computed per call."""
         if self._rotary is None or not self.use_rope:
             return None
-        cos, sin = self._rotary(x, start)  # (1, T, rotary_dim), rotate_half layout: column i is frequency i
-        index = self._pair_index.get(x.device)
-        if index is None:  # (G, 2P): each KV head's frequencies, twice
-            index = self._pair_index[x.device] = torch.tensor(self.rope_pairs, device=x.device).repeat(1, 2)
-        return tuple(t[0][:, index].permute(1, 0, 2)[None, :, None].to(x.dtype) for t in (cos, sin))
+        cos, sin = self._rotary(x, start)  # (1, T, rotary_dim)
+        shared = self._rotary
+        if shared.key is None:  # a rope type whose table depends on the length: these positions only
+            return self._pair_tables(cos, sin, x)
+        full = shared.derived.get(self.layer_idx)
+        if full is None:
+            full = shared.derived[self.layer_idx] = self._pair_tables(shared.cos, shared.sin, x)
+        end = start + x.shape[-2]
+        return full[0][..., start:end, :], full[1][..., start:end, :]
+
+    def _pair_tables(self, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor):
+        """(1, n, rotary_dim) tables (rotate_half layout: column i is frequency i) -> the kept pairs' (1, G, 1, n, 2P),
+        [firsts | seconds], with rotate_half's sign folded into sin: RoPE(x) = x·cos + roll(x, P)·sin."""
+        index = torch.tensor(self.rope_pairs, device=x.device).view(self.kv_heads, -1).repeat(1, 2)  # (G, 2P)
+        sign = torch.ones(index.shape[-1], dtype=x.dtype, device=x.device)
+        sign[: index.shape[-1] // 2] = -1  # rotate_half([x1 | x2]) = [−x2 | x1] = roll(x, P)·[−1 | +1]
+        return cos[0][:, index].permute(1, 0, 2)[None, :, None].to(x.dtype), \
+            (sin[0][:, index].to(x.dtype) * sign).permute(1, 0, 2)[None, :, None]
 
     def _rotate_pairs(self, x: torch.Tensor, table) -> torch.Tensor:
         """RoPE on the kept pairs: x (B, n, T, 2P), n = G keys or H queries, each head at its KV head's frequencies."""
@@ -683,7 +699,7 @@ class LatentKVAttention(SharedProjectionAttention):
             return x
         B, n, T, w = x.shape
         x = x.reshape(B, self.kv_heads, n // self.kv_heads, T, w)
-        return (x * table[0] + _rotate_half(x) * table[1]).view(B, n, T, w)
+        return (x * table[0] + x.roll(w // 2, -1) * table[1]).view(B, n, T, w)
 
     def _probs(self, logits: torch.Tensor, attention_mask, past: int) -> torch.Tensor:
         """softmax over the keys of scaled logits (B, H, T, S), as the family's eager attention: soft-capping, the
