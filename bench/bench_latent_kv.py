@@ -2,14 +2,17 @@
 its figures).
 
     python bench/bench_latent_kv.py CONVERTED [CONVERTED ...] [--base MODEL] [--context 1024,4096] [--steps 32]
-                                    [--device cpu] [--json OUT]
+                                    [--rebuilt] [--device cpu] [--json OUT]
 
 Each CONVERTED is a latent-kv output directory (e.g. /tmp/lk192, or one made with --rope-pairs). For every context
 length N: each model prefills the same N tokens once (batch 1, seeded random token ids: the cost does not depend on
-the text), then --steps single-token cached forwards (greedy, fed back) are timed one step of each model in turn, and
-the median step gives tokens/s (on a shared CPU, bursts of other load hit every model alike and the median ignores
-them; the context grows by --steps tokens during the run). The reconstruct-then-rotate variant rebuilds every cached key at each step (values are absorbed: (p·c)·B_V);
-the --rope-pairs variant rebuilds nothing (B_K absorbed into the query). Cache bytes/token is what the cache object
+the text), then --steps single-token cached forwards (greedy, fed back) are timed, one step of each model in turn,
+and the median step gives tokens/s (on a shared CPU, bursts of other load hit every model alike and the median
+ignores them; the context grows by --steps tokens, or twice that with --rebuilt, during the run).
+
+The reconstruct-then-rotate variant rebuilds every cached key at each step (values are absorbed: (p·c)·B_V); the
+--rope-pairs variant rebuilds nothing (B_K absorbed into the query). --rebuilt also times each converted model
+rebuilding keys and values (the decode path before the absorbed one). Cache bytes/token is what the cache object
 holds after the prefill divided by N, next to the arithmetic from the config (describe.kv_cache_bytes_per_token).
 """
 
@@ -48,6 +51,13 @@ def step(model, cache, token):
     return time.perf_counter() - t, token
 
 
+def set_absorb(model, absorb) -> None:
+    """LatentKVAttention.absorb on every layer: None (the cheaper path per call), False (rebuild keys and values)."""
+    for m in model.modules():
+        if hasattr(m, "absorb"):
+            m.absorb = absorb
+
+
 def main() -> None:
     import torch
 
@@ -64,6 +74,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="timed single-token steps per model")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
+    ap.add_argument("--rebuilt", action="store_true",
+                    help="also time each converted model rebuilding every cached key and value at each step (the "
+                         "decode path before the absorbed one; same model and cache, steps interleaved)")
     args = ap.parse_args()
     models = {"base": qkvconv.load(args.base or str(default_checkpoint()))}
     models |= {str(p): qkvconv.load(p) for p in args.converted}
@@ -81,20 +94,26 @@ def main() -> None:
                 held = cache_bytes(state[name][0]) / n
                 arithmetic = kv_cache_bytes_per_token(model.config, spec_for(model.config.model_type), dtype)
                 best[name] = {"held": held, "arithmetic": arithmetic, "prefill_s": time.perf_counter() - t}
-            times: dict[str, list[float]] = {name: [] for name in models}
+            runs = {name: (name, None) for name in models}  # label -> (model, LatentKVAttention.absorb)
+            if args.rebuilt:
+                runs |= {f"{name} (rebuilt)": (name, False) for name in models if name != "base"}
+                best |= {label: dict(best[name]) for label, (name, _) in runs.items()}
+            times: dict[str, list[float]] = {label: [] for label in runs}
             for _ in range(args.steps):  # one step of each model in turn: they share whatever else loads the machine
-                for name, model in models.items():
-                    seconds, token = step(model, state[name][0], state[name][1])
+                for label, (name, absorb) in runs.items():
+                    set_absorb(models[name], absorb)
+                    seconds, token = step(models[name], state[name][0], state[name][1])
+                    set_absorb(models[name], None)
                     state[name] = (state[name][0], token)
-                    times[name].append(seconds)
-            for name in models:
+                    times[label].append(seconds)
+            for name in runs:
                 best[name]["tokens_per_s"] = 1 / statistics.median(times[name])
                 best[name]["step_s"] = sorted(times[name])
         base = best["base"]["tokens_per_s"]
         print(f"\ncontext {n}, {args.steps} decode steps per model (interleaved, median), batch 1, {where}, {dtype}")
-        print(f"{'model':<28} {'cache B/token':>13} {'arithmetic':>10} {'prefill s':>9} {'tokens/s':>9} {'× base':>7}")
+        print(f"{'model':<38} {'cache B/token':>13} {'arithmetic':>10} {'prefill s':>9} {'tokens/s':>9} {'× base':>7}")
         for name, b in best.items():
-            print(f"{name:<28} {b['held']:>13,.0f} {b['arithmetic']:>10,} {b['prefill_s']:>9.1f} "
+            print(f"{name:<38} {b['held']:>13,.0f} {b['arithmetic']:>10,} {b['prefill_s']:>9.1f} "
                   f"{b['tokens_per_s']:>9.2f} {b['tokens_per_s'] / base:>7.2f}")
             rows.append({"model": name, "context": n, **b, "x_base": b["tokens_per_s"] / base})
         del state
