@@ -666,8 +666,8 @@ def latent_kv(
 ) -> None:
     """Replace each layer's keys and values by one low-rank latent, the only thing cached (METHODS.md §6); write OUTPUT."""
     options = _options(LatentKvOptions, kv_rank=kv_rank, groups=groups, rank_allocation=rank_allocation,
-                       rope_pairs=rope_pairs, calib=_calib(calib), num_seqs=num_seqs, seq_len=seq_len, dtype=dtype, seed=seed, verify=verify,
-                       decode_check=decode_check, device=device)
+                       rope_pairs=rope_pairs, calib=_calib(calib), num_seqs=num_seqs, seq_len=seq_len, dtype=dtype,
+                       seed=seed, verify=verify, decode_check=decode_check, device=device)
     report = _conversion(options, model, output, dry_run=dry_run, force=force, allow_pickle=allow_pickle)
     if dry_run:
         out.print(dry_run_table(report))
