@@ -732,7 +732,10 @@ def latent_kv_checkpoint(
 
     rope_pairs: P, the MHA2MLA variant (transforms/latent_kv.py): P RoPE pairs per KV head, chosen per layer on the
     fitting sequences, cached beside the RoPE-free latent; kv_rank is then the latent alone, so the cache holds
-    kv_rank + 2·P·G values per token and layer. None: reconstruct-then-rotate.
+    kv_rank + 2·P·G values per token and layer. None: reconstruct-then-rotate. Zero-shot it loses far more than
+    reconstruct-then-rotate at the same cache (SmolLM2-135M at ½ cache, held-out KL: rank 192 0.19; P=4 + rank 168
+    2.0, P=8 + 144 1.5, P=16 + 96 0.94; P=4 at full latent rank 1.8, so the dropped rotation is the loss): MHA2MLA
+    heals it by training. What it buys is decoding without rebuilding keys (bench/bench_latent_kv.py).
     """
     from qkvconv.describe import kv_cache_bytes_per_token
     from qkvconv.stream import stream_convert
