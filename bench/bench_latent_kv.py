@@ -1,52 +1,125 @@
-"""latent-kv decode speed and measured cache bytes against the base model (run by hand; prints its figures).
+"""latent-kv decode speed at a context length and measured cache bytes, against the base model (run by hand; prints
+its figures).
 
-    python bench/bench_latent_kv.py CONVERTED [CONVERTED ...] [--base MODEL] [--tokens 1024] [--repeats 2]
+    python bench/bench_latent_kv.py CONVERTED [CONVERTED ...] [--base MODEL] [--context 1024,4096] [--steps 32]
+                                    [--rebuilt] [--device cpu] [--json OUT]
 
-Each CONVERTED is a latent-kv output directory (e.g. /tmp/lk192). Greedy generate() of --tokens tokens after one BOS,
-base and converted models interleaved --repeats times (the best of each is kept: on a shared CPU the other load only
-ever slows a run down). Rebuilding keys and values for every cached position costs compute at each step, so this is
-the cost the latent pays for its cache; the cache bytes are what the cache object really holds after the run.
+Each CONVERTED is a latent-kv output directory (e.g. /tmp/lk192, or one made with --rope-pairs). For every context
+length N: each model prefills the same N tokens once (batch 1, seeded random token ids: the cost does not depend on
+the text), then --steps single-token cached forwards (greedy, fed back) are timed, one step of each model in turn,
+and the median step gives tokens/s (on a shared CPU, bursts of other load hit every model alike and the median
+ignores them; the context grows by --steps tokens, or twice that with --rebuilt, during the run).
+
+The reconstruct-then-rotate variant rebuilds every cached key at each step (values are absorbed: (p·c)·B_V); the
+--rope-pairs variant rebuilds nothing (B_K absorbed into the query). --rebuilt also times each converted model
+rebuilding keys and values (the decode path before the absorbed one). Cache bytes/token is what the cache object
+holds after the prefill divided by N, next to the arithmetic from the config (describe.kv_cache_bytes_per_token).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+import statistics
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_share_kv import decode  # noqa: E402
+def prefill(model, n: int, seed: int = 0):
+    """The cache after a forward over n seeded random tokens, and the greedy next token."""
+    import torch
+
+    from qkvconv.compat import output_cache
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, min(20000, model.config.vocab_size), (1, n), generator=g).to(device)
+    out = model(ids, use_cache=True)
+    return output_cache(out), out.logits[:, -1:].argmax(-1)
+
+
+def step(model, cache, token):
+    """One single-token cached forward (greedy): (seconds, the next token)."""
+    import torch
+
+    sync = torch.cuda.synchronize if token.device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    out = model(token, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    sync()
+    return time.perf_counter() - t, token
+
+
+def set_absorb(model, absorb) -> None:
+    """LatentKVAttention.absorb on every layer: None (the cheaper path per call), False (rebuild keys and values)."""
+    for m in model.modules():
+        if hasattr(m, "absorb"):
+            m.absorb = absorb
 
 
 def main() -> None:
     import torch
 
     import qkvconv
+    from qkvconv.archs import spec_for
+    from qkvconv.compat import cache_bytes
     from qkvconv.defaults import default_checkpoint
+    from qkvconv.describe import kv_cache_bytes_per_token
 
     ap = argparse.ArgumentParser()
     ap.add_argument("converted", nargs="+", type=Path)
     ap.add_argument("--base", default=None)
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--context", default="1024,4096", help="comma-separated prefill lengths")
+    ap.add_argument("--steps", type=int, default=32, help="timed single-token steps per model")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
+    ap.add_argument("--rebuilt", action="store_true",
+                    help="also time each converted model rebuilding every cached key and value at each step (the "
+                         "decode path before the absorbed one; same model and cache, steps interleaved)")
     args = ap.parse_args()
     models = {"base": qkvconv.load(args.base or str(default_checkpoint()))}
     models |= {str(p): qkvconv.load(p) for p in args.converted}
-    models = {name: (model.to(args.device), tok) for name, (model, tok) in models.items()}
-    best: dict[str, tuple[int, float]] = {}
-    for _ in range(args.repeats):
-        for name, (model, tok) in models.items():
-            held, speed = decode(model, tok, args.tokens)
-            if name not in best or speed > best[name][1]:
-                best[name] = (held, speed)
-    base_bytes, base_speed = best["base"]
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, torch threads {torch.get_num_threads()}"
-    print(f"{args.tokens} greedy tokens, {where}, {next(iter(models.values()))[0].dtype}, best of {args.repeats}")
-    print(f"{'model':<24} {'cache bytes/token':>18} {'tokens/s':>9} {'× base':>7}")
-    for name, (held, speed) in best.items():
-        print(f"{name:<24} {held / args.tokens:>18,.0f} {speed:>9.1f} {speed / base_speed:>7.2f}")
+    models = {name: model.to(args.device).eval() for name, (model, _) in models.items()}
+    dtype = next(iter(models.values())).dtype
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+             else f"cpu, torch threads {torch.get_num_threads()}")
+    rows = []
+    for n in [int(x) for x in args.context.split(",")]:
+        state, best = {}, {}
+        with torch.no_grad():
+            for name, model in models.items():
+                t = time.perf_counter()
+                state[name] = prefill(model, n)
+                held = cache_bytes(state[name][0]) / n
+                arithmetic = kv_cache_bytes_per_token(model.config, spec_for(model.config.model_type), dtype)
+                best[name] = {"held": held, "arithmetic": arithmetic, "prefill_s": time.perf_counter() - t}
+            runs = {name: (name, None) for name in models}  # label -> (model, LatentKVAttention.absorb)
+            if args.rebuilt:
+                runs |= {f"{name} (rebuilt)": (name, False) for name in models if name != "base"}
+                best |= {label: dict(best[name]) for label, (name, _) in runs.items()}
+            times: dict[str, list[float]] = {label: [] for label in runs}
+            for _ in range(args.steps):  # one step of each model in turn: they share whatever else loads the machine
+                for label, (name, absorb) in runs.items():
+                    set_absorb(models[name], absorb)
+                    seconds, token = step(models[name], state[name][0], state[name][1])
+                    set_absorb(models[name], None)
+                    state[name] = (state[name][0], token)
+                    times[label].append(seconds)
+            for name in runs:
+                best[name]["tokens_per_s"] = 1 / statistics.median(times[name])
+                best[name]["step_s"] = sorted(times[name])
+        base = best["base"]["tokens_per_s"]
+        print(f"\ncontext {n}, {args.steps} decode steps per model (interleaved, median), batch 1, {where}, {dtype}")
+        print(f"{'model':<38} {'cache B/token':>13} {'arithmetic':>10} {'prefill s':>9} {'tokens/s':>9} {'× base':>7}")
+        for name, b in best.items():
+            print(f"{name:<38} {b['held']:>13,.0f} {b['arithmetic']:>10,} {b['prefill_s']:>9.1f} "
+                  f"{b['tokens_per_s']:>9.2f} {b['tokens_per_s'] / base:>7.2f}")
+            rows.append({"model": name, "context": n, **b, "x_base": b["tokens_per_s"] / base})
+        del state
+    if args.json:
+        args.json.write_text(json.dumps({"device": where, "dtype": str(dtype), "steps": args.steps, "rows": rows},
+                                        indent=1))
 
 
 if __name__ == "__main__":

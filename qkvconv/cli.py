@@ -651,6 +651,7 @@ def latent_kv(
     kv_rank: Annotated[int, typer.Option("--kv-rank", help="Average latent size per layer (the cache holds it instead of 2 × KV heads × head_dim).", show_default=False)],
     groups: Annotated[int, typer.Option("--groups", help="One latent per group of KV heads (divides the KV heads).")] = 1,
     rank_allocation: Annotated[str, typer.Option("--rank-allocation", help="uniform (every layer --kv-rank) | greedy (by each layer's whitened K/V spectrum; measured worse than uniform on SmolLM2).")] = "uniform",
+    rope_pairs: Annotated[Optional[int], typer.Option("--rope-pairs", help="MHA2MLA: keep RoPE on the P frequency pairs per KV head with the largest 2-norm contribution, cached as keys beside a RoPE-free latent (--kv-rank) of the other key dims and the values; absorbed at decode. Cache: kv-rank + 2·P·KV heads values per layer.", show_default=False)] = None,
     calib: Calib = None,
     num_seqs: Annotated[Optional[int], typer.Option("--num-seqs", help="Calibration sequences (default 40, 1 in 5 held out).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Calibration sequence length (default 256).")] = None,
@@ -665,8 +666,8 @@ def latent_kv(
 ) -> None:
     """Replace each layer's keys and values by one low-rank latent, the only thing cached (METHODS.md §6); write OUTPUT."""
     options = _options(LatentKvOptions, kv_rank=kv_rank, groups=groups, rank_allocation=rank_allocation,
-                       calib=_calib(calib), num_seqs=num_seqs, seq_len=seq_len, dtype=dtype, seed=seed, verify=verify,
-                       decode_check=decode_check, device=device)
+                       rope_pairs=rope_pairs, calib=_calib(calib), num_seqs=num_seqs, seq_len=seq_len, dtype=dtype,
+                       seed=seed, verify=verify, decode_check=decode_check, device=device)
     report = _conversion(options, model, output, dry_run=dry_run, force=force, allow_pickle=allow_pickle)
     if dry_run:
         out.print(dry_run_table(report))
@@ -675,6 +676,10 @@ def latent_kv(
     ranks = report.options["kv_ranks"]
     out.print(f"ranks per layer ({report.options['rank_allocation']}, mean {sum(ranks) / len(ranks):g}): "
               f"{' '.join(map(str, ranks))}")
+    if report.options.get("rope_pairs") is not None:
+        kept = [sum(x["rope_score_kept"]) / len(x["rope_score_kept"]) for x in report.fit]
+        out.print(f"RoPE pairs kept per KV head: {report.options['rope_pairs']}; share of the pairs' 2-norm score they "
+                  f"hold, per layer (mean over KV heads): {' '.join(f'{k:.2f}' for k in kept)}")
     _print_kv_cache(report)
     out.print(f"wrote [bold]{report.output}[/]")
 

@@ -721,6 +721,7 @@ def latent_kv_checkpoint(
     kv_rank: int,
     groups: int = 1,
     rank_allocation: str = "uniform",
+    rope_pairs: int | None = None,
     calib: Path | None = None,
     num_seqs: int | None = None,
     seq_len: int | None = None,
@@ -742,6 +743,13 @@ def latent_kv_checkpoint(
     below gave a higher held-out KL at ranks 192 and 128, bench/bench_latent_kv_allocation.py); "greedy" needs every layer's spectrum before the first layer is written: a first pass
     streams the original's layers over the fitting sequences and keeps only each layer's whitened singular values
     (nothing is written, no layer held beyond its own turn).
+
+    rope_pairs: P, the MHA2MLA variant (transforms/latent_kv.py): P RoPE pairs per KV head, chosen per layer on the
+    fitting sequences, cached beside the RoPE-free latent; kv_rank is then the latent alone, so the cache holds
+    kv_rank + 2·P·G values per token and layer. None: reconstruct-then-rotate. Zero-shot it loses far more than
+    reconstruct-then-rotate at the same cache (SmolLM2-135M at ½ cache, held-out KL: rank 192 0.19; P=4 + rank 168
+    2.0, P=8 + 144 1.5, P=16 + 96 0.94; P=4 at full latent rank 1.8, so the dropped rotation is the loss): MHA2MLA
+    heals it by training. What it buys is decoding without rebuilding keys (bench/bench_latent_kv.py).
     """
     from qkvconv.describe import kv_cache_bytes_per_token
     from qkvconv.stream import stream_convert
@@ -759,7 +767,7 @@ def latent_kv_checkpoint(
         _refuse_converted(config, source)
         spec = spec_for(config.model_type)
         dims = dims_of(config, spec)
-        check_latent_options(spec, dims, kv_rank, groups)  # before calibration
+        check_latent_options(spec, dims, kv_rank, groups, rope_pairs)  # before calibration
         state["ranks"] = uniform_ranks(dims.num_hidden_layers, kv_rank, groups)  # (dry run: no spectra)
 
     def prepare(plan, ids, calib_rows, dtype):
@@ -768,7 +776,7 @@ def latent_kv_checkpoint(
         spectra: list = []
 
         def spectrum(sd, i, attn_input):  # the original's layer i: its spectrum only, the layer unchanged
-            spectra.append(layer_spectrum(sd, plan.spec, plan.dims, i, attn_input, groups))
+            spectra.append(layer_spectrum(sd, plan.spec, plan.dims, i, attn_input, groups, rope_pairs))
             return LayerResult({}, [], stock_layers(plan.dims)[i])
 
         stream_convert(plan, None, spectrum, dtype=dtype, config_for=lambda entries: _converted(plan, entries, dtype),
@@ -777,7 +785,7 @@ def latent_kv_checkpoint(
         state["spectra"] = spectra
 
     def layer(plan, sd, i, attn_input):
-        return latent_kv_layer(sd, plan.spec, plan.dims, i, state["ranks"][i], attn_input, groups)
+        return latent_kv_layer(sd, plan.spec, plan.dims, i, state["ranks"][i], attn_input, groups, rope_pairs)
 
     def finish(report, plan):
         out_dtype = getattr(torch, report.options["dtype"])
@@ -792,11 +800,13 @@ def latent_kv_checkpoint(
         return {"kv_ranks": report.options["kv_ranks"], "rank_allocation": rank_allocation, "groups": groups,
                 "group_ranks": [x["group_ranks"] for x in report.fit],
                 "kept_energy": [x["kept_energy"] for x in report.fit],
-                "kv_cache_bytes_per_token": report.options["kv_cache_bytes_per_token"]}
+                "kv_cache_bytes_per_token": report.options["kv_cache_bytes_per_token"],
+                **({"rope_pairs": rope_pairs, "rope_pairs_per_layer": [x["rope_pairs"] for x in report.fit],
+                    "rope_score_kept": [x["rope_score_kept"] for x in report.fit]} if rope_pairs is not None else {})}
 
     return _pipeline(
         model, output, name="latent-kv",
-        options={"kv_rank": kv_rank, "groups": groups, "rank_allocation": rank_allocation,
+        options={"kv_rank": kv_rank, "groups": groups, "rank_allocation": rank_allocation, "rope_pairs": rope_pairs,
                  "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed},
         layer_fn=layer, exact=False, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=dtype,
         force=force, allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device,

@@ -41,12 +41,13 @@ def attached_parameters(model) -> dict[str, int]:
 
 def kv_cache_bytes_per_token(config, spec, dtype: torch.dtype) -> int:
     """Bytes the KV cache holds per generated token: keys and values of every layer, by each layer's mode
-    (share-kv: a K=V layer stores one tensor, "kv_heads" pooled heads; latent-kv: "kv_latent" rank r values)."""
+    (share-kv: a K=V layer stores one tensor, "kv_heads" pooled heads; latent-kv: "kv_latent" rank r values, plus
+    2P rotated key dims per KV head with "rope_pairs")."""
     dims = dims_of(config, spec)
     block = qkvconv_block(config)
     modes = block["layers"] if block else [{}] * dims.num_hidden_layers
     per_token = sum(
-        m["kv_latent"]["rank"] if "kv_latent" in m
+        m["kv_latent"]["rank"] + 2 * sum(len(p) for p in m["kv_latent"].get("rope_pairs", [])) if "kv_latent" in m
         else (1 if m.get("kv") == "shared" else 2) * m.get("kv_heads", dims.num_key_value_heads) * dims.head_dim
         for m in modes
     )
@@ -64,6 +65,8 @@ def layer_modes(config) -> list[str] | None:
         words = ["q=k=v" if len(shared) == 2 else (shared[0] if shared else "qkv")]
         if "kv_latent" in m:
             words = [f"kv latent rank {m['kv_latent']['rank']}"]
+            if "rope_pairs" in m["kv_latent"]:
+                words.append(f"{len(m['kv_latent']['rope_pairs'][0])} RoPE pairs per KV head")
         if "kv_heads" in m:
             words.append(f"kv_heads {m['kv_heads']}")
         if "pos2d" in m:

@@ -123,12 +123,14 @@ class LatentKvOptions(ConvertOptions):
     kv_rank: int = Field(ge=1)
     groups: int = Field(1, ge=1)
     rank_allocation: Literal["uniform", "greedy"] = "uniform"  # greedy: measured worse on SmolLM2 (convert.py)
+    rope_pairs: Optional[int] = Field(None, ge=0)  # MHA2MLA: RoPE pairs kept per KV head beside the latent
 
     def _library(self):
         from qkvconv.convert import latent_kv_checkpoint
 
         return latent_kv_checkpoint, dict(kv_rank=self.kv_rank, groups=self.groups,
-                                          rank_allocation=self.rank_allocation, num_seqs=self.num_seqs,
+                                          rank_allocation=self.rank_allocation, rope_pairs=self.rope_pairs,
+                                          num_seqs=self.num_seqs,
                                           seq_len=self.seq_len, **self._common())
 
 

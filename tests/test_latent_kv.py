@@ -1,6 +1,8 @@
 """latent-kv: full rank is the original (float64), a low-rank latent model is the stock model with the composed
 low-rank K/V weights, its cache holds only the latent (measured bytes = arithmetic), cached = uncached decoding,
-plain transformers with remote code = qkvconv.load, the rank allocation, refusals, CLI."""
+plain transformers with remote code = qkvconv.load, the rank allocation, refusals, CLI. --rope-pairs (MHA2MLA): every
+pair kept at full rank is the original (float64), its cache holds r + 2P·G values, the pair selection, and the
+absorbed decode paths of both variants equal rebuilding keys and values (float64)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from qkvconv.cli import app
 from qkvconv.convert import latent_kv_checkpoint
 from qkvconv.describe import kv_cache_bytes_per_token
 from qkvconv.errors import QkvconvError, TransformError
+from qkvconv.archs.layout import Proj
 from qkvconv.transforms.latent_kv import (_group_weights, allocate_ranks, full_rank, kept_energy,
-                                          latent_kv_layer, layer_spectrum)
+                                          latent_kv_layer, layer_spectrum, rope_pair_scores, select_rope_pairs)
 from test_share_kv import _check_cached_equals_uncached
 
 FAST = dict(num_seqs=5, seq_len=32, calib="sample")  # text the random model itself writes; 4 fit, 1 held out
@@ -108,13 +111,14 @@ def test_cache_holds_only_the_latent_and_cached_equals_uncached(tiny_models, tmp
 
 
 def test_plain_transformers_with_remote_code_equals_qkvconv_load(tiny_models, tmp_path):
-    cases = {"llama": 8, "qwen2": 16, "gpt_neox": 24}
+    cases = {"llama": dict(kv_rank=8), "qwen2": dict(kv_rank=16), "gpt_neox": dict(kv_rank=24),
+             "qwen2-rp": dict(kv_rank=12, rope_pairs=3), "gpt_neox-rp": dict(kv_rank=20, rope_pairs=2)}
     logits = {}
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
-    for family_, r in cases.items():
-        latent_kv_checkpoint(tiny_models[family_], tmp_path / family_, kv_rank=r, **FAST)
+    for name, kw in cases.items():
+        latent_kv_checkpoint(tiny_models[name.split("-")[0]], tmp_path / name, **kw, **FAST)
         with torch.no_grad():
-            logits[family_] = qkvconv.load(tmp_path / family_)[0](ids).logits
+            logits[name] = qkvconv.load(tmp_path / name)[0](ids).logits
     script = textwrap.dedent(
         f"""
         import sys, torch, transformers
@@ -140,6 +144,129 @@ def test_plain_transformers_with_remote_code_equals_qkvconv_load(tiny_models, tm
     remote = torch.load(tmp_path / "remote.pt")
     for f in cases:
         torch.testing.assert_close(remote[f], logits[f], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- --rope-pairs (MHA2MLA)
+ROPE_FAMILIES = ("llama", "qwen2", "mistral", "gpt_neox")  # gpt_neox: partial rotary (rotary_pct 0.5)
+
+
+@pytest.mark.parametrize("family_", ROPE_FAMILIES)
+def test_rope_pairs_all_pairs_at_full_rank_is_the_original_in_float64(tiny_models, tmp_path, family_):
+    """Every rotary pair kept (as rotated keys) and the latent of the rest (partial rotary: the pass-through dims)
+    and the values at full rank: the original model, with the query heads permuted to the kept layout."""
+    src = tiny_models[family_]
+    loaded, spec, dims = _dims(src)
+    pairs = dims.rotary_dim // 2
+    groups = 2 if family_ == "qwen2" else 1
+    out = tmp_path / "full"
+    latent_kv_checkpoint(src, out, kv_rank=full_rank(dims, groups, pairs), groups=groups, rope_pairs=pairs,
+                         dtype=torch.float64, **FAST)
+    conv, _ = qkvconv.load(out, dtype=torch.float64)
+    ref, _ = qkvconv.load(src, dtype=torch.float64)
+    assert all(m.rope_pairs is not None for m in conv.modules() if type(m).__name__ == "LatentKVAttention")
+    ids = loaded.tokenizer(["The quick brown fox jumps over the lazy dog."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = ref(ids).logits, conv(ids).logits
+    err = (a - b).abs().max().item()
+    print(f"{family_} --rope-pairs {pairs} (all), rank {full_rank(dims, groups, pairs)}: float64 max |Δlogit| {err:.2e}")
+    assert err < 1e-10 * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize("family_", ROPE_FAMILIES)
+def test_rope_pairs_cache_holds_latent_and_kept_pairs_and_cached_equals_uncached(tiny_models, tmp_path, family_):
+    out = tmp_path / "rp"
+    report = latent_kv_checkpoint(tiny_models[family_], out, kv_rank=8, rope_pairs=2, **FAST)
+    model, tok = qkvconv.load(out)
+    spec = spec_for(model.config.model_type)
+    G, L = dims_of(model.config, spec).num_key_value_heads, model.config.num_hidden_layers
+    per_token = L * (8 + 2 * 2 * G) * 4  # float32: r latent values + 2P rotated key dims per KV head, per layer
+    assert kv_cache_bytes_per_token(model.config, spec, torch.float32) == per_token
+    assert report.options["kv_cache_bytes_per_token"]["after"] == per_token
+    assert report.decoding is not None and report.decoding.passed
+    assert [len(p) for x in report.fit for p in x["rope_pairs"]] == [2] * (G * L)
+    ids = tok(["The quick brown fox"], return_tensors="pt").input_ids
+    _check_cached_equals_uncached(model, ids, 8, per_token)  # measured cache bytes = held tokens × per_token
+
+
+@pytest.mark.parametrize("rope_pairs", [None, 2])
+def test_absorbed_decode_equals_rebuilding_keys_and_values_in_float64(tiny_models, tmp_path, rope_pairs):
+    """The decode path ((p·c)·B_V + m·b_V; with --rope-pairs also (q·B_Kᵀ)·cᵀ + q·b_K) against rebuilding every
+    cached key and value and running the family's kernel, per attention layer output, prefill and cached steps."""
+    out = tmp_path / "lk"
+    latent_kv_checkpoint(tiny_models["qwen2"], out, kv_rank=10, rope_pairs=rope_pairs, dtype=torch.float64, **FAST)
+    model, _ = qkvconv.load(out, dtype=torch.float64)
+    attn = [m for m in model.modules() if type(m).__name__ == "LatentKVAttention"]
+    outputs: dict = {}
+    for m in attn:
+        m.register_forward_hook(lambda mod, args, out: outputs.setdefault(mod.absorb, []).append(out[0]))
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48]])
+    for absorb in (False, True):
+        for m in attn:
+            m.absorb = absorb
+        with torch.no_grad():
+            cache = model(ids[:, :6], use_cache=True).past_key_values
+            for i in range(6, 10):
+                model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+    assert len(outputs[True]) == len(outputs[False]) == 5 * len(attn)
+    for rebuilt, absorbed in zip(outputs[False], outputs[True]):
+        torch.testing.assert_close(absorbed, rebuilt, atol=1e-12, rtol=1e-12)
+    for m in attn:  # by default: absorbed while H·T < G·dh (4·T < 32 here), rebuilt for a longer prompt
+        m.absorb = None
+    calls = []
+    for m in attn:
+        m.register_forward_hook(lambda mod, args, out: calls.append(out[1] is not None))
+    with torch.no_grad():  # (sdpa, the kernel qkvconv.load picks, returns no probabilities)
+        cache = model(ids, use_cache=True).past_key_values
+        model(ids[:, :1], past_key_values=cache, use_cache=True)
+    assert calls == [False] * len(attn) + [True] * len(attn)  # only the absorbed path returns its probabilities
+
+
+def test_rope_pair_selection_by_two_norm_score():
+    """score(g, i) = Σ_{h of g} E‖q_{h,i}‖·E‖k_{g,i}‖ over the rotary pairs (i, i + rotary/2); GQA sums a KV head's
+    query heads; the top P per KV head are kept."""
+    from qkvconv.archs import Dims
+
+    dims = Dims(num_hidden_layers=1, hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                rotary_dim=8)
+    torch.manual_seed(0)
+    q = Proj(torch.randn(16, 32, dtype=torch.float64) * 0.01, None)
+    k = Proj(torch.randn(16, 16, dtype=torch.float64) * 0.01, None)
+    k.W[:, [0 * 8 + 1, 0 * 8 + 5]] *= 300  # KV head 0, pair 1: big keys
+    q.W[:, [8 + 2, 8 + 6]] *= 300  # query head 1 (KV head 0), pair 2: big queries
+    k.W[:, [8 + 3, 8 + 7]] *= 300  # KV head 1, pair 3 ...
+    q.W[:, [3 * 8 + 3, 3 * 8 + 7]] *= 300  # ... with big queries on query head 3 (KV head 1): the product wins
+    q.W[:, [2 * 8 + 0, 2 * 8 + 4]] *= 100  # KV head 1, pair 0: big queries, small keys
+    h = torch.randn(256, 16, dtype=torch.float64)
+    scores = rope_pair_scores(q, k, dims, h)
+    assert scores.shape == (2, 4)
+    assert select_rope_pairs(scores, 2).tolist() == [[1, 2], [0, 3]]
+    assert select_rope_pairs(scores, 1).tolist() == [[1], [3]]
+    plain = rope_pair_scores(q, k, dims, None)  # without calibration: the weights' norms
+    assert select_rope_pairs(plain, 1).tolist() == [[1], [3]]
+
+
+@pytest.mark.parametrize("family_,kw,msg", [
+    ("llama", dict(kv_rank=8, rope_pairs=9), "between 0 and the model's 8 rotary pairs per head"),
+    ("gpt_neox", dict(kv_rank=8, rope_pairs=5), r"4 rotary pairs per head \(8 of its 16 dims rotate\)"),
+    ("gpt2", dict(kv_rank=8, rope_pairs=1), "no RoPE: use --rope-pairs 0"),
+    ("llama", dict(kv_rank=57, rope_pairs=2), r"exceeds the full rank 56 of \[W_K\^nope \| W_V\]"),
+    ("qwen3", dict(kv_rank=8, rope_pairs=2), "normalises keys per head"),
+])
+def test_rope_pairs_refusals(tiny_models, tmp_path, family_, kw, msg):
+    with pytest.raises(TransformError, match=msg):
+        latent_kv_checkpoint(tiny_models[family_], tmp_path / "x", **kw, **FAST)
+    assert not (tmp_path / "x").exists()
+
+
+def test_rope_pairs_zero_on_a_model_without_rope_is_a_fully_absorbed_latent(tiny_models, tmp_path):
+    """gpt2 (learned positions): --rope-pairs 0 caches the latent alone and decodes without rebuilding keys;
+    cached = uncached."""
+    out = tmp_path / "g0"
+    latent_kv_checkpoint(tiny_models["gpt2"], out, kv_rank=12, rope_pairs=0, **FAST)
+    model, tok = qkvconv.load(out)
+    per_token = 12 * model.config.num_hidden_layers * 4
+    assert kv_cache_bytes_per_token(model.config, spec_for(model.config.model_type), torch.float32) == per_token
+    _check_cached_equals_uncached(model, tok(["The quick"], return_tensors="pt").input_ids, 6, per_token)
 
 
 # ------------------------------------------------------------------------------------------------ the fit
@@ -241,6 +368,11 @@ def test_cli_latent_kv_and_recipe_step(tiny_models, tmp_path):
     bad = runner.invoke(app, ["latent-kv", str(tiny_models["qwen2"]), "-o", str(tmp_path / "bad"), "--kv-rank", "0"])
     assert bad.exit_code == 1 and "--kv-rank" in bad.output and not (tmp_path / "bad").exists()
     assert TRANSFORMS["latent-kv"](kv_rank=192).kv_rank == 192  # a recipe's `- latent-kv: {kv_rank: 192}`
+    rp = runner.invoke(app, ["latent-kv", str(tiny_models["llama"]), "-o", str(tmp_path / "rp"), "--kv-rank", "8",
+                             "--rope-pairs", "2", "--num-seqs", "5", "--seq-len", "32"], env={"COLUMNS": "200"})
+    assert rp.exit_code == 0, rp.output
+    assert "RoPE pairs kept per KV head: 2" in rp.stdout and "512 → 128 bytes/token" in rp.stdout  # 2·(8 + 2·2·2)·4
+    assert TRANSFORMS["latent-kv"](kv_rank=96, rope_pairs=16).rope_pairs == 16
 
 
 # ------------------------------------------------------------------------------------------------- heal

@@ -11,7 +11,8 @@ Config block (config.json, key "qkvconv"):
      "paths": {"layers": ..., "attn_norm": ..., "q_proj": ..., "fused_qkv": ..., "qkv_layout": ...},
      "layers": [{"query": "identity" | "projection", "attn_input": "affine" | "attn_affine" | "norm",
                  optional share-kv keys: "kv": "shared", "qk": "shared", "kv_heads": N,
-                 "pos2d": {"channels": p} (q=k only); latent-kv: "kv_latent": {"rank": r}}, ...]}
+                 "pos2d": {"channels": p} (q=k only); latent-kv: "kv_latent": {"rank": r, optional "rope_pairs":
+                 [[frequency indices] per KV head]}}, ...]}
     "folded_dtype": "float64" (absorb-query: the folded maps kept at that precision, see keep_folded),
     optional per-layer keys: "query_mlp": {"size", "rank", "act"} (QueryMLP on the q projection),
     "preproj": {"size", "inner", "expansion", "skip", optional "on": "attention"} (PreProj on attn_norm, or on the
@@ -423,6 +424,7 @@ class _RopeTable:
     def __init__(self, rotary: nn.Module, layer_type: str | None = None, half: bool = False):
         self.rotary, self.layer_type, self.key, self.cos, self.sin = rotary, layer_type, None, None, None
         self.half = half  # the rotary module returns each frequency once (config block "rope_table": "half")
+        self.derived: dict = {}  # tables a consumer computes from cos/sin (latent-kv's kept pairs), dropped with them
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor):
         cos, sin = self.rotary(x, positions) if self.layer_type is None else self.rotary(x, positions, self.layer_type)
@@ -441,7 +443,7 @@ class _RopeTable:
             size = max(end, 2 * self.cos.shape[-2]) if key == self.key else end
             with torch.no_grad():
                 self.cos, self.sin = self._rotary(x, torch.arange(size, device=x.device)[None])
-            self.key = key
+            self.key, self.derived = key, {}
         return self.cos[:, start:end], self.sin[:, start:end]
 
 
@@ -554,6 +556,8 @@ class SharedProjectionAttention(nn.Module):
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A QK-norm on head-split states (B, n, T, dh); norm_over_heads: one norm over all n·dh of a token (olmo2's
         q_norm/k_norm), per token, so it can run on cached pre-norm states at read time."""
+        if isinstance(norm, nn.Identity):
+            return x
         if not self.norm_over_heads:
             return norm(x)
         B, n, T, dh = x.shape
@@ -615,11 +619,24 @@ class LatentKVAttention(SharedProjectionAttention):
     """Attention whose KV cache holds one low-rank latent per token (latent-kv, METHODS.md §6).
 
     Layer key "kv_latent": {"rank": r}. c = h·A (kv_a_proj, d → r, no bias) is all the cache stores: (B, 1, T, r) in
-    the key slot, a zero-width tensor in the value slot. At every step, over all cached positions:
+    the key slot, a zero-width tensor in the value slot. Over all cached positions:
         keys = RoPE(k_norm(c·B_K + b_K))   (k_b_proj; rebuilt, THEN rotated at absolute cache indices)
         values = c·B_V + b_V               (v_b_proj)
-    Queries, the kernel, scaling, soft-capping, sliding window and sinks are the family's, as in
-    SharedProjectionAttention.
+    Values are never rebuilt where that is cheaper (decoding): a softmax row p sums to its mass m (1, or less beside a
+    sink), so per query head of KV head g
+
+        p·(c·B_V,g + b_V,g) = (p·c)·B_V,g + m·b_V,g          ((H·T)·S·r instead of S·r·G·dh per step).
+
+    With "rope_pairs": [[i_1 … i_P] per KV head] (MHA2MLA, arXiv 2502.14837), each KV head keeps RoPE on P frequency
+    pairs only: those 2P key dims come from k_rope_proj (d → G·2P, rotated, cached as-is in the value slot) and the
+    other e = dh − 2P come from the latent, never rotated; q_proj's heads are laid out to match, [pair firsts |
+    pair seconds | the e RoPE-free dims]. The RoPE-free scores then absorb B_K (the latent is never expanded):
+
+        q_nope·(c·B_K,g + b_K,g)ᵀ = (q_nope·B_K,gᵀ)·cᵀ + q_nope·b_K,g
+
+    Queries, scaling, soft-capping, sliding window (by the mask) and sinks are the family's, as in
+    SharedProjectionAttention. `absorb`: None picks the cheaper evaluation per call (absorbed when the query rows H·T
+    are fewer than the rebuilt width G·dh, i.e. when decoding), True / False force one (tests compare them).
     """
 
     def __init__(self, old: nn.Module, config, layer_idx: int, spec: dict, rotary, qkv_bias: bool, o_bias: bool,
@@ -627,21 +644,139 @@ class LatentKVAttention(SharedProjectionAttention):
         super().__init__(old, config, layer_idx, {}, rotary, qkv_bias, o_bias, q_norm, k_norm)
         d, N, dh, r = config.hidden_size, self.kv_heads, self.head_dim, spec["kv_latent"]["rank"]
         del self.k_proj, self.v_proj
-        self.rank = r
+        self.rank, self.absorb = r, None
+        pairs = spec["kv_latent"].get("rope_pairs")
+        self.rope_pairs = pairs  # (G, P) frequency indices, a list: a tensor made here would be left on the meta device
+        self.rope_width = 0 if pairs is None else 2 * len(pairs[0])  # 2P key dims per KV head kept out of the latent
+        nope = dh - self.rope_width  # the key dims rebuilt from the latent
         self.kv_a_proj = nn.Linear(d, r, bias=False)  # A: c = h·A
-        self.k_b_proj = nn.Linear(r, N * dh, bias=qkv_bias)  # B_K
+        if nope:
+            self.k_b_proj = nn.Linear(r, N * nope, bias=qkv_bias)  # B_K (of the RoPE-free dims with rope_pairs)
         self.v_b_proj = nn.Linear(r, N * dh, bias=qkv_bias)  # B_V
+        if self.rope_width:
+            self.k_rope_proj = nn.Linear(d, N * self.rope_width, bias=qkv_bias)  # the kept pairs' key dims
 
+    # -------------------------------------------------------------------------------------------- helpers
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, e) -> (B, G, (H/G)·T, e): query head h = g·H/G + j belongs to KV head g (repeat_kv's order)."""
+        B, H, T, e = x.shape
+        return x.reshape(B, self.kv_heads, (H // self.kv_heads) * T, e)
+
+    def _per_kv_head(self, linear: nn.Linear):
+        """An up-projection's weight as (G, r, e) and bias as (G, 1, e) or None: its columns per KV head."""
+        G = self.kv_heads
+        w = linear.weight.view(G, -1, linear.weight.shape[-1]).transpose(1, 2)
+        return w, None if linear.bias is None else linear.bias.view(G, 1, -1)
+
+    def _pair_rope(self, x: torch.Tensor, start: int):
+        """cos and sign-folded sin of the kept pairs at the positions of x (B, G, T, 2P), per KV head: (1, G, 1, T, 2P)
+        each; None where the layer has no RoPE. Gathered once per table (the shared one grows geometrically) and
+        sliced per step, except for rope types computed per call."""
+        if self._rotary is None or not self.use_rope:
+            return None
+        cos, sin = self._rotary(x, start)  # (1, T, rotary_dim)
+        shared = self._rotary
+        if shared.key is None:  # a rope type whose table depends on the length: these positions only
+            return self._pair_tables(cos, sin, x)
+        full = shared.derived.get(self.layer_idx)
+        if full is None:
+            full = shared.derived[self.layer_idx] = self._pair_tables(shared.cos, shared.sin, x)
+        end = start + x.shape[-2]
+        return full[0][..., start:end, :], full[1][..., start:end, :]
+
+    def _pair_tables(self, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor):
+        """(1, n, rotary_dim) tables (rotate_half layout: column i is frequency i) -> the kept pairs' (1, G, 1, n, 2P),
+        [firsts | seconds], with rotate_half's sign folded into sin: RoPE(x) = x·cos + roll(x, P)·sin."""
+        index = torch.tensor(self.rope_pairs, device=x.device).view(self.kv_heads, -1).repeat(1, 2)  # (G, 2P)
+        sign = torch.ones(index.shape[-1], dtype=x.dtype, device=x.device)
+        sign[: index.shape[-1] // 2] = -1  # rotate_half([x1 | x2]) = [−x2 | x1] = roll(x, P)·[−1 | +1]
+        return cos[0][:, index].permute(1, 0, 2)[None, :, None].to(x.dtype), \
+            (sin[0][:, index].to(x.dtype) * sign).permute(1, 0, 2)[None, :, None]
+
+    def _rotate_pairs(self, x: torch.Tensor, table) -> torch.Tensor:
+        """RoPE on the kept pairs: x (B, n, T, 2P), n = G keys or H queries, each head at its KV head's frequencies."""
+        if table is None:
+            return x
+        B, n, T, w = x.shape
+        x = x.reshape(B, self.kv_heads, n // self.kv_heads, T, w)
+        return (x * table[0] + x.roll(w // 2, -1) * table[1]).view(B, n, T, w)
+
+    def _probs(self, logits: torch.Tensor, attention_mask, past: int) -> torch.Tensor:
+        """softmax over the keys of scaled logits (B, H, T, S), as the family's eager attention: soft-capping, the
+        mask (the causal one when none is given), sinks; in float32 (float64 stays float64), returned in the logits'
+        dtype."""
+        B, H, T, S = logits.shape
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        if attention_mask is not None or T > 1:  # one new token with no mask given sees every cached one
+            logits = logits + _with_bias(attention_mask, logits.new_zeros(1, 1, 1, S), T, past, logits.dtype)
+        if hasattr(self, "sinks"):  # one more logit per row, the head's sink, dropped after the softmax
+            logits = torch.cat([logits, self.sinks.to(logits.dtype).view(1, H, 1, 1).expand(B, H, T, 1)], -1)
+        p = nn.functional.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        return p.to(logits.dtype)[..., :S]
+
+    def _absorbed_values(self, p: torch.Tensor, c_all: torch.Tensor) -> torch.Tensor:
+        """Σ_s p_s·(c_s·B_V + b_V) = (p·c)·B_V + (Σ_s p_s)·b_V per query head: p (B, H, T, S), c_all (B, S, r) ->
+        (B, H, T, dh), no value ever rebuilt."""
+        B, H, T, S = p.shape
+        pc = (p.reshape(B, H * T, S) @ c_all).view(B, H, T, -1)  # (B, H, T, r)
+        w, b = self._per_kv_head(self.v_b_proj)  # (G, r, dh), (G, 1, dh)
+        out = self._grouped(pc) @ w  # (B, G, (H/G)·T, dh)
+        if b is not None:
+            out = out + self._grouped(p.sum(-1, keepdim=True)) * b
+        return out.view(B, H, T, -1)
+
+    def _output(self, out: torch.Tensor, p: torch.Tensor):
+        B, H, T, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), p
+
+    # -------------------------------------------------------------------------------------------- forward
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         cache, past = self._begin(kwargs)
-        T, heads = hidden_states.shape[1], self._heads
-        q = self._rotate(self._norm(self.q_norm, heads(self.q_proj(hidden_states))), past)
-        c = self.kv_a_proj(hidden_states)[:, None]  # (B, 1, T, r): the only tensor cached
-        c_all = cache.update(c, c[..., :0], self.layer_idx)[0][:, 0] if cache is not None else c[:, 0]  # (B, S, r)
+        B, T = hidden_states.shape[:2]
+        q = self._norm(self.q_norm, self._heads(self.q_proj(hidden_states)))  # (B, H, T, dh), not yet rotated
+        c = self.kv_a_proj(hidden_states)[:, None]  # (B, 1, T, r): cached
+        kr, table = c[..., :0], None  # (B, 1, T, 0) without kept pairs
+        if self.rope_width:  # the kept pairs' keys, rotated like a stock key cache: (B, G, T, 2P)
+            kr = self._heads_of(self.k_rope_proj(hidden_states), self.rope_width)
+            table = self._pair_rope(kr, past)
+            kr = self._rotate_pairs(kr, table)
+        if cache is not None:
+            c, kr = cache.update(c, kr, self.layer_idx)
+        c_all = c[:, 0]  # (B, S, r)
         first = past + T - c_all.shape[-2]  # > 0 where a sliding-window cache dropped the oldest tokens
-        k_all = self._rotate(self._norm(self.k_norm, heads(self.k_b_proj(c_all))), first)
-        v_all = heads(self.v_b_proj(c_all))
-        return self._attend(q, k_all, v_all, attention_mask, past, kwargs)
+        H, G, dh = q.shape[1], self.kv_heads, self.head_dim
+        absorb = self.absorb if self.absorb is not None else H * T < G * dh
+        if self.rope_pairs is None:
+            q = self._rotate(q, past)
+            k_all = self._rotate(self._norm(self.k_norm, self._heads(self.k_b_proj(c_all))), first)
+            if not absorb:
+                return self._attend(q, k_all, self._heads(self.v_b_proj(c_all)), attention_mask, past, kwargs)
+            logits = (self._grouped(q) @ k_all.transpose(-1, -2)).view(B, H, T, -1)
+        else:
+            w, has_nope = self.rope_width, hasattr(self, "k_b_proj")
+            q_rope, q_nope = self._rotate_pairs(q[..., :w], table), q[..., w:]
+            if not absorb:
+                parts = ([kr] if w else []) + ([self._heads_of(self.k_b_proj(c_all), dh - w)] if has_nope else [])
+                k_all = torch.cat(parts, -1)
+                q = torch.cat([q_rope, q_nope], -1)
+                return self._attend(q, k_all, self._heads(self.v_b_proj(c_all)), attention_mask, past, kwargs)
+            logits = 0
+            if w:
+                logits = (self._grouped(q_rope) @ kr.transpose(-1, -2)).view(B, H, T, -1)
+            if has_nope:  # (q_nope·B_Kᵀ)·cᵀ + q_nope·b_K per KV head
+                wk, bk = self._per_kv_head(self.k_b_proj)  # (G, r, e), (G, 1, e)
+                qn = self._grouped(q_nope)  # (B, G, (H/G)·T, e)
+                q_lat = (qn @ wk.transpose(-1, -2)).view(B, H * T, -1)  # (B, H·T, r)
+                nope = q_lat @ c_all.transpose(-1, -2)  # (B, H·T, S)
+                if bk is not None:
+                    nope = nope + (qn * bk).sum(-1).view(B, H * T, 1)
+                logits = logits + nope.view(B, H, T, -1)
+        p = self._probs(logits * self.scaling, attention_mask, past)
+        return self._output(self._absorbed_values(p, c_all), p)
+
+    def _heads_of(self, x: torch.Tensor, width: int) -> torch.Tensor:  # (B, S, n·width) -> (B, n, S, width)
+        return x.view(x.shape[0], x.shape[1], -1, width).transpose(1, 2)
 
 
 def _swap_shared_attention(model: nn.Module, layer: nn.Module, i: int, spec: dict, paths: dict,

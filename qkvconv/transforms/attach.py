@@ -199,6 +199,7 @@ def added_module_prefixes(layers: list[dict], spec: ArchSpec) -> list[str]:
                 prefixes.append(f"{spec.layer(i, attention_module(spec))}.content_skip.")
         if "pos2d" in layer:
             prefixes.append(f"{spec.layer(i, attention_module(spec))}.pos2d.")
-        if "kv_latent" in layer:  # latent-kv: the down- and up-projections replace k_proj/v_proj
-            prefixes += [f"{spec.layer(i, attention_module(spec))}.{m}." for m in ("kv_a_proj", "k_b_proj", "v_b_proj")]
+        if "kv_latent" in layer:  # latent-kv: the down- and up-projections (and kept RoPE pairs) replace k/v_proj
+            attn = spec.layer(i, attention_module(spec))
+            prefixes += [f"{attn}.{m}." for m in ("kv_a_proj", "k_b_proj", "v_b_proj", "k_rope_proj")]
     return prefixes

@@ -18,6 +18,19 @@ that error, which the rank allocation across layers uses. Without calibration H 
 stay on the up-projections, so they are exact at any rank. Groups: each group of G/groups KV heads gets its own
 latent; the latents are concatenated (c = h·[A_1 … A_g]) and B_K, B_V are block-diagonal, so the loader sees one
 dense latent attention whatever the grouping. float64 throughout, one cast at the end.
+
+--rope-pairs P (MHA2MLA, arXiv 2502.14837 §3.1, partial RoPE + §3.2 joint SVD): per KV head g keep RoPE on the P
+frequency pairs with the largest 2-norm contribution to q·k on the calibration activations,
+
+    score(g, i) = Σ_{query heads h of g} E‖q_{h,i}‖ · E‖k_{g,i}‖    (pair i = dims (i, i + rotary_dim/2))
+
+(the paper's S_2-norm: |q_i·R k_i| ≤ ‖q_i‖·‖k_i‖, RoPE preserves each pair's norm; GQA sums its query heads; without
+calibration E‖·‖ is the root mean square under h ~ N(0, I), ‖W_pair‖_F). Those 2P key dims per KV head (W_K^rope) are
+cached as they are, rotated; the other e = dh − 2P key dims lose their rotation and join the values in the latent,
+fitted as above on [W_K^nope | W_V]. The query heads are permuted to match each KV head's dims, [pair firsts | pair
+seconds | RoPE-free dims] (q·k is unchanged by one permutation of both). Cache per token and layer: r + G·2P values.
+With every pair kept and full rank it is the original model; with fewer pairs the dropped rotation is the loss (the
+paper heals it by training). Partial rotary: pairs are those of the rotary dims, the pass-through dims are RoPE-free.
 """
 
 from __future__ import annotations
@@ -38,13 +51,14 @@ RIDGE = 1e-6  # relative to the mean eigenvalue tr(H)/d
 MIN_RANK_FRACTION = 0.25  # greedy: every layer keeps at least this share of the average rank
 
 
-def full_rank(dims: Dims, groups: int = 1) -> int:
-    """The largest useful rank of one layer: each group's W is d × 2·(G/groups)·dh."""
-    per_group = 2 * (dims.num_key_value_heads // groups) * dims.head_dim
+def full_rank(dims: Dims, groups: int = 1, rope_pairs: int | None = None) -> int:
+    """The largest useful rank of one layer: each group's W is d × (G/groups)·(2·dh − 2P)."""
+    per_group = (dims.num_key_value_heads // groups) * (2 * dims.head_dim - 2 * (rope_pairs or 0))
     return groups * min(dims.hidden_size, per_group)
 
 
-def check_latent_options(spec: ArchSpec, dims: Dims, kv_rank: int, groups: int = 1) -> None:
+def check_latent_options(spec: ArchSpec, dims: Dims, kv_rank: int, groups: int = 1,
+                         rope_pairs: int | None = None) -> None:
     """Refuse, in one line, a request that does not apply to this model.
 
     Every family in qkvconv/archs reads K and V from one attention input h, so the latent applies to all of them:
@@ -54,12 +68,25 @@ def check_latent_options(spec: ArchSpec, dims: Dims, kv_rank: int, groups: int =
     if groups < 1 or G % groups:
         raise TransformError(f"--groups {groups} must divide the model's {G} key/value heads (try one of "
                              f"{', '.join(str(n) for n in range(1, G + 1) if G % n == 0)})")
-    top = full_rank(dims, groups)
+    if rope_pairs is not None and not 0 <= rope_pairs <= dims.rotary_dim // 2:
+        has = (f"{dims.rotary_dim // 2} rotary pairs per head ({dims.rotary_dim} of its {dims.head_dim} dims rotate)"
+               if dims.rotary_dim else "no RoPE: use --rope-pairs 0 for a latent of every key dim, absorbed at decode")
+        raise TransformError(f"--rope-pairs {rope_pairs} must be between 0 and the model's {has}")
+    top = full_rank(dims, groups, rope_pairs)
     if kv_rank < groups:
         raise TransformError(f"--kv-rank {kv_rank} is below --groups {groups}: each group needs at least rank 1")
     if kv_rank > top:
-        raise TransformError(f"--kv-rank {kv_rank} exceeds the full rank {top} of [W_K | W_V] "
-                             f"(2 × {G} heads × {dims.head_dim}): nothing would be saved")
+        what = ("[W_K | W_V] (2 × {G} heads × {dh})" if rope_pairs is None else
+                "[W_K^nope | W_V] ({G} heads × (2 × {dh} − 2 × {P}))").format(G=G, dh=dims.head_dim, P=rope_pairs)
+        raise TransformError(f"--kv-rank {kv_rank} exceeds the full rank {top} of {what}: nothing would be saved")
+
+
+def check_rope_pairs_layer(sd: dict, spec: ArchSpec, i: int) -> None:
+    """--rope-pairs absorbs B_K into the query, which a QK-norm (a per-head norm of the rebuilt keys) forbids."""
+    normed = [n for n in spec.qk_norm if any(k.startswith(f"{spec.layer(i, n)}.") for k in sd)]
+    if normed:
+        raise TransformError(f"--rope-pairs: layer {i} normalises keys per head ({normed[-1]}), so the RoPE-free key "
+                             "part cannot be absorbed into the query; use latent-kv without --rope-pairs")
 
 
 # ------------------------------------------------------------------------------------------ the fit
@@ -73,9 +100,76 @@ def _gram(attn_input: torch.Tensor | None, d: int) -> torch.Tensor:
 
 
 def _group_weights(k: Proj, v: Proj, dims: Dims, groups: int) -> list[torch.Tensor]:
-    """[W_K | W_V] of each group of KV heads: (d, 2·(G/groups)·dh) each, the group's key columns first."""
-    w = dims.kv_size // groups
-    return [torch.cat([k.W[:, j * w:(j + 1) * w], v.W[:, j * w:(j + 1) * w]], 1) for j in range(groups)]
+    """[W_K | W_V] of each group of KV heads: (d, (G/groups)·(e + dh)) each, the group's key columns first (e = dh,
+    or the RoPE-free key width with --rope-pairs)."""
+    wk, wv = k.W.shape[1] // groups, v.W.shape[1] // groups
+    return [torch.cat([k.W[:, j * wk:(j + 1) * wk], v.W[:, j * wv:(j + 1) * wv]], 1) for j in range(groups)]
+
+
+# ------------------------------------------------------------------------------------ --rope-pairs (MHA2MLA)
+def _columns(p: Proj, cols: torch.Tensor) -> Proj:
+    return Proj(p.W[:, cols], None if p.b is None else p.b[cols])
+
+
+def _pair_norms(p: Proj, heads: int, dims: Dims, attn_input: torch.Tensor | None) -> torch.Tensor:
+    """E‖x_{h,i}‖ for each head h and rotary pair i (dims i, i + rotary_dim/2) of the projection x = h·W + b: (heads,
+    rotary_dim/2), the mean over the calibration tokens, or ‖(W_pair; b_pair)‖_F (the RMS under h ~ N(0, I))."""
+    dh, half = dims.head_dim, dims.rotary_dim // 2
+    if attn_input is None:
+        w = p.W if p.b is None else torch.cat([p.W, p.b[None]], 0)  # (d (+1), heads·dh)
+        sq = w.pow(2).sum(0).view(heads, dh)
+        return (sq[:, :half] + sq[:, half:2 * half]).sqrt()
+    x = attn_input.double().reshape(-1, p.W.shape[0]) @ p.W
+    x = (x if p.b is None else x + p.b).view(-1, heads, dh)  # (n, heads, dh)
+    return (x[..., :half].pow(2) + x[..., half:2 * half].pow(2)).sqrt().mean(0)
+
+
+def rope_pair_scores(q: Proj, k: Proj, dims: Dims, attn_input: torch.Tensor | None) -> torch.Tensor:
+    """score(g, i) = Σ_{h of g} E‖q_{h,i}‖·E‖k_{g,i}‖: (G, rotary_dim/2), MHA2MLA's 2-norm contribution of pair i to
+    the logits of KV head g (summed over the query heads it serves)."""
+    H, G = dims.num_attention_heads, dims.num_key_value_heads
+    qn = _pair_norms(q, H, dims, attn_input).view(G, H // G, -1).sum(1)  # query head h = g·H/G + j
+    return qn * _pair_norms(k, G, dims, attn_input)
+
+
+def select_rope_pairs(scores: torch.Tensor, pairs: int) -> torch.Tensor:
+    """The `pairs` highest-scoring frequency pairs of each KV head, ascending: (G, P)."""
+    return scores.topk(pairs, dim=1).indices.sort(dim=1).values
+
+
+def head_layout(selected: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """Each KV head's dims reordered [pair firsts | pair seconds | the RoPE-free rest, ascending]: (G, dh)."""
+    dh, half = dims.head_dim, dims.rotary_dim // 2
+    rows = []
+    for sel in selected.tolist():
+        rope = sel + [i + half for i in sel]
+        rows.append(rope + [j for j in range(dh) if j not in set(rope)])
+    return torch.tensor(rows, dtype=torch.long).view(len(rows), dh)
+
+
+@dataclass
+class _RopeSplit:
+    """A layer's projections rearranged for --rope-pairs (see head_layout)."""
+
+    q: Proj  # (d, H·dh), each head's columns in its KV head's layout
+    k_rope: Proj  # (d, G·2P): the kept pairs' key columns
+    k_nope: Proj  # (d, G·e): the RoPE-free key columns, e = dh − 2P
+    selected: torch.Tensor  # (G, P) frequency indices
+    score_kept: list[float]  # per KV head, the share of its pairs' summed score that the kept pairs hold
+
+
+def split_rope_pairs(q: Proj, k: Proj, dims: Dims, pairs: int, attn_input: torch.Tensor | None) -> _RopeSplit:
+    """Select each KV head's `pairs` pairs by score and split W_K into the kept pairs' columns and the RoPE-free rest;
+    W_Q's heads follow their KV head's layout, so every q·k is the same sum of products, reordered."""
+    H, G, dh = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
+    scores = rope_pair_scores(q, k, dims, attn_input)  # (G, rotary_dim/2)
+    selected = select_rope_pairs(scores, pairs)
+    layout = head_layout(selected, dims)  # (G, dh)
+    cols = layout + torch.arange(G)[:, None] * dh  # absolute key columns per KV head
+    q_cols = torch.cat([layout[h // (H // G)] + h * dh for h in range(H)])
+    kept = (scores.gather(1, selected).sum(1) / scores.sum(1).clamp_min(1e-300)).tolist()
+    return _RopeSplit(_columns(q, q_cols), _columns(k, cols[:, :2 * pairs].reshape(-1)),
+                      _columns(k, cols[:, 2 * pairs:].reshape(-1)), selected, kept)
 
 
 @dataclass
@@ -95,10 +189,13 @@ def _whiten(H: torch.Tensor, W: torch.Tensor) -> _Whitened:
 
 
 def layer_spectrum(sd: dict, spec: ArchSpec, dims: Dims, i: int, attn_input: torch.Tensor | None,
-                   groups: int = 1) -> list[torch.Tensor]:
+                   groups: int = 1, rope_pairs: int | None = None) -> list[torch.Tensor]:
     """Layer i's whitened squared singular values per group, σ_j² (each (min(d, 2·Gg·dh),), float64): what rank j
-    removes from E‖h·W − h·A·B‖² (their sum is E‖h·[W_K | W_V]‖², the layer's K/V output energy)."""
-    _, k, v = read_qkv(sd, spec, dims, i)
+    removes from E‖h·W − h·A·B‖² (their sum is E‖h·[W_K | W_V]‖², the layer's K/V output energy; [W_K^nope | W_V]
+    with rope_pairs)."""
+    q, k, v = read_qkv(sd, spec, dims, i)
+    if rope_pairs is not None:
+        k = split_rope_pairs(q, k, dims, rope_pairs, attn_input).k_nope
     H = _gram(attn_input, dims.hidden_size)
     return [_whiten(H, W).S.pow(2) for W in _group_weights(k, v, dims, groups)]
 
@@ -145,24 +242,32 @@ def kept_energy(spectra: list[torch.Tensor], ranks: list[int]) -> float:
 
 # ----------------------------------------------------------------------------------------- one layer
 def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, rank: int | list[int],
-                    attn_input: torch.Tensor | None, groups: int = 1) -> LayerResult:
+                    attn_input: torch.Tensor | None, groups: int = 1, rope_pairs: int | None = None) -> LayerResult:
     """Layer i of latent-kv (the unit the streaming driver calls). rank: the layer's latent size (split evenly over
-    the groups) or one rank per group; attn_input (n, d): the original's attention inputs (None: plain SVD).
+    the groups) or one rank per group; attn_input (n, d): the original's attention inputs (None: plain SVD);
+    rope_pairs: P, the MHA2MLA variant (module docstring), None for reconstruct-then-rotate.
 
     Writes, under the attention block: q_proj, kv_a_proj (A: d → r), k_b_proj (B_K: r → G·dh, b_K),
-    v_b_proj (B_V, b_V), o_proj, and the QK-norms; fused QKV families are split (the block is replaced at load)."""
+    v_b_proj (B_V, b_V), o_proj, and the QK-norms; fused QKV families are split (the block is replaced at load).
+    With rope_pairs: q_proj in the permuted head layout, k_rope_proj (d → G·2P, b_K of those dims), k_b_proj of the
+    G·(dh − 2P) RoPE-free key dims (absent when none are left)."""
     ranks = _split_even(rank, groups) if isinstance(rank, int) else list(rank)
-    check_latent_options(spec, dims, max(sum(ranks), groups), groups)
+    check_latent_options(spec, dims, max(sum(ranks), groups), groups, rope_pairs)
     if len(ranks) != groups or min(ranks) < 1:
         raise TransformError(f"layer {i}: {ranks} is not one positive rank per group ({groups} groups)")
     dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
     q, k, v = read_qkv(sd, spec, dims, i)
+    split = None
+    if rope_pairs is not None:
+        check_rope_pairs_layer(sd, spec, i)
+        split = split_rope_pairs(q, k, dims, rope_pairs, attn_input)
+        q, k = split.q, split.k_nope  # the latent covers the RoPE-free key dims and the values
     o = read_o(sd, spec, dims, i)
     H = _gram(attn_input, dims.hidden_size)
-    d, w, r = dims.hidden_size, dims.kv_size // groups, sum(ranks)
+    d, wk, wv, r = dims.hidden_size, k.W.shape[1] // groups, v.W.shape[1] // groups, sum(ranks)
     A = torch.zeros(d, r, dtype=torch.float64)
-    Bk = torch.zeros(r, dims.kv_size, dtype=torch.float64)
-    Bv = torch.zeros(r, dims.kv_size, dtype=torch.float64)
+    Bk = torch.zeros(r, k.W.shape[1], dtype=torch.float64)
+    Bv = torch.zeros(r, v.W.shape[1], dtype=torch.float64)
     kept, start = [], 0
     for j, (W, rj) in enumerate(zip(_group_weights(k, v, dims, groups), ranks)):
         f = _whiten(H, W)
@@ -171,24 +276,33 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
         rows = slice(start, start + rj)
         # A = L⁻ᵀ·U_r·Σ_r ; [B_K | B_V] = V_rᵀ
         A[:, rows] = torch.linalg.solve_triangular(f.Lt, f.U[:, :rj] * f.S[:rj], upper=True)
-        Bk[rows, j * w:(j + 1) * w] = f.Vh[:rj, :w]
-        Bv[rows, j * w:(j + 1) * w] = f.Vh[:rj, w:]
+        Bk[rows, j * wk:(j + 1) * wk] = f.Vh[:rj, :wk]
+        Bv[rows, j * wv:(j + 1) * wv] = f.Vh[:rj, wk:]
         kept.append(float(f.S[:rj].pow(2).sum() / f.S.pow(2).sum().clamp_min(1e-300)))
         start += rj
     attn = _attn_prefix(spec, i)
     out: dict[str, torch.Tensor] = {}
     _put(out, f"{attn}.q_proj", q, dtype)
     _put(out, f"{attn}.kv_a_proj", Proj(A, None), dtype)  # (d, r): c = h·A
-    _put(out, f"{attn}.k_b_proj", Proj(Bk, k.b), dtype)  # (r, G·dh): K = c·B_K + b_K
+    if Bk.shape[1]:
+        _put(out, f"{attn}.k_b_proj", Proj(Bk, k.b), dtype)  # (r, G·dh): K = c·B_K + b_K (RoPE-free dims: G·e)
     _put(out, f"{attn}.v_b_proj", Proj(Bv, v.b), dtype)
+    if split is not None and split.k_rope.W.shape[1]:
+        _put(out, f"{attn}.k_rope_proj", split.k_rope, dtype)  # (d, G·2P): the kept pairs, cached rotated
     _put(out, f"{attn}.o_proj", o, dtype)
     removed = qkv_keys(sd, spec, i) + [key for key in sd if key.startswith(_o_key(spec, i) + ".")]
     move_qk_norms(sd, spec, i, attn, out, removed)
     removed = [key for key in removed if key not in out]
-    entry = {"query": "projection", "attn_input": "norm", "kv_latent": {"rank": r}}
-    return LayerResult(out, removed, entry, {"fit": {"rank": r, "group_ranks": ranks, "kept_energy": kept}})
+    latent: dict = {"rank": r}
+    fit = {"rank": r, "group_ranks": ranks, "kept_energy": kept}
+    if split is not None:
+        latent["rope_pairs"] = split.selected.tolist()
+        fit |= {"rope_pairs": split.selected.tolist(), "rope_score_kept": split.score_kept}
+    entry = {"query": "projection", "attn_input": "norm", "kv_latent": latent}
+    return LayerResult(out, removed, entry, {"fit": fit})
 
 
-def kv_cache_ratio(ranks: list[int], dims: Dims) -> float:
-    """Cache values after / before: Σ r_l over L·2·G·dh."""
-    return sum(ranks) / (len(ranks) * 2 * dims.kv_size)
+def kv_cache_ratio(ranks: list[int], dims: Dims, rope_pairs: int | None = None) -> float:
+    """Cache values after / before: Σ (r_l + G·2P) over L·2·G·dh."""
+    kept = 2 * (rope_pairs or 0) * dims.num_key_value_heads
+    return sum(r + kept for r in ranks) / (len(ranks) * 2 * dims.kv_size)
