@@ -18,12 +18,18 @@ that error, which the rank allocation across layers uses. Without calibration H 
 stay on the up-projections, so they are exact at any rank. Groups: each group of G/groups KV heads gets its own
 latent; the latents are concatenated (c = h·[A_1 … A_g]) and B_K, B_V are block-diagonal, so the loader sees one
 dense latent attention whatever the grouping. float64 throughout, one cast at the end.
+
+After share-kv (a combination): the latent is fitted over what the share-kv layer projects. After --kv-heads N it is
+[W_K | W_V] of the N pooled heads (2·N·dh columns); after --mode k=v it is the shared W_S alone (N·dh columns: keys
+and values are one tensor S), so keys and values are rebuilt from the same up-projection, B_K = B_V = V_rᵀ and
+K = V = c·B + b_S (the loader's two up-projections hold the same weights). Queries, W_O and the QK-norms are the
+share-kv layer's. At full rank the output is the share-kv model.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,18 +39,22 @@ from qkvconv.errors import TransformError
 from qkvconv.transforms.layer import LayerResult, layer_dtype
 from qkvconv.transforms.share_kv import _attn_prefix, _o_key, _put, move_qk_norms, read_o
 
+# the layer keys of a share-kv output that a latent can follow: pooled heads and/or K=V (queries their own)
+SHARE_KV_KEYS = {"query", "attn_input", "kv", "kv_heads"}
+
 ALLOCATIONS = ("uniform", "greedy")
 RIDGE = 1e-6  # relative to the mean eigenvalue tr(H)/d
 MIN_RANK_FRACTION = 0.25  # greedy: every layer keeps at least this share of the average rank
 
 
-def full_rank(dims: Dims, groups: int = 1) -> int:
-    """The largest useful rank of one layer: each group's W is d × 2·(G/groups)·dh."""
-    per_group = 2 * (dims.num_key_value_heads // groups) * dims.head_dim
+def full_rank(dims: Dims, groups: int = 1, parts: int = 2) -> int:
+    """The largest useful rank of one layer: each group's W is d × parts·(G/groups)·dh (parts 2: [W_K | W_V];
+    1: a share-kv K=V layer's W_S)."""
+    per_group = parts * (dims.num_key_value_heads // groups) * dims.head_dim
     return groups * min(dims.hidden_size, per_group)
 
 
-def check_latent_options(spec: ArchSpec, dims: Dims, kv_rank: int, groups: int = 1) -> None:
+def check_latent_options(spec: ArchSpec, dims: Dims, kv_rank: int, groups: int = 1, parts: int = 2) -> None:
     """Refuse, in one line, a request that does not apply to this model.
 
     Every family in qkvconv/archs reads K and V from one attention input h, so the latent applies to all of them:
@@ -54,12 +64,67 @@ def check_latent_options(spec: ArchSpec, dims: Dims, kv_rank: int, groups: int =
     if groups < 1 or G % groups:
         raise TransformError(f"--groups {groups} must divide the model's {G} key/value heads (try one of "
                              f"{', '.join(str(n) for n in range(1, G + 1) if G % n == 0)})")
-    top = full_rank(dims, groups)
+    top = full_rank(dims, groups, parts)
     if kv_rank < groups:
         raise TransformError(f"--kv-rank {kv_rank} is below --groups {groups}: each group needs at least rank 1")
     if kv_rank > top:
-        raise TransformError(f"--kv-rank {kv_rank} exceeds the full rank {top} of [W_K | W_V] "
-                             f"(2 × {G} heads × {dims.head_dim}): nothing would be saved")
+        what = "[W_K | W_V]" if parts == 2 else "the shared K=V projection W_S"
+        raise TransformError(f"--kv-rank {kv_rank} exceeds the full rank {top} of {what} "
+                             f"({parts} × {G} heads × {dims.head_dim}): nothing would be saved")
+
+
+def share_kv_heads(block: dict | None, source: str, num_key_value_heads: int | None) -> tuple[int | None, int]:
+    """(pooled KV heads N or None, parts: 1 for K=V else 2) of the checkpoint latent-kv reads, from its qkvconv block
+    (None: a stock checkpoint). Refuses, in one line, a conversion the latent attention cannot follow."""
+    if not block:
+        return None, 2
+    layers = block["layers"]
+    for i, layer in enumerate(layers):
+        if layer.get("qk") == "shared" or "pos2d" in layer:
+            raise TransformError(f"{source}: layer {i} has a shared query (share-kv q=k / q=k=v or --pos2d); the latent "
+                                 "attention projects its own queries, so latent-kv follows only share-kv k=v and "
+                                 "--kv-heads")
+        if set(layer) - SHARE_KV_KEYS or layer["query"] != "projection" or layer["attn_input"] != "norm":
+            raise TransformError(f"{source} is already converted ({', '.join(sorted(set(layer) - {'query'}))} in "
+                                 "layer {i}); latent-kv needs a stock checkpoint or a share-kv output")
+    if not any("kv" in layer or "kv_heads" in layer for layer in layers):
+        raise TransformError(f"{source} is a qkvconv checkpoint with nothing share-kv did; latent-kv needs a stock "
+                             "checkpoint or a share-kv output")
+    heads = {layer.get("kv_heads", num_key_value_heads) for layer in layers}
+    shared = {layer.get("kv") == "shared" for layer in layers}
+    if len(heads) > 1 or len(shared) > 1:
+        raise TransformError(f"{source}: layers differ in pooled heads or K=V; latent-kv needs one layout throughout")
+    N = heads.pop()
+    if num_key_value_heads is None and N is not None:
+        raise TransformError(f"{source}: the family has no num_key_value_heads setting, so the latent attention "
+                             "cannot hold pooled heads")
+    return N, 1 if shared.pop() else 2
+
+
+def read_kv_source(sd: dict, spec: ArchSpec, dims: Dims, i: int, entry: dict | None
+                   ) -> tuple[Proj, list[Proj], Proj, Dims, list[str]]:
+    """Layer i's (q, parts, o, dims, removed keys) as the latent sees them: parts [k, v] of a stock layer or of a
+    share-kv layer with pooled heads, [s] of a share-kv K=V layer; dims with the layer's KV heads.
+    A share-kv layer stores q_proj, k_proj, v_proj or s_proj, o_proj as nn.Linear under the attention block."""
+    if entry is None or not (set(entry) & {"kv", "kv_heads"}):
+        q, k, v = read_qkv(sd, spec, dims, i)
+        removed = qkv_keys(sd, spec, i) + [key for key in sd if key.startswith(_o_key(spec, i) + ".")]
+        return q, [k, v], read_o(sd, spec, dims, i), dims, removed
+    attn = _attn_prefix(spec, i)
+    dims = replace(dims, num_key_value_heads=entry.get("kv_heads", dims.num_key_value_heads))
+
+    def linear(name: str, d_in: int, d_out: int) -> Proj:  # nn.Linear stores (d_out, d_in)
+        w, b = sd[f"{attn}.{name}.weight"], sd.get(f"{attn}.{name}.bias")
+        if tuple(w.shape) != (d_out, d_in):
+            raise TransformError(f"{attn}.{name}.weight: expected {(d_out, d_in)}, found {tuple(w.shape)}")
+        return Proj(w.double().T.contiguous(), None if b is None else b.double())
+
+    d = dims.hidden_size
+    names = ["s_proj"] if entry.get("kv") == "shared" else ["k_proj", "v_proj"]
+    parts = [linear(n, d, dims.kv_size) for n in names]
+    removed = [f"{attn}.{n}.{t}" for n in ["q_proj", *names, "o_proj"] for t in ("weight", "bias")
+               if f"{attn}.{n}.{t}" in sd]
+    return linear("q_proj", d, dims.q_size), parts, linear("o_proj", dims.q_size, d), dims, removed
 
 
 # ------------------------------------------------------------------------------------------ the fit
@@ -72,10 +137,11 @@ def _gram(attn_input: torch.Tensor | None, d: int) -> torch.Tensor:
     return H + RIDGE * H.trace() / d * torch.eye(d, dtype=torch.float64)
 
 
-def _group_weights(k: Proj, v: Proj, dims: Dims, groups: int) -> list[torch.Tensor]:
-    """[W_K | W_V] of each group of KV heads: (d, 2·(G/groups)·dh) each, the group's key columns first."""
+def _group_weights(k: Proj, v: Proj | None, dims: Dims, groups: int) -> list[torch.Tensor]:
+    """[W_K | W_V] of each group of KV heads: (d, 2·(G/groups)·dh) each, the group's key columns first; v None:
+    the group's columns of k alone (a K=V layer's W_S)."""
     w = dims.kv_size // groups
-    return [torch.cat([k.W[:, j * w:(j + 1) * w], v.W[:, j * w:(j + 1) * w]], 1) for j in range(groups)]
+    return [torch.cat([p.W[:, j * w:(j + 1) * w] for p in (k, v) if p is not None], 1) for j in range(groups)]
 
 
 @dataclass
@@ -95,12 +161,18 @@ def _whiten(H: torch.Tensor, W: torch.Tensor) -> _Whitened:
 
 
 def layer_spectrum(sd: dict, spec: ArchSpec, dims: Dims, i: int, attn_input: torch.Tensor | None,
-                   groups: int = 1) -> list[torch.Tensor]:
+                   groups: int = 1, entry: dict | None = None) -> list[torch.Tensor]:
     """Layer i's whitened squared singular values per group, σ_j² (each (min(d, 2·Gg·dh),), float64): what rank j
-    removes from E‖h·W − h·A·B‖² (their sum is E‖h·[W_K | W_V]‖², the layer's K/V output energy)."""
-    _, k, v = read_qkv(sd, spec, dims, i)
+    removes from E‖h·W − h·A·B‖² (their sum is E‖h·[W_K | W_V]‖², the layer's K/V output energy). entry: the
+    layer's share-kv entry where the input is a share-kv output."""
+    _, parts, _, dims, _ = read_kv_source(sd, spec, dims, i, entry)
     H = _gram(attn_input, dims.hidden_size)
-    return [_whiten(H, W).S.pow(2) for W in _group_weights(k, v, dims, groups)]
+    return [_whiten(H, W).S.pow(2) for W in _group_weights(*_kv(parts), dims, groups)]
+
+
+def _kv(parts: list[Proj]) -> tuple[Proj, Proj | None]:
+    """(k, v) of [k, v], (s, None) of a K=V layer's [s]."""
+    return parts[0], parts[1] if len(parts) > 1 else None
 
 
 def _split_even(rank: int, groups: int) -> list[int]:
@@ -145,19 +217,21 @@ def kept_energy(spectra: list[torch.Tensor], ranks: list[int]) -> float:
 
 # ----------------------------------------------------------------------------------------- one layer
 def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, rank: int | list[int],
-                    attn_input: torch.Tensor | None, groups: int = 1) -> LayerResult:
+                    attn_input: torch.Tensor | None, groups: int = 1, entry: dict | None = None) -> LayerResult:
     """Layer i of latent-kv (the unit the streaming driver calls). rank: the layer's latent size (split evenly over
-    the groups) or one rank per group; attn_input (n, d): the original's attention inputs (None: plain SVD).
+    the groups) or one rank per group; attn_input (n, d): the original's attention inputs (None: plain SVD);
+    entry: the layer's entry in the input's qkvconv block where the input is a share-kv output (the latent is then
+    over its pooled heads' [W_K | W_V], or its shared W_S with B_K = B_V).
 
     Writes, under the attention block: q_proj, kv_a_proj (A: d → r), k_b_proj (B_K: r → G·dh, b_K),
     v_b_proj (B_V, b_V), o_proj, and the QK-norms; fused QKV families are split (the block is replaced at load)."""
     ranks = _split_even(rank, groups) if isinstance(rank, int) else list(rank)
-    check_latent_options(spec, dims, max(sum(ranks), groups), groups)
+    q, parts, o, dims, removed = read_kv_source(sd, spec, dims, i, entry)
+    check_latent_options(spec, dims, max(sum(ranks), groups), groups, len(parts))
     if len(ranks) != groups or min(ranks) < 1:
         raise TransformError(f"layer {i}: {ranks} is not one positive rank per group ({groups} groups)")
     dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
-    q, k, v = read_qkv(sd, spec, dims, i)
-    o = read_o(sd, spec, dims, i)
+    k, v = _kv(parts)
     H = _gram(attn_input, dims.hidden_size)
     d, w, r = dims.hidden_size, dims.kv_size // groups, sum(ranks)
     A = torch.zeros(d, r, dtype=torch.float64)
@@ -169,10 +243,10 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
         if rj > len(f.S):
             raise TransformError(f"layer {i}: rank {rj} exceeds the group's full rank {len(f.S)}")
         rows = slice(start, start + rj)
-        # A = L⁻ᵀ·U_r·Σ_r ; [B_K | B_V] = V_rᵀ
+        # A = L⁻ᵀ·U_r·Σ_r ; [B_K | B_V] = V_rᵀ (K=V: B_K = B_V = V_rᵀ)
         A[:, rows] = torch.linalg.solve_triangular(f.Lt, f.U[:, :rj] * f.S[:rj], upper=True)
         Bk[rows, j * w:(j + 1) * w] = f.Vh[:rj, :w]
-        Bv[rows, j * w:(j + 1) * w] = f.Vh[:rj, w:]
+        Bv[rows, j * w:(j + 1) * w] = f.Vh[:rj, w:] if v is not None else f.Vh[:rj, :w]
         kept.append(float(f.S[:rj].pow(2).sum() / f.S.pow(2).sum().clamp_min(1e-300)))
         start += rj
     attn = _attn_prefix(spec, i)
@@ -180,10 +254,9 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
     _put(out, f"{attn}.q_proj", q, dtype)
     _put(out, f"{attn}.kv_a_proj", Proj(A, None), dtype)  # (d, r): c = h·A
     _put(out, f"{attn}.k_b_proj", Proj(Bk, k.b), dtype)  # (r, G·dh): K = c·B_K + b_K
-    _put(out, f"{attn}.v_b_proj", Proj(Bv, v.b), dtype)
+    _put(out, f"{attn}.v_b_proj", Proj(Bv, (v or k).b), dtype)
     _put(out, f"{attn}.o_proj", o, dtype)
-    removed = qkv_keys(sd, spec, i) + [key for key in sd if key.startswith(_o_key(spec, i) + ".")]
-    move_qk_norms(sd, spec, i, attn, out, removed)
+    move_qk_norms(sd, spec, i, attn, out, removed)  # a share-kv input has them in place already: nothing moves
     removed = [key for key in removed if key not in out]
     entry = {"query": "projection", "attn_input": "norm", "kv_latent": {"rank": r}}
     return LayerResult(out, removed, entry, {"fit": {"rank": r, "group_ranks": ranks, "kept_energy": kept}})
