@@ -110,11 +110,11 @@ def test_what_the_latent_attention_cannot_follow_is_refused(tiny_models, tmp_pat
         latent_kv_checkpoint(tmp_path / "qk", tmp_path / "o1", kv_rank=4, **FAST)
     assert "\n" not in str(e.value)
     absorb_query_checkpoint(src, tmp_path / "abs", num_seqs=2, seq_len=16, calib="sample")
-    with pytest.raises(TransformError, match="already converted") as e:
+    with pytest.raises(TransformError, match="already a qkvconv-converted") as e:
         latent_kv_checkpoint(tmp_path / "abs", tmp_path / "o2", kv_rank=4, **FAST)
     assert "\n" not in str(e.value)
     latent_kv_checkpoint(src, tmp_path / "lat", kv_rank=8, **FAST)
-    with pytest.raises(TransformError, match="already converted"):
+    with pytest.raises(TransformError, match="already a qkvconv-converted"):
         latent_kv_checkpoint(tmp_path / "lat", tmp_path / "o3", kv_rank=4, **FAST)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 

@@ -85,8 +85,9 @@ def share_kv_heads(block: dict | None, source: str, num_key_value_heads: int | N
                                  "attention projects its own queries, so latent-kv follows only share-kv k=v and "
                                  "--kv-heads")
         if set(layer) - SHARE_KV_KEYS or layer["query"] != "projection" or layer["attn_input"] != "norm":
-            raise TransformError(f"{source} is already converted ({', '.join(sorted(set(layer) - {'query'}))} in "
-                                 "layer {i}); latent-kv needs a stock checkpoint or a share-kv output")
+            what = ", ".join(sorted(set(layer) - SHARE_KV_KEYS)) or f"query {layer['query']}"
+            raise TransformError(f"{source} is already a qkvconv-converted checkpoint ({what} in layer {i}); "
+                                 "latent-kv needs a stock checkpoint or a share-kv output")
     if not any("kv" in layer or "kv_heads" in layer for layer in layers):
         raise TransformError(f"{source} is a qkvconv checkpoint with nothing share-kv did; latent-kv needs a stock "
                              "checkpoint or a share-kv output")
