@@ -751,7 +751,8 @@ def latent_kv_checkpoint(
         block = qkvconv_block(config)
         spec = spec_for(config.model_type)
         dims = dims_of(config, spec)
-        N, parts = share_kv_heads(block, str(source.path), getattr(config, "num_key_value_heads", None))
+        N, parts = share_kv_heads(block, str(source.path), dims.num_key_value_heads,
+                                  hasattr(config, "num_key_value_heads"))
         state["entries"] = copy.deepcopy(block["layers"]) if block else [None] * dims.num_hidden_layers
         state["kv_heads"] = N
         if N is not None:

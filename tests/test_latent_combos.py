@@ -103,6 +103,24 @@ def test_k_eq_v_latent_is_the_share_kv_model_with_a_low_rank_shared_projection(s
         assert (model(IDS).logits - ref(IDS).logits).abs().max() > 1e-6  # rank 5 < 32: it did lose something
 
 
+@pytest.mark.parametrize("family_", ["gpt2", "qwen3"])
+def test_k_eq_v_then_full_rank_on_other_families(tiny_models, tmp_path, family_):
+    """gpt2: fused Conv1D QKV and no num_key_value_heads setting (pooling is refused there, K=V is not); qwen3:
+    per-head QK-norms, which share-kv moved under the attention and the latent keeps."""
+    share_kv_checkpoint(tiny_models[family_], tmp_path / "kv", mode="k=v", init="mean", **FAST)
+    ref, _ = qkvconv.load(tmp_path / "kv", dtype=torch.float64)
+    dims = dims_of(ref.config, spec_for(ref.config.model_type))
+    latent_kv_checkpoint(tmp_path / "kv", tmp_path / "full", kv_rank=dims.kv_size, dtype=torch.float64, **FAST)
+    conv, _ = qkvconv.load(tmp_path / "full", dtype=torch.float64)
+    with torch.no_grad():
+        a, b = ref(IDS).logits, conv(IDS).logits
+    assert (a - b).abs().max().item() < 1e-10 * max(1.0, a.abs().max().item())
+    if family_ == "gpt2":
+        share_kv_checkpoint(tiny_models[family_], tmp_path / "pool", kv_heads=1, init="mean", **FAST)
+        with pytest.raises(TransformError, match="no num_key_value_heads"):
+            latent_kv_checkpoint(tmp_path / "pool", tmp_path / "o", kv_rank=4, **FAST)
+
+
 def test_what_the_latent_attention_cannot_follow_is_refused(tiny_models, tmp_path):
     src = tiny_models["llama"]
     share_kv_checkpoint(src, tmp_path / "qk", mode="q=k", init="mean", **FAST)

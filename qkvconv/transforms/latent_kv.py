@@ -73,9 +73,11 @@ def check_latent_options(spec: ArchSpec, dims: Dims, kv_rank: int, groups: int =
                              f"({parts} × {G} heads × {dims.head_dim}): nothing would be saved")
 
 
-def share_kv_heads(block: dict | None, source: str, num_key_value_heads: int | None) -> tuple[int | None, int]:
-    """(pooled KV heads N or None, parts: 1 for K=V else 2) of the checkpoint latent-kv reads, from its qkvconv block
-    (None: a stock checkpoint). Refuses, in one line, a conversion the latent attention cannot follow."""
+def share_kv_heads(block: dict | None, source: str, kv_heads: int, settable: bool) -> tuple[int | None, int]:
+    """(pooled KV heads N, None where not pooled; parts: 1 for K=V else 2) of the checkpoint latent-kv reads, from its
+    qkvconv block (None: a stock checkpoint); kv_heads: the config's KV heads, settable: whether the family's config
+    has num_key_value_heads (the latent attention reads pooled heads from it). Refuses, in one line, a conversion
+    the latent attention cannot follow."""
     if not block:
         return None, 2
     layers = block["layers"]
@@ -91,15 +93,15 @@ def share_kv_heads(block: dict | None, source: str, num_key_value_heads: int | N
     if not any("kv" in layer or "kv_heads" in layer for layer in layers):
         raise TransformError(f"{source} is a qkvconv checkpoint with nothing share-kv did; latent-kv needs a stock "
                              "checkpoint or a share-kv output")
-    heads = {layer.get("kv_heads", num_key_value_heads) for layer in layers}
+    heads = {layer.get("kv_heads", kv_heads) for layer in layers}
     shared = {layer.get("kv") == "shared" for layer in layers}
     if len(heads) > 1 or len(shared) > 1:
         raise TransformError(f"{source}: layers differ in pooled heads or K=V; latent-kv needs one layout throughout")
     N = heads.pop()
-    if num_key_value_heads is None and N is not None:
-        raise TransformError(f"{source}: the family has no num_key_value_heads setting, so the latent attention "
-                             "cannot hold pooled heads")
-    return N, 1 if shared.pop() else 2
+    if N != kv_heads and not settable:
+        raise TransformError(f"{source}: the family's config has no num_key_value_heads, so the latent attention "
+                             f"cannot hold its {N} pooled heads (latent-kv follows share-kv k=v here)")
+    return (N if N != kv_heads else None), 1 if shared.pop() else 2
 
 
 def read_kv_source(sd: dict, spec: ArchSpec, dims: Dims, i: int, entry: dict | None
