@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -212,14 +212,15 @@ def _pipeline(
     calibrate: bool = False, held_out: bool = False, refuse: Callable | None = None,
     config_for: Callable | None = None, details: Callable | None = None,
     finish: Callable | None = None, max_shard_bytes: int | None = None, dry_run: bool = False,
-    prepare: Callable | None = None,
+    prepare: Callable | None = None, adjust_config: Callable | None = None,
 ) -> Report:
     """One conversion: open (headers and checks), calibration ids, stream (transform, verify, write), exactness and
     decode checks, record; nothing is left at `output` unless every check passed.
 
     layer_fn(plan, sd64, i, attn_input) -> LayerResult. calibrate: the transform needs each layer's attention
     inputs (fitted on 4 of every 5 sequences when held_out, verified on the 5th). prepare(plan, ids, calib_rows,
-    dtype): runs once after calibration, before the first layer is transformed (latent-kv's first pass)."""
+    dtype): runs once after calibration, before the first layer is transformed (latent-kv's first pass).
+    adjust_config(config) -> config: applied to the converted config (latent-kv after pooling: its KV heads)."""
     from qkvconv.checkpoint import DEFAULT_SHARD_BYTES
     from qkvconv.stream import atomic_output, open_plan, stream_convert
 
@@ -232,9 +233,10 @@ def _pipeline(
         refuse(plan.config, source)
     dtype = dtype or plan.source_dtype()
     options = {**options, "dtype": str(dtype).removeprefix("torch.")}
+    made = config_for or (lambda entries: _converted(plan, entries, dtype))
+    config_for = made if adjust_config is None else (lambda entries: adjust_config(made(entries)))
     if dry_run:
-        return _dry_run(plan, name, layer_fn, dtype, config_for or (lambda entries: _converted(plan, entries, dtype)),
-                        out, calibrate=calibrate)
+        return _dry_run(plan, name, layer_fn, dtype, config_for, out, calibrate=calibrate)
     ids, calib_source, verify_rows, calib_rows = None, "", None, None
     if verify or calibrate:
         with _timed(t, "calibrate", progress):
@@ -255,7 +257,6 @@ def _pipeline(
     model_bytes = int(src_bytes * _dtype_bytes(dtype) / _dtype_bytes(plan.source_dtype()))
     skip = _decode_skip_reason(decode, verify, model_bytes)
     options["verify"], options["decode_check"] = verify, decode
-    config_for = config_for or (lambda entries: _converted(plan, entries, dtype))
 
     def run(tmp: Path | None) -> Report:
         # the input's sha256 (for the record) is read and hashed on a thread while the layers convert: hashlib and
@@ -738,6 +739,11 @@ def latent_kv_checkpoint(
     """latent-kv on a checkpoint (METHODS.md §6; lossy below full rank: reported, never refused), streamed layer by
     layer, written to `output` unless it is None. kv_rank: the average latent size per layer.
 
+    The input is a stock checkpoint or a share-kv output with --mode k=v and/or --kv-heads N (a combination): the
+    latent is then fitted over the share-kv model's own K/V projections on its own attention inputs (the pooled
+    heads' [W_K | W_V], or the shared W_S alone, keys and values rebuilt from one up-projection), and the output's
+    config says num_key_value_heads N, which the latent attention reads.
+
     Calibration: num_seqs×seq_len tokens (default 40×256), fitted on 4 of every 5 sequences, the error reported on
     the 5th. rank_allocation "uniform" gives every layer kv_rank (the default: on SmolLM2-135M the greedy allocation
     below gave a higher held-out KL at ranks 192 and 128, bench/bench_latent_kv_allocation.py); "greedy" needs every layer's spectrum before the first layer is written: a first pass
@@ -755,7 +761,7 @@ def latent_kv_checkpoint(
     from qkvconv.stream import stream_convert
     from qkvconv.transforms.attach import stock_layers
     from qkvconv.transforms.latent_kv import (ALLOCATIONS, allocate_ranks, check_latent_options, layer_spectrum,
-                                              uniform_ranks)
+                                              share_kv_heads, uniform_ranks)
     from qkvconv.transforms.layer import LayerResult
 
     if rank_allocation not in ALLOCATIONS:
@@ -764,20 +770,35 @@ def latent_kv_checkpoint(
     state: dict = {}
 
     def refuse(config, source):
-        _refuse_converted(config, source)
+        block = qkvconv_block(config)
         spec = spec_for(config.model_type)
         dims = dims_of(config, spec)
-        check_latent_options(spec, dims, kv_rank, groups, rope_pairs)  # before calibration
+        N, parts = share_kv_heads(block, str(source.path), dims.num_key_value_heads,
+                                  hasattr(config, "num_key_value_heads"))
+        if rope_pairs is not None and block:
+            raise TransformError(f"{source.path}: --rope-pairs needs a stock checkpoint, not a qkvconv output "
+                                 "(latent-kv follows share-kv without --rope-pairs)")
+        state["entries"] = copy.deepcopy(block["layers"]) if block else [None] * dims.num_hidden_layers
+        state["kv_heads"] = N
+        if N is not None:
+            dims = replace(dims, num_key_value_heads=N)
+        check_latent_options(spec, dims, kv_rank, groups, rope_pairs, parts)  # before calibration
         state["ranks"] = uniform_ranks(dims.num_hidden_layers, kv_rank, groups)  # (dry run: no spectra)
+
+    def adjust_config(config):
+        if state["kv_heads"] is not None:  # pooled heads: the latent attention reads its KV heads from the config
+            config.num_key_value_heads = state["kv_heads"]
+        return config
 
     def prepare(plan, ids, calib_rows, dtype):
         if rank_allocation == "uniform":
             return
         spectra: list = []
 
-        def spectrum(sd, i, attn_input):  # the original's layer i: its spectrum only, the layer unchanged
-            spectra.append(layer_spectrum(sd, plan.spec, plan.dims, i, attn_input, groups, rope_pairs))
-            return LayerResult({}, [], stock_layers(plan.dims)[i])
+        def spectrum(sd, i, attn_input):  # the input's layer i: its spectrum only, the layer unchanged
+            spectra.append(layer_spectrum(sd, plan.spec, plan.dims, i, attn_input, groups, rope_pairs,
+                                          state["entries"][i]))
+            return LayerResult({}, [], state["entries"][i] or stock_layers(plan.dims)[i])
 
         stream_convert(plan, None, spectrum, dtype=dtype, config_for=lambda entries: _converted(plan, entries, dtype),
                        ids=ids, verify_rows=[], calib_rows=calib_rows, device=device)
@@ -785,7 +806,8 @@ def latent_kv_checkpoint(
         state["spectra"] = spectra
 
     def layer(plan, sd, i, attn_input):
-        return latent_kv_layer(sd, plan.spec, plan.dims, i, state["ranks"][i], attn_input, groups, rope_pairs)
+        return latent_kv_layer(sd, plan.spec, plan.dims, i, state["ranks"][i], attn_input, groups, rope_pairs,
+                               state["entries"][i])
 
     def finish(report, plan):
         out_dtype = getattr(torch, report.options["dtype"])
@@ -811,5 +833,5 @@ def latent_kv_checkpoint(
         layer_fn=layer, exact=False, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=dtype,
         force=force, allow_pickle=allow_pickle, progress=progress, verify=verify, decode=decode, device=device,
         calibrate=True, held_out=True, refuse=refuse, details=details, finish=finish, dry_run=dry_run,
-        prepare=prepare,
+        prepare=prepare, adjust_config=adjust_config,
     )

@@ -484,6 +484,53 @@ def _save(plt, fig, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _group_of(m: ModelResult) -> str:
+    """A model's group in the quality/KV plot: base, control, or its chain of transforms (", healed" if healed)."""
+    if m.role != "variant":
+        return m.role
+    chain = " → ".join(t.get("transform", "?") for t in m.transforms) or "unmodified"
+    return chain + (", healed" if m.heal else "")
+
+
+_MARKERS = "oDv^P<>Xph"
+_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _variant_groups(models: list[ModelResult]) -> dict[str, tuple[str, str, bool]]:
+    """label -> (marker, colour, filled): base and control fixed, then one marker and colour per chain of
+    transforms, in order of appearance; a healed chain keeps its unhealed chain's colour, hollow markers."""
+    out = {"base": ("s", "black", True), "control": ("*", "tab:red", True)}
+    chains: list[str] = []
+    for m in models:
+        label = _group_of(m)
+        if label in out:
+            continue
+        chain = label.removesuffix(", healed")
+        if chain not in chains:
+            chains.append(chain)
+        j = chains.index(chain)
+        out[label] = (_MARKERS[j % len(_MARKERS)], _COLORS[j % len(_COLORS)], not m.heal)
+    return out
+
+
+def _dodged(xs: list[int], log: bool) -> list[float]:
+    """Plot positions: the models that share a KV budget spread a little around it (3 % apart on a log axis, 1 % of
+    the range on a linear one), so their markers and error bars do not hide each other."""
+    step = (max(xs) - min(xs)) * 0.01 or 1.0
+    out = []
+    for i, x in enumerate(xs):
+        n, k = xs.count(x), xs[:i].count(x)
+        out.append(x * 1.03 ** (k - (n - 1) / 2) if log else x + step * (k - (n - 1) / 2))
+    return out
+
+
+def _fraction(f: float) -> str:
+    """0.5 -> "1/2", 0.1667 -> "1/6", 0.4 -> "40%": a cache fraction as the budget it was chosen as."""
+    if f > 0 and abs(1 / f - round(1 / f)) < 0.02 * (1 / f):
+        return "1" if round(1 / f) == 1 else f"1/{round(1 / f)}"
+    return f"{f:.0%}"
+
+
 def plot_quality_vs_kv(results: RunResults, path: Path) -> bool:
     """One panel per main metric: metric against KV-cache bytes per token, the Pareto front drawn. False if no
     model has both a value and its KV bytes yet."""
@@ -497,27 +544,36 @@ def plot_quality_vs_kv(results: RunResults, path: Path) -> bool:
     if not panels:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
-    styles = {"base": ("s", "black"), "control": ("*", "tab:red"), "variant": ("o", "tab:blue")}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.8), squeeze=False)
+    groups = _variant_groups(results.models)
+    base = results.models[0].kv_cache_bytes_per_token if results.models else None
     for ax, (task, metric, pts) in zip(axes[0], panels):
         better = _higher_is_better(results, task, metric)
         log = "perplexity" in metric and all(v.value > 0 for _, v in pts)  # perplexities span decades
-        for role, (marker, color) in styles.items():
-            mine = [(m, v) for m, v in pts if m.role == role]
+        xs = sorted({m.kv_cache_bytes_per_token for m, _ in pts})
+        logx = xs[0] > 0 and xs[-1] / xs[0] > 4  # budgets that halve and third the cache: even spacing on a log axis
+        at = dict(zip([m.name for m, _ in pts], _dodged([m.kv_cache_bytes_per_token for m, _ in pts], logx)))
+        for label, (marker, color, filled) in groups.items():
+            mine = [(m, v) for m, v in pts if _group_of(m) == label]
             if not mine:
                 continue
             err = [v.stderr or 0 for _, v in mine]
             low = [min(e, 0.9 * v.value) if log else e for e, (_, v) in zip(err, mine)]  # a log axis has no ≤ 0
-            ax.errorbar([m.kv_cache_bytes_per_token for m, _ in mine], [v.value for _, v in mine],
+            ax.errorbar([at[m.name] for m, _ in mine], [v.value for _, v in mine],
                         yerr=[low, err], fmt=marker, color=color, ms=11 if marker == "*" else 7,
-                        capsize=3, label=role, zorder=3)
+                        mfc=color if filled else "white", mew=1.5, capsize=3, label=label, zorder=3)
+        if logx:
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:,}" + (f"\n{_fraction(x / base)}" if base else "") for x in xs], fontsize=7)
         span = (max(v.value for _, v in pts) - min(v.value for _, v in pts)) or 1.0
         placed: list[tuple[int, float]] = []  # labels of models at (nearly) the same point are stacked
         for m, v in pts:
             x = m.kv_cache_bytes_per_token
             k = sum(1 for x2, y2 in placed if x2 == x and abs(y2 - v.value) < 0.06 * span)
             placed.append((x, v.value))
-            ax.annotate(m.name, (m.kv_cache_bytes_per_token, v.value), textcoords="offset points",
+            ax.annotate(m.name, (at[m.name], v.value), textcoords="offset points",
                         xytext=(6, 5 - 10 * k), fontsize=7)
         if better is not None and len(pts) > 1:
             xy = [(float(m.kv_cache_bytes_per_token), v.value) for m, v in pts]
@@ -526,7 +582,7 @@ def plot_quality_vs_kv(results: RunResults, path: Path) -> bool:
                     label="Pareto front", zorder=2)
         arrow = {True: " (higher is better)", False: " (lower is better)"}.get(better, "")
         ax.set_title(f"{task}: {metric}{arrow}", fontsize=9)
-        ax.set_xlabel("KV-cache bytes per token")
+        ax.set_xlabel("KV-cache bytes per token" + (" (fraction of the base model's)" if base else ""))
         ax.set_ylabel(SHORT_METRIC_NAMES.get(metric, metric) + (" (log scale)" if log else ""))
         if log:
             ax.set_yscale("log")

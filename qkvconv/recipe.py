@@ -31,7 +31,8 @@ from pydantic import Field, field_validator, model_validator
 
 from qkvconv.errors import QkvconvError
 from qkvconv.options import (AbsorbQueryOptions, AttachPreprojOptions, AttachQueryMlpOptions, ConvertOptions,
-                             EvalOptions, FinetuneOptions, Options, ShareKvOptions, dotted, error_message)
+                             EvalOptions, FinetuneOptions, LatentKvOptions, Options, ShareKvOptions, dotted,
+                             error_message)
 
 
 class RecipeError(QkvconvError):
@@ -45,6 +46,7 @@ class Step(Options):
 
     absorb_query: Optional[AbsorbQueryOptions] = Field(None, alias="absorb-query")
     share_kv: Optional[ShareKvOptions] = Field(None, alias="share-kv")
+    latent_kv: Optional[LatentKvOptions] = Field(None, alias="latent-kv")
     attach_query_mlp: Optional[AttachQueryMlpOptions] = Field(None, alias="attach-query-mlp")
     attach_preproj: Optional[AttachPreprojOptions] = Field(None, alias="attach-preproj")
 
@@ -120,7 +122,9 @@ class Recipe(Options):
 def chain_problem(steps: list[Step]) -> tuple[int, str] | None:
     """(index of the offending step, why) if the chain cannot run, else None. What qkvconv.convert allows:
     share-kv only on a stock checkpoint (so first), absorb-query once and not on a shared-projection model,
-    each attach-* once, absorb-query before the attach-* steps (their modules hang on the query it replaces)."""
+    each attach-* once, absorb-query before the attach-* steps (their modules hang on the query it replaces);
+    latent-kv on a stock checkpoint or right after share-kv (the latent over its pooled heads or its shared K=V),
+    and last (nothing else reads a latent attention)."""
     seen: list[str] = []
     for i, step in enumerate(steps):
         t = step.transform
@@ -132,6 +136,10 @@ def chain_problem(steps: list[Step]) -> tuple[int, str] | None:
             return i, "absorb-query cannot follow share-kv (it needs separate query, key and value projections)"
         if t == "absorb-query" and any(s.startswith("attach-") for s in seen):
             return i, "absorb-query must come before the attach-* steps"
+        if "latent-kv" in seen:
+            return i, f"{t} cannot follow latent-kv (put latent-kv last)"
+        if t == "latent-kv" and seen not in ([], ["share-kv"]):
+            return i, f"latent-kv needs a stock or share-kv checkpoint (it follows {seen[-1]})"
         seen.append(t)
     return None
 

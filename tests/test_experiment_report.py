@@ -374,3 +374,28 @@ def test_results_from_a_real_lm_eval_run_render(tmp_path):
     assert "| kv-half-raw | base | wikitext | word_perplexity | 2 |" in report
     _png_ok(run / "quality_vs_kv.png")
     assert not (run / "heal_curves.png").exists()
+
+
+def test_plot_helpers_for_many_variants():
+    """Cache fractions read as the budgets they were chosen as; models on one budget are spread around it, the
+    others stay put; each chain of transforms has its own marker, its healed models hollow in the same colour."""
+    from qkvconv.experiment_report import ModelResult, _dodged, _fraction, _variant_groups
+
+    assert [_fraction(f) for f in (1.0, 0.5, 1 / 3, 0.25, 1 / 6, 1 / 12, 0.4)] == \
+        ["1", "1/2", "1/3", "1/4", "1/6", "1/12", "40%"]
+    xs = [46080, 7680, 7680, 7680, 23040]
+    log = _dodged(xs, True)
+    assert log[0] == 46080 and log[4] == 23040 and log[2] == pytest.approx(7680)
+    assert log[1] < log[2] < log[3] and log[3] / log[2] == pytest.approx(1.03)
+    lin = _dodged([10, 10, 20], False)
+    assert lin[0] < 10 < lin[1] and lin[2] == 20
+
+    def m(name, role, chain, heal=None):
+        return ModelResult(name=name, role=role, transforms=[{"transform": t} for t in chain], heal=heal,
+                           reference=None if role == "base" else "base")
+
+    groups = _variant_groups([m("base", "base", []), m("a", "variant", ["share-kv"]), m("b", "variant", ["latent-kv"]),
+                              m("c", "variant", ["latent-kv"], {"steps": 1}), m("d", "variant", ["share-kv", "latent-kv"])])
+    assert list(groups) == ["base", "control", "share-kv", "latent-kv", "latent-kv, healed", "share-kv → latent-kv"]
+    assert groups["latent-kv"][1] == groups["latent-kv, healed"][1] and groups["latent-kv, healed"][2] is False
+    assert len({g[0] for g in groups.values()}) == len(groups) - 1  # healed shares its chain's marker

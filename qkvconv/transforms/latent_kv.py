@@ -31,12 +31,18 @@ fitted as above on [W_K^nope | W_V]. The query heads are permuted to match each 
 seconds | RoPE-free dims] (q·k is unchanged by one permutation of both). Cache per token and layer: r + G·2P values.
 With every pair kept and full rank it is the original model; with fewer pairs the dropped rotation is the loss (the
 paper heals it by training). Partial rotary: pairs are those of the rotary dims, the pass-through dims are RoPE-free.
+
+After share-kv (a combination): the latent is fitted over what the share-kv layer projects. After --kv-heads N it is
+[W_K | W_V] of the N pooled heads (2·N·dh columns); after --mode k=v it is the shared W_S alone (N·dh columns: keys
+and values are one tensor S), so keys and values are rebuilt from the same up-projection, B_K = B_V = V_rᵀ and
+K = V = c·B + b_S (the loader's two up-projections hold the same weights). Queries, W_O and the QK-norms are the
+share-kv layer's. At full rank the output is the share-kv model.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,19 +52,23 @@ from qkvconv.errors import TransformError
 from qkvconv.transforms.layer import LayerResult, layer_dtype
 from qkvconv.transforms.share_kv import _attn_prefix, _o_key, _put, move_qk_norms, read_o
 
+# the layer keys of a share-kv output that a latent can follow: pooled heads and/or K=V (queries their own)
+SHARE_KV_KEYS = {"query", "attn_input", "kv", "kv_heads"}
+
 ALLOCATIONS = ("uniform", "greedy")
 RIDGE = 1e-6  # relative to the mean eigenvalue tr(H)/d
 MIN_RANK_FRACTION = 0.25  # greedy: every layer keeps at least this share of the average rank
 
 
-def full_rank(dims: Dims, groups: int = 1, rope_pairs: int | None = None) -> int:
-    """The largest useful rank of one layer: each group's W is d × (G/groups)·(2·dh − 2P)."""
-    per_group = (dims.num_key_value_heads // groups) * (2 * dims.head_dim - 2 * (rope_pairs or 0))
+def full_rank(dims: Dims, groups: int = 1, rope_pairs: int | None = None, parts: int = 2) -> int:
+    """The largest useful rank of one layer: each group's W is d × (G/groups)·(parts·dh − 2P) (parts 2: [W_K | W_V],
+    with --rope-pairs [W_K^nope | W_V]; 1: a share-kv K=V layer's W_S)."""
+    per_group = (dims.num_key_value_heads // groups) * (parts * dims.head_dim - 2 * (rope_pairs or 0))
     return groups * min(dims.hidden_size, per_group)
 
 
 def check_latent_options(spec: ArchSpec, dims: Dims, kv_rank: int, groups: int = 1,
-                         rope_pairs: int | None = None) -> None:
+                         rope_pairs: int | None = None, parts: int = 2) -> None:
     """Refuse, in one line, a request that does not apply to this model.
 
     Every family in qkvconv/archs reads K and V from one attention input h, so the latent applies to all of them:
@@ -72,11 +82,12 @@ def check_latent_options(spec: ArchSpec, dims: Dims, kv_rank: int, groups: int =
         has = (f"{dims.rotary_dim // 2} rotary pairs per head ({dims.rotary_dim} of its {dims.head_dim} dims rotate)"
                if dims.rotary_dim else "no RoPE: use --rope-pairs 0 for a latent of every key dim, absorbed at decode")
         raise TransformError(f"--rope-pairs {rope_pairs} must be between 0 and the model's {has}")
-    top = full_rank(dims, groups, rope_pairs)
+    top = full_rank(dims, groups, rope_pairs, parts)
     if kv_rank < groups:
         raise TransformError(f"--kv-rank {kv_rank} is below --groups {groups}: each group needs at least rank 1")
     if kv_rank > top:
-        what = ("[W_K | W_V] (2 × {G} heads × {dh})" if rope_pairs is None else
+        what = ("the shared K=V projection W_S ({G} heads × {dh})" if parts == 1 else
+                "[W_K | W_V] (2 × {G} heads × {dh})" if rope_pairs is None else
                 "[W_K^nope | W_V] ({G} heads × (2 × {dh} − 2 × {P}))").format(G=G, dh=dims.head_dim, P=rope_pairs)
         raise TransformError(f"--kv-rank {kv_rank} exceeds the full rank {top} of {what}: nothing would be saved")
 
@@ -89,6 +100,63 @@ def check_rope_pairs_layer(sd: dict, spec: ArchSpec, i: int) -> None:
                              "part cannot be absorbed into the query; use latent-kv without --rope-pairs")
 
 
+def share_kv_heads(block: dict | None, source: str, kv_heads: int, settable: bool) -> tuple[int | None, int]:
+    """(pooled KV heads N, None where not pooled; parts: 1 for K=V else 2) of the checkpoint latent-kv reads, from its
+    qkvconv block (None: a stock checkpoint); kv_heads: the config's KV heads, settable: whether the family's config
+    has num_key_value_heads (the latent attention reads pooled heads from it). Refuses, in one line, a conversion
+    the latent attention cannot follow."""
+    if not block:
+        return None, 2
+    layers = block["layers"]
+    for i, layer in enumerate(layers):
+        if layer.get("qk") == "shared" or "pos2d" in layer:
+            raise TransformError(f"{source}: layer {i} has a shared query (share-kv q=k / q=k=v or --pos2d); the latent "
+                                 "attention projects its own queries, so latent-kv follows only share-kv k=v and "
+                                 "--kv-heads")
+        if set(layer) - SHARE_KV_KEYS or layer["query"] != "projection" or layer["attn_input"] != "norm":
+            what = ", ".join(sorted(set(layer) - SHARE_KV_KEYS)) or f"query {layer['query']}"
+            raise TransformError(f"{source} is already a qkvconv-converted checkpoint ({what} in layer {i}); "
+                                 "latent-kv needs a stock checkpoint or a share-kv output")
+    if not any("kv" in layer or "kv_heads" in layer for layer in layers):
+        raise TransformError(f"{source} is a qkvconv checkpoint with nothing share-kv did; latent-kv needs a stock "
+                             "checkpoint or a share-kv output")
+    heads = {layer.get("kv_heads", kv_heads) for layer in layers}
+    shared = {layer.get("kv") == "shared" for layer in layers}
+    if len(heads) > 1 or len(shared) > 1:
+        raise TransformError(f"{source}: layers differ in pooled heads or K=V; latent-kv needs one layout throughout")
+    N = heads.pop()
+    if N != kv_heads and not settable:
+        raise TransformError(f"{source}: the family's config has no num_key_value_heads, so the latent attention "
+                             f"cannot hold its {N} pooled heads (latent-kv follows share-kv k=v here)")
+    return (N if N != kv_heads else None), 1 if shared.pop() else 2
+
+
+def read_kv_source(sd: dict, spec: ArchSpec, dims: Dims, i: int, entry: dict | None
+                   ) -> tuple[Proj, list[Proj], Proj, Dims, list[str]]:
+    """Layer i's (q, parts, o, dims, removed keys) as the latent sees them: parts [k, v] of a stock layer or of a
+    share-kv layer with pooled heads, [s] of a share-kv K=V layer; dims with the layer's KV heads.
+    A share-kv layer stores q_proj, k_proj, v_proj or s_proj, o_proj as nn.Linear under the attention block."""
+    if entry is None or not (set(entry) & {"kv", "kv_heads"}):
+        q, k, v = read_qkv(sd, spec, dims, i)
+        removed = qkv_keys(sd, spec, i) + [key for key in sd if key.startswith(_o_key(spec, i) + ".")]
+        return q, [k, v], read_o(sd, spec, dims, i), dims, removed
+    attn = _attn_prefix(spec, i)
+    dims = replace(dims, num_key_value_heads=entry.get("kv_heads", dims.num_key_value_heads))
+
+    def linear(name: str, d_in: int, d_out: int) -> Proj:  # nn.Linear stores (d_out, d_in)
+        w, b = sd[f"{attn}.{name}.weight"], sd.get(f"{attn}.{name}.bias")
+        if tuple(w.shape) != (d_out, d_in):
+            raise TransformError(f"{attn}.{name}.weight: expected {(d_out, d_in)}, found {tuple(w.shape)}")
+        return Proj(w.double().T.contiguous(), None if b is None else b.double())
+
+    d = dims.hidden_size
+    names = ["s_proj"] if entry.get("kv") == "shared" else ["k_proj", "v_proj"]
+    parts = [linear(n, d, dims.kv_size) for n in names]
+    removed = [f"{attn}.{n}.{t}" for n in ["q_proj", *names, "o_proj"] for t in ("weight", "bias")
+               if f"{attn}.{n}.{t}" in sd]
+    return linear("q_proj", d, dims.q_size), parts, linear("o_proj", dims.q_size, d), dims, removed
+
+
 # ------------------------------------------------------------------------------------------ the fit
 def _gram(attn_input: torch.Tensor | None, d: int) -> torch.Tensor:
     """H = hᵀh/n + RIDGE·tr(H)/d·I in float64 (identity without calibration: plain SVD)."""
@@ -99,12 +167,13 @@ def _gram(attn_input: torch.Tensor | None, d: int) -> torch.Tensor:
     return H + RIDGE * H.trace() / d * torch.eye(d, dtype=torch.float64)
 
 
-def _group_weights(k: Proj, v: Proj, dims: Dims, groups: int) -> list[torch.Tensor]:
+def _group_weights(k: Proj, v: Proj | None, dims: Dims, groups: int) -> list[torch.Tensor]:
     """[W_K | W_V] of each group of KV heads: (d, (G/groups)·(e + dh)) each, the group's key columns first (e = dh,
-    or the RoPE-free key width with --rope-pairs)."""
-    wk, wv = k.W.shape[1] // groups, v.W.shape[1] // groups
-    return [torch.cat([k.W[:, j * wk:(j + 1) * wk], v.W[:, j * wv:(j + 1) * wv]], 1) for j in range(groups)]
-
+    or the RoPE-free key width with --rope-pairs); v None: the group's columns of k alone (a K=V layer's W_S)."""
+    wk = k.W.shape[1] // groups
+    wv = 0 if v is None else v.W.shape[1] // groups
+    return [torch.cat([k.W[:, j * wk:(j + 1) * wk]] + ([] if v is None else [v.W[:, j * wv:(j + 1) * wv]]), 1)
+            for j in range(groups)]
 
 # ------------------------------------------------------------------------------------ --rope-pairs (MHA2MLA)
 def _columns(p: Proj, cols: torch.Tensor) -> Proj:
@@ -189,15 +258,20 @@ def _whiten(H: torch.Tensor, W: torch.Tensor) -> _Whitened:
 
 
 def layer_spectrum(sd: dict, spec: ArchSpec, dims: Dims, i: int, attn_input: torch.Tensor | None,
-                   groups: int = 1, rope_pairs: int | None = None) -> list[torch.Tensor]:
+                   groups: int = 1, rope_pairs: int | None = None, entry: dict | None = None) -> list[torch.Tensor]:
     """Layer i's whitened squared singular values per group, σ_j² (each (min(d, 2·Gg·dh),), float64): what rank j
     removes from E‖h·W − h·A·B‖² (their sum is E‖h·[W_K | W_V]‖², the layer's K/V output energy; [W_K^nope | W_V]
-    with rope_pairs)."""
-    q, k, v = read_qkv(sd, spec, dims, i)
+    with rope_pairs). entry: the layer's share-kv entry where the input is a share-kv output."""
+    q, parts, _, dims, _ = read_kv_source(sd, spec, dims, i, entry)
     if rope_pairs is not None:
-        k = split_rope_pairs(q, k, dims, rope_pairs, attn_input).k_nope
+        parts = [split_rope_pairs(q, parts[0], dims, rope_pairs, attn_input).k_nope, *parts[1:]]
     H = _gram(attn_input, dims.hidden_size)
-    return [_whiten(H, W).S.pow(2) for W in _group_weights(k, v, dims, groups)]
+    return [_whiten(H, W).S.pow(2) for W in _group_weights(*_kv(parts), dims, groups)]
+
+
+def _kv(parts: list[Proj]) -> tuple[Proj, Proj | None]:
+    """(k, v) of [k, v], (s, None) of a K=V layer's [s]."""
+    return parts[0], parts[1] if len(parts) > 1 else None
 
 
 def _split_even(rank: int, groups: int) -> list[int]:
@@ -242,42 +316,48 @@ def kept_energy(spectra: list[torch.Tensor], ranks: list[int]) -> float:
 
 # ----------------------------------------------------------------------------------------- one layer
 def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, rank: int | list[int],
-                    attn_input: torch.Tensor | None, groups: int = 1, rope_pairs: int | None = None) -> LayerResult:
+                    attn_input: torch.Tensor | None, groups: int = 1, rope_pairs: int | None = None,
+                    entry: dict | None = None) -> LayerResult:
     """Layer i of latent-kv (the unit the streaming driver calls). rank: the layer's latent size (split evenly over
     the groups) or one rank per group; attn_input (n, d): the original's attention inputs (None: plain SVD);
-    rope_pairs: P, the MHA2MLA variant (module docstring), None for reconstruct-then-rotate.
+    rope_pairs: P, the MHA2MLA variant (module docstring), None for reconstruct-then-rotate; entry: the layer's entry
+    in the input's qkvconv block where the input is a share-kv output (the latent is then over its pooled heads'
+    [W_K | W_V], or its shared W_S with B_K = B_V).
 
     Writes, under the attention block: q_proj, kv_a_proj (A: d → r), k_b_proj (B_K: r → G·dh, b_K),
     v_b_proj (B_V, b_V), o_proj, and the QK-norms; fused QKV families are split (the block is replaced at load).
     With rope_pairs: q_proj in the permuted head layout, k_rope_proj (d → G·2P, b_K of those dims), k_b_proj of the
     G·(dh − 2P) RoPE-free key dims (absent when none are left)."""
     ranks = _split_even(rank, groups) if isinstance(rank, int) else list(rank)
-    check_latent_options(spec, dims, max(sum(ranks), groups), groups, rope_pairs)
+    q, parts, o, dims, removed = read_kv_source(sd, spec, dims, i, entry)
+    if rope_pairs is not None and (len(parts) == 1 or (entry is not None and "kv_heads" in entry)):
+        raise TransformError(f"layer {i}: --rope-pairs needs a stock checkpoint (not a share-kv output)")
+    check_latent_options(spec, dims, max(sum(ranks), groups), groups, rope_pairs, len(parts))
     if len(ranks) != groups or min(ranks) < 1:
         raise TransformError(f"layer {i}: {ranks} is not one positive rank per group ({groups} groups)")
     dtype = layer_dtype(sd, f"{spec.layers}.{i}.")
-    q, k, v = read_qkv(sd, spec, dims, i)
+    k, v = _kv(parts)
     split = None
     if rope_pairs is not None:
         check_rope_pairs_layer(sd, spec, i)
         split = split_rope_pairs(q, k, dims, rope_pairs, attn_input)
         q, k = split.q, split.k_nope  # the latent covers the RoPE-free key dims and the values
-    o = read_o(sd, spec, dims, i)
     H = _gram(attn_input, dims.hidden_size)
-    d, wk, wv, r = dims.hidden_size, k.W.shape[1] // groups, v.W.shape[1] // groups, sum(ranks)
+    vw = k.W if v is None else v.W  # K=V: the values' up-projection is the keys' (B_V = B_K)
+    d, wk, wv, r = dims.hidden_size, k.W.shape[1] // groups, vw.shape[1] // groups, sum(ranks)
     A = torch.zeros(d, r, dtype=torch.float64)
     Bk = torch.zeros(r, k.W.shape[1], dtype=torch.float64)
-    Bv = torch.zeros(r, v.W.shape[1], dtype=torch.float64)
+    Bv = torch.zeros(r, vw.shape[1], dtype=torch.float64)
     kept, start = [], 0
     for j, (W, rj) in enumerate(zip(_group_weights(k, v, dims, groups), ranks)):
         f = _whiten(H, W)
         if rj > len(f.S):
             raise TransformError(f"layer {i}: rank {rj} exceeds the group's full rank {len(f.S)}")
         rows = slice(start, start + rj)
-        # A = L⁻ᵀ·U_r·Σ_r ; [B_K | B_V] = V_rᵀ
+        # A = L⁻ᵀ·U_r·Σ_r ; [B_K | B_V] = V_rᵀ (K=V: B_K = B_V = V_rᵀ)
         A[:, rows] = torch.linalg.solve_triangular(f.Lt, f.U[:, :rj] * f.S[:rj], upper=True)
         Bk[rows, j * wk:(j + 1) * wk] = f.Vh[:rj, :wk]
-        Bv[rows, j * wv:(j + 1) * wv] = f.Vh[:rj, wk:]
+        Bv[rows, j * wv:(j + 1) * wv] = f.Vh[:rj, wk:] if v is not None else f.Vh[:rj, :wk]
         kept.append(float(f.S[:rj].pow(2).sum() / f.S.pow(2).sum().clamp_min(1e-300)))
         start += rj
     attn = _attn_prefix(spec, i)
@@ -286,12 +366,11 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
     _put(out, f"{attn}.kv_a_proj", Proj(A, None), dtype)  # (d, r): c = h·A
     if Bk.shape[1]:
         _put(out, f"{attn}.k_b_proj", Proj(Bk, k.b), dtype)  # (r, G·dh): K = c·B_K + b_K (RoPE-free dims: G·e)
-    _put(out, f"{attn}.v_b_proj", Proj(Bv, v.b), dtype)
+    _put(out, f"{attn}.v_b_proj", Proj(Bv, (v or k).b), dtype)
     if split is not None and split.k_rope.W.shape[1]:
         _put(out, f"{attn}.k_rope_proj", split.k_rope, dtype)  # (d, G·2P): the kept pairs, cached rotated
     _put(out, f"{attn}.o_proj", o, dtype)
-    removed = qkv_keys(sd, spec, i) + [key for key in sd if key.startswith(_o_key(spec, i) + ".")]
-    move_qk_norms(sd, spec, i, attn, out, removed)
+    move_qk_norms(sd, spec, i, attn, out, removed)  # a share-kv input has them in place already: nothing moves
     removed = [key for key in removed if key not in out]
     latent: dict = {"rank": r}
     fit = {"rank": r, "group_ranks": ranks, "kept_energy": kept}
