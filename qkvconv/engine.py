@@ -74,6 +74,21 @@ def shard(module: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.de
     return module
 
 
+def local_parameters(model: torch.nn.Module) -> int:
+    """Parameters this process holds (a DTensor shard counts its local part)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+
+
+def checkpoint_layers(net: torch.nn.Module) -> None:
+    """Gradient (activation) checkpointing of every decoder layer, HF's own: the backward recomputes each layer's
+    forward (non-reentrant, RNG state restored: dropout draws the same masks)."""
+    enable = getattr(net, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def no_sync(model, acc, last: bool):
     """Skip the gradient all-reduce on all but the last micro-batch (DDP); FSDP2 reduces every micro-batch."""
     return nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)

@@ -97,7 +97,9 @@ class FinetuneResult:
     peak_memory_bytes: int | None = None  # peak GPU memory allocated (None on a CPU)
     peak_rss_bytes: int | None = None
     mfu: float | None = None  # model FLOPs utilisation (GPU with a known peak only)
-    strategy: str = "single"
+    strategy: str = "single"  # single | ddp | fsdp | fsdp-cpu | deepspeed (qkvconv.engine.strategy)
+    parameters: int = 0  # of the model (LoRA adapters not counted): the N of MFU's 6·N·tokens/s
+    parameters_per_process: int = 0  # what one process holds (sharded: about parameters / processes)
 
     @property
     def first_eval(self) -> float:
@@ -450,8 +452,8 @@ def finetune(
     names = set(trainable_names(net, spec, cfg.train))
     for n, p in net.named_parameters():
         p.requires_grad_(n in names)
-    if cfg.gradient_checkpointing:  # recompute each decoder layer in the backward (RNG state kept: dropout matches)
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        engine.checkpoint_layers(net)
     layers = net.get_submodule(spec.layers)
     lora = None
     if cfg.lora:
@@ -478,6 +480,7 @@ def finetune(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     train_model, step_opt = (net, opt) if how == "fsdp-cpu" else acc.prepare(net, opt)
     eval_model = train_model if how in ("fsdp", "deepspeed") else net  # a sharded model runs only wrapped
+    local_params = engine.local_parameters(train_model)  # this process's share of the weights (FSDP: ~1/world)
     fingerprint = {**asdict(cfg), "model": source.path, "source_sha256": loaded.source_hash, "steps": steps,
                    "world_size": world, **data_fingerprint}
     train_log, eval_log = run_dir / "train.jsonl", run_dir / "eval.jsonl"
@@ -581,7 +584,8 @@ def finetune(
     final = engine.model_state(train_model, acc)  # every process takes part in gathering the shards
     train_rows, eval_rows = _read_jsonl(train_log), _read_jsonl(eval_log)
     result = FinetuneResult(None, run_dir, steps, steps * per_step * cfg.seq_len, n_trainable, eval_rows, train_rows,
-                            tps, memory["peak_gpu_bytes"], memory["peak_rss_bytes"], utilisation, how)
+                            tps, memory["peak_gpu_bytes"], memory["peak_rss_bytes"], utilisation, how, n_params,
+                            local_params)
     if acc.is_main_process:
         title = f"{Path(source.path).name}: --train {cfg.train}, {result.tokens:,} tokens, seed {cfg.seed}"
         plot_curves(train_rows, eval_rows, run_dir / "curves.png", title)
@@ -605,6 +609,8 @@ def _write(output, loaded, state_dict, spec, source, cfg, result, data_what, con
         "eval": result.eval_curve,
         "run_dir": str(result.run_dir),
         **where,
+        "parameters": result.parameters,
+        "parameters_per_process": result.parameters_per_process,
         "tokens_per_s": result.tokens_per_s,
         "peak_rss_bytes": result.peak_rss_bytes,
         "peak_gpu_bytes": result.peak_memory_bytes,
