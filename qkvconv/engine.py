@@ -146,6 +146,15 @@ def lora_targets(net: torch.nn.Module, selected: set[str]) -> list[str]:
             if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head and f"{name}.weight" in selected]
 
 
+def trained_beside_lora(net: torch.nn.Module, selected: set[str], targets: list[str]) -> list[torch.nn.Parameter]:
+    """The selected parameters LoRA leaves fully trainable: the small ones outside the adapted projections (norm gains,
+    biases, pos2d terms); never the embeddings or the output head (vocabulary-sized: what LoRA is there to spare)."""
+    adapted = {f"{t}.weight" for t in targets}
+    big = {id(p) for m in (net.get_input_embeddings(), net.get_output_embeddings()) if m is not None
+           for p in m.parameters()}
+    return [p for n, p in net.named_parameters() if n in selected and n not in adapted and id(p) not in big]
+
+
 def lora_config(rank: int, alpha: float | None, targets: list[str]):
     from peft import LoraConfig
 

@@ -459,9 +459,8 @@ def finetune(
     if cfg.lora:
         targets = engine.lora_targets(net, names)
         lora = engine.lora_config(cfg.lora, cfg.lora_alpha, targets)
-        adapted = {f"{t}.weight" for t in targets}
         torch.manual_seed(cfg.seed)  # the adapters' A init
-        net = engine.add_lora(net, lora, [p for n, p in net.named_parameters() if n in names and n not in adapted])
+        net = engine.add_lora(net, lora, engine.trained_beside_lora(net, names, targets))
     net.to(dev)
     if how == "fsdp-cpu":
         engine.shard(net, layers, dev)
