@@ -54,7 +54,8 @@ def run(name: str, model: str, args, tmp: Path) -> dict:
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode:
-        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+        errors = [ln for ln in p.stderr.splitlines() if "Error" in ln or ln.startswith("error:")]
+        return {"error": (errors or p.stderr.strip().splitlines() or ["?"])[-1]}
     record = json.loads((tmp / name / "qkvconv.json").read_text())["history"][-1]
     return record | {"wall": time.perf_counter() - t}
 

@@ -43,7 +43,9 @@ def make_accelerator(device: str, precision: str):
         raise QkvconvError("--device cuda: no CUDA device is available")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process may run several finetunes with other settings
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if precision == "bf16" else "no")
+    # cpu: accelerate joins launched CPU processes (gloo) only when told so; without it each would run alone
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no")
 
 
 def strategy(acc) -> str:

@@ -445,6 +445,9 @@ def finetune(
 
     acc = engine.make_accelerator(device, cfg.precision)
     how, dev, world, rank = engine.strategy(acc), acc.device, acc.num_processes, acc.process_index
+    if world != int(os.environ.get("WORLD_SIZE", "1")):
+        raise QkvconvError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate joined {world}; "
+                           "check --device and the launch configuration")
     sharded = how in ("fsdp", "fsdp-cpu")
     loaded = load(source, dtype=torch.float32, allow_pickle=allow_pickle, with_hash=True)
     net, spec = loaded.model, loaded.spec
