@@ -134,7 +134,9 @@ def load_states(model, opt, acc, model_sd: dict, opt_sd: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, model_sd, options=options)
+    unexpected = set_model_state_dict(model, model_sd, options=options).unexpected_keys
+    if unexpected:
+        raise QkvconvError(f"--resume: the saved state has weights this model lacks ({sorted(unexpected)[:3]} ...)")
     set_optimizer_state_dict(model, opt, opt_sd, options=options)
 
 

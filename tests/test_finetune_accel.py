@@ -216,3 +216,20 @@ def test_streamed_finetune_resumes_exactly(tiny_models, corpus, tmp_path):
     assert max_diff(tmp_path / "full", tmp_path / "part") < 1e-6
     assert [r["loss"] for r in resumed.train_curve] == pytest.approx([r["loss"] for r in full.train_curve], abs=1e-6)
     assert full.last_eval < full.first_eval
+
+
+def test_lora_resume_equals_uninterrupted(tiny_models, corpus, tmp_path):
+    """The adapters (and the optimizer's state for them) are what state.pt keeps for a LoRA run."""
+    cfg = FinetuneConfig(**config(corpus, lora=4, lr=1e-2, steps=4, save_every=2))
+    finetune(tiny_models["llama"], tmp_path / "full", cfg, device="cpu")
+
+    def kill(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_models["llama"], tmp_path / "part", cfg, device="cpu", on_step=kill)
+    saved = torch.load(tmp_path / "part.run" / "state.pt", weights_only=False)["trainable"]
+    assert saved and all("lora_" in k or "layernorm" in k for k in saved)
+    finetune(tiny_models["llama"], tmp_path / "part", cfg, device="cpu", resume=True)
+    assert max_diff(tmp_path / "full", tmp_path / "part") < 1e-6
