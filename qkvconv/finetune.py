@@ -589,7 +589,8 @@ def finetune(
                             tps, memory["peak_gpu_bytes"], memory["peak_rss_bytes"], utilisation, how, n_params,
                             local_params)
     if acc.is_main_process:
-        title = f"{Path(source.path).name}: --train {cfg.train}, {result.tokens:,} tokens, seed {cfg.seed}"
+        title = (f"{Path(source.path).name}: --train {cfg.train}{f' --lora {cfg.lora}' if cfg.lora else ''}, "
+                 f"{result.tokens:,} tokens, seed {cfg.seed}, {how} × {world}")
         plot_curves(train_rows, eval_rows, run_dir / "curves.png", title)
         if output is not None:
             if lora is not None:  # fold the adapters into a fresh copy of the model: a normal checkpoint
