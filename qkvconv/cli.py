@@ -568,12 +568,18 @@ def finetune_cmd(
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher for --distill (default: the checkpoint MODEL was converted from).")] = None,
     eval_kl: Annotated[bool, typer.Option("--eval-kl", help="Also log the held-out KL to the original (or --teacher) at every eval, without distilling.")] = False,
     hf_split: Annotated[str, typer.Option("--hf-split", help="Split of an HF dataset --data.")] = "train",
+    lora: Annotated[Optional[int], typer.Option("--lora", help="Train rank-R LoRA adapters (PEFT) on the --train selection's projections instead of their weights; merged into the output.")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA scale α: the update is (α/R)·B·A (default 2R).")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute each decoder layer's activations in the backward (less memory, ~1/3 more compute).")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Read, tokenize and pack --data on the fly (data larger than memory); resumes at the same token.")] = False,
+    shuffle_buffer: Annotated[int, typer.Option("--shuffle-buffer", help="Windows in the --stream shuffle buffer.")] = 256,
     force: Force = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Finetune a (converted) checkpoint on text; write a qkvconv checkpoint, loss curves and a plot.
 
-    Multi-GPU: torchrun --nproc-per-node N -m qkvconv.cli finetune ... (or accelerate launch -m qkvconv.cli ...).
+    Several processes (GPUs, or CPU processes with gloo): accelerate launch [--use_fsdp ...] -m qkvconv.cli
+    finetune ..., or torchrun --nproc-per-node N -m qkvconv.cli finetune ...
     """
     from qkvconv.finetune import finetune
 
@@ -581,7 +587,9 @@ def finetune_cmd(
         FinetuneOptions, data=data, eval_data=eval_data, train=train, steps=steps, tokens=tokens, seq_len=seq_len,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, seed=seed, precision=precision, eval_every=eval_every, eval_seqs=eval_seqs,
-        save_every=save_every, distill=distill, teacher=teacher, eval_kl=eval_kl, hf_split=hf_split, device=device,
+        save_every=save_every, distill=distill, teacher=teacher, eval_kl=eval_kl, hf_split=hf_split, lora=lora,
+        lora_alpha=lora_alpha, gradient_checkpointing=gradient_checkpointing, stream=stream,
+        shuffle_buffer=shuffle_buffer, device=device,
     )
     result = finetune(model, output, options.config(), run_dir=run_dir, resume=resume, control=control,
                       device=options.device, force=force, allow_pickle=allow_pickle, show_progress=True)
@@ -593,8 +601,11 @@ def finetune_cmd(
     for row in result.eval_curve:
         kl = (f"{row['kl']:.4f}",) if with_kl else ()
         t.add_row(str(row["step"]), f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.3g}", *kl)
-    t.caption = (f"{result.trainable_parameters:,} trainable parameters; {result.tokens_per_s:,.0f} tokens/s; "
-                 f"curves: {result.run_dir / 'curves.png'}")
+    memory = result.peak_memory_bytes if result.peak_memory_bytes is not None else result.peak_rss_bytes
+    mfu = "" if result.mfu is None else f", MFU {100 * result.mfu:.1f}%"
+    t.caption = (f"{result.trainable_parameters:,} trainable parameters; {result.strategy}; "
+                 f"{result.tokens_per_s:,.0f} tokens/s{mfu}; peak {'GPU' if result.peak_memory_bytes is not None else 'RSS'} "
+                 f"{(memory or 0) / 2**30:.2f} GiB; curves: {result.run_dir / 'curves.png'}")
     t.caption_justify = "left"
     out.print(t)
     if result.output is not None:

@@ -31,7 +31,8 @@ TESTED: dict[str, tuple[str, str]] = {
     "lm-eval": ("0.4.12", "0.4.13"),
 }
 # reported by `qkvconv env` and in every manifest, without a tested range of their own
-REPORTED = ("qkvconv", "torch", "transformers", "lm-eval", "accelerate", "safetensors", "gguf", "datasets", "tokenizers")
+REPORTED = ("qkvconv", "torch", "transformers", "lm-eval", "accelerate", "peft", "safetensors", "gguf", "datasets",
+            "tokenizers")
 
 
 def installed(name: str) -> str | None:

@@ -1,18 +1,25 @@
 """Short finetuning runs: heal a lossy conversion, or train the modules qkvconv added (frozen probe).
 
 One loop for every converted (or stock) checkpoint: it needs only the nn.Module `qkvconv.load` returns
-and the layout block in its config. Data is packed into `seq_len` windows of the model's own tokens;
-the schedule is linear warmup then cosine decay to zero; the loss is next-token cross-entropy, or with
-`distill=α` the mix (1 − α)·cross-entropy + α·KL(teacher ‖ student), the teacher being the checkpoint the
-model was converted from: every token then carries the original's whole next-token distribution.
+and the layout block in its config. Data is packed into `seq_len` windows of the model's own tokens (in memory,
+or streamed and packed on the fly with `stream=True`: qkvconv.textstream); the schedule is linear warmup then
+cosine decay to zero; the loss is next-token cross-entropy, or with `distill=α` the mix
+(1 − α)·cross-entropy + α·KL(teacher ‖ student), the teacher being the checkpoint the model was converted from:
+every token then carries the original's whole next-token distribution.
 
-Reproducibility: the sample order is a function of (seed, epoch) alone, dropout draws from the global
-torch RNG, and a checkpoint holds the trained weights, optimizer, scheduler, RNG states and the data
-position, so `resume=True` ends exactly where an uninterrupted run with the same seed ends.
+Memory levers: `lora=R` trains PEFT LoRA adapters on the selected projections (merged back into a normal
+checkpoint at the end), `gradient_checkpointing` recomputes each decoder layer's activations in the backward,
+`precision="bf16"` autocasts to bf16 while the master weights and the optimizer stay fp32.
 
-Multi-GPU: launch unchanged with `torchrun --nproc-per-node N -m qkvconv.cli finetune ...` (or
-`accelerate launch -m qkvconv.cli finetune ...`): with WORLD_SIZE > 1 each rank takes its slice of every
-global batch and gradients are averaged by DistributedDataParallel; rank 0 logs, checkpoints and writes.
+Reproducibility: the sample order is a function of the seed alone, dropout draws from the global torch RNG, and a
+checkpoint (`state.pt`, qkvconv's own format, the same for every strategy) holds the trained weights, optimizer,
+scheduler, RNG states and the data position (for a stream: the exact token), so `resume=True` ends exactly where an
+uninterrupted run with the same seed ends.
+
+Engine: accelerate (qkvconv.engine). The same command runs on one CPU or GPU, or launched by
+`accelerate launch [--use_fsdp ...] -m qkvconv.cli finetune ...` or `torchrun --nproc-per-node N -m qkvconv.cli
+finetune ...`: each process takes its slice of every global batch; gradients are averaged by DDP or sharded by FSDP;
+the main process logs, checkpoints and writes.
 
 A fair control (METHODS.md "What a fair comparison looks like"): `control=True` finetunes the checkpoint
 the converted model was made from (the first source in its qkvconv.json), with the same data, tokens,
@@ -26,10 +33,7 @@ import math
 import os
 import random
 import re
-import sys
-from functools import lru_cache
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -38,7 +42,9 @@ import torch
 
 from qkvconv.archs import ArchSpec, dims_of
 from qkvconv.checkpoint import check_output, load, qkvconv_block, read_record, resolve_source, write_with_history
+from qkvconv import engine
 from qkvconv.errors import CheckpointError, QkvconvError
+from qkvconv.textstream import WindowCycle, WindowStream
 from qkvconv.transforms.attach import added_module_prefixes, attention_parts, stock_layers
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
@@ -71,6 +77,11 @@ class FinetuneConfig:
     distill: float = 0.0  # weight α of KL(teacher ‖ student): loss = (1 − α)·cross-entropy + α·KL
     teacher: str | None = None  # default with distill: the checkpoint the model was converted from
     eval_kl: bool = False  # also log the held-out KL to the teacher (the original) at every eval, without distilling
+    lora: int | None = None  # LoRA rank on the --train selection's projections (None: train the weights themselves)
+    lora_alpha: float | None = None  # LoRA scale α (the update is (α/r)·B·A); default 2·rank
+    gradient_checkpointing: bool = False
+    stream: bool = False  # read, tokenize and pack the data on the fly instead of all at the start
+    shuffle_buffer: int = 256  # windows in the stream's shuffle buffer
 
 
 @dataclass
@@ -83,7 +94,12 @@ class FinetuneResult:
     eval_curve: list[dict] = field(default_factory=list)
     train_curve: list[dict] = field(default_factory=list)
     tokens_per_s: float = 0.0
-    peak_memory_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # peak GPU memory allocated (None on a CPU)
+    peak_rss_bytes: int | None = None
+    mfu: float | None = None  # model FLOPs utilisation (GPU with a known peak only)
+    strategy: str = "single"  # single | ddp | fsdp | fsdp-cpu | deepspeed (qkvconv.engine.strategy)
+    parameters: int = 0  # of the model (LoRA adapters not counted): the N of MFU's 6·N·tokens/s
+    parameters_per_process: int = 0  # what one process holds (sharded: about parameters / processes)
 
     @property
     def first_eval(self) -> float:
@@ -189,19 +205,6 @@ def load_data(cfg: FinetuneConfig, tokenizer, train_seqs: int) -> tuple[torch.Te
     return windows, evals, what
 
 
-@lru_cache(maxsize=4)
-def sample_order(n: int, epoch: int, seed: int) -> torch.Tensor:
-    """The order of the training windows in `epoch`, a function of (seed, epoch) only."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_at(windows: torch.Tensor, start: int, size: int, seed: int) -> torch.Tensor:
-    """Windows number start .. start+size-1 of the endless, per-epoch shuffled stream."""
-    n = len(windows)
-    idx = [int(sample_order(n, i // n, seed)[i % n]) for i in range(start, start + size)]
-    return windows[idx]
-
-
 # ----------------------------------------------------------------------------------- parameters
 def layout_layers(model, spec: ArchSpec) -> list[dict]:
     block = qkvconv_block(model.config)
@@ -240,40 +243,6 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 # -------------------------------------------------------------------------------- run machinery
-@dataclass
-class _Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def _setup_distributed(device: str) -> tuple[_Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QkvconvError("--device cuda: no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise QkvconvError(f"--device must be auto, cpu or cuda, not {device!r}")
-    if world == 1:
-        return _Dist(), torch.device(device)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    if device == "cuda":
-        torch.cuda.set_device(local)
-        return _Dist(world, torch.distributed.get_rank(), local), torch.device("cuda", local)
-    return _Dist(world, torch.distributed.get_rank(), local), torch.device("cpu")
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -335,29 +304,11 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-@torch.no_grad()
-def evaluate_loss(model, windows: torch.Tensor, batch_size: int, device: torch.device, autocast,
-                  teacher=None) -> tuple[float, float | None]:
-    """Mean next-token cross-entropy over all held-out windows (nats/token), and the mean KL to `teacher`."""
-    was_training = model.training
-    model.eval()
-    total, count, kl = 0.0, 0, 0.0  # cross-entropy over predicted tokens; KL over every position
-    for i in range(0, len(windows), batch_size):
-        x = windows[i : i + batch_size].to(device)
-        with autocast():
-            logits = model(input_ids=x).logits.float()
-            if teacher is not None:
-                kl += float(kl_to_teacher(logits, teacher(input_ids=x).logits)) * x.numel()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
-        total += float(loss)
-        count += x[:, 1:].numel()
-    model.train(was_training)
-    return total / count, (None if teacher is None else kl / windows.numel())
-
-
-def load_teacher(model: str | Path, cfg: FinetuneConfig, vocab_size: int, device: torch.device, allow_pickle: bool):
+def load_teacher(model: str | Path, cfg: FinetuneConfig, vocab_size: int, device: torch.device, allow_pickle: bool,
+                 sharded: bool = False):
     """The frozen model whose next-token distributions --distill matches and --eval-kl measures the distance to
-    (default: MODEL's original source; for --eval-kl on an unconverted model, MODEL as it starts)."""
+    (default: MODEL's original source; for --eval-kl on an unconverted model, MODEL as it starts); sharded like the
+    student under FSDP."""
     path = cfg.teacher or (str(model) if not cfg.distill and not _has_history(model) else original_source(model))
     teacher = load(resolve_source(path, allow_pickle=allow_pickle), dtype=torch.float32, allow_pickle=allow_pickle)
     net = teacher.model.to(device).eval()
@@ -365,6 +316,8 @@ def load_teacher(model: str | Path, cfg: FinetuneConfig, vocab_size: int, device
         raise QkvconvError(f"--teacher {path}: vocabulary of {net.config.vocab_size} tokens, the model has {vocab_size}")
     for p in net.parameters():
         p.requires_grad_(False)
+    if sharded:
+        engine.shard(net, net.get_submodule(teacher.spec.layers), device)
     return net
 
 
@@ -379,6 +332,74 @@ def original_source(model: str | Path) -> str:
     if not history:
         raise QkvconvError(f"{model} has no qkvconv history; for a control, finetune the unmodified model itself")
     return history[0]["source"]["path"]
+
+
+
+
+@torch.no_grad()
+def evaluate_loss(model, windows: torch.Tensor, batch_size: int, acc, teacher=None) -> tuple[float, float | None]:
+    """Mean next-token cross-entropy over all held-out windows (nats/token), and the mean KL to `teacher`.
+
+    Each process takes every world-th window and the sums are added up across processes; every process runs the
+    same number of forwards (a sharded model needs all of them in each), a spare one on a window it then ignores."""
+    was_training = model.training
+    model.eval()
+    world, rank, dev = acc.num_processes, acc.process_index, acc.device
+    mine = windows[rank::world]
+    batches = math.ceil(math.ceil(len(windows) / world) / batch_size)
+    sums = torch.zeros(3, dtype=torch.float64)  # cross-entropy over predicted tokens, KL over positions, tokens
+    for b in range(batches):
+        x = mine[b * batch_size : (b + 1) * batch_size]
+        real = len(x) > 0
+        x = (x if real else windows[:1]).to(dev)
+        with acc.autocast():
+            logits = model(input_ids=x).logits.float()
+            kl = kl_to_teacher(logits, teacher(input_ids=x).logits) if teacher is not None else torch.zeros(())
+        if real:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+            sums += torch.tensor([float(loss), float(kl) * x.numel(), x.numel()], dtype=torch.float64)
+    if world > 1:
+        sums = acc.reduce(sums.to(dev), "sum").cpu()
+    model.train(was_training)
+    n = len(windows)
+    ce, kl = float(sums[0]) / (n * (windows.shape[1] - 1)), float(sums[1]) / windows.numel()
+    return ce, (None if teacher is None else kl)
+
+
+def _check(cfg: FinetuneConfig) -> None:
+    if cfg.steps is None and cfg.tokens is None:
+        raise QkvconvError("give --steps or --tokens")
+    for name in ("seq_len", "batch_size", "grad_accum", "eval_seqs", "shuffle_buffer"):
+        if getattr(cfg, name) < 1:
+            raise QkvconvError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise QkvconvError(f"--precision must be fp32 or bf16, not {cfg.precision!r}")
+    if not 0.0 <= cfg.distill <= 1.0:
+        raise QkvconvError(f"--distill {cfg.distill}: the KL weight must be between 0 and 1")
+    if cfg.teacher is not None and not (cfg.distill or cfg.eval_kl):
+        raise QkvconvError("--teacher is only used with --distill or --eval-kl")
+    if cfg.lora is not None and cfg.lora < 1:
+        raise QkvconvError(f"--lora {cfg.lora}: the LoRA rank must be at least 1")
+    if cfg.lora_alpha is not None and cfg.lora is None:
+        raise QkvconvError("--lora-alpha is only used with --lora")
+
+
+def _data(cfg: FinetuneConfig, tokenizer, train_seqs: int):
+    """(training source with take/state_dict, held-out windows, description, fingerprint entries)."""
+    if not cfg.stream:
+        windows, evals, what = load_data(cfg, tokenizer, train_seqs)
+        return WindowCycle(windows, cfg.seed), evals, what, {"train_windows": len(windows)}
+    stream = WindowStream(lambda: iter_texts(cfg.data, split=cfg.hf_split), tokenizer, cfg.seq_len, seed=cfg.seed,
+                          buffer=cfg.shuffle_buffer)
+    if cfg.eval_data:
+        evals = pack(iter_texts(cfg.eval_data, split="validation"), tokenizer, cfg.seq_len, cfg.eval_seqs)
+        what = f"{cfg.data}, streamed (held out: {cfg.eval_data})"
+        if len(evals) == 0:
+            raise QkvconvError(f"no held-out window of {cfg.seq_len} tokens in {cfg.eval_data}")
+    else:
+        evals = stream.head(cfg.eval_seqs)  # the first windows of the text; a second epoch reads them again
+        what = f"{cfg.data}, streamed (held out: its first {cfg.eval_seqs} windows)"
+    return stream, evals, what, {}
 
 
 def finetune(
@@ -400,17 +421,7 @@ def finetune(
     run_dir (default `<output>.run`) holds the resumable state, train.jsonl, eval.jsonl and curves.png.
     on_step(step) is called after every optimizer step (tests use it to simulate a kill).
     """
-    if cfg.steps is None and cfg.tokens is None:
-        raise QkvconvError("give --steps or --tokens")
-    for name in ("seq_len", "batch_size", "grad_accum", "eval_seqs"):
-        if getattr(cfg, name) < 1:
-            raise QkvconvError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise QkvconvError(f"--precision must be fp32 or bf16, not {cfg.precision!r}")
-    if not 0.0 <= cfg.distill <= 1.0:
-        raise QkvconvError(f"--distill {cfg.distill}: the KL weight must be between 0 and 1")
-    if cfg.teacher is not None and not (cfg.distill or cfg.eval_kl):
-        raise QkvconvError("--teacher is only used with --distill or --eval-kl")
+    _check(cfg)
     if control and cfg.distill:
         raise QkvconvError("--control with --distill would distil the original into itself; compare with the teacher")
     if control:
@@ -432,26 +443,48 @@ def finetune(
         if path and _looks_like_path(path) and not Path(path).expanduser().exists():
             raise QkvconvError(f"data {path}: no such file or folder")
 
-    dist, dev = _setup_distributed(device)
+    acc = engine.make_accelerator(device, cfg.precision)
+    how, dev, world, rank = engine.strategy(acc), acc.device, acc.num_processes, acc.process_index
+    if world != int(os.environ.get("WORLD_SIZE", "1")):
+        raise QkvconvError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate joined {world}; "
+                           "check --device and the launch configuration")
+    sharded = how in ("fsdp", "fsdp-cpu")
     loaded = load(source, dtype=torch.float32, allow_pickle=allow_pickle, with_hash=True)
-    net, spec = loaded.model.to(dev), loaded.spec
+    net, spec = loaded.model, loaded.spec
+    n_params = sum(p.numel() for p in net.parameters())
     names = set(trainable_names(net, spec, cfg.train))
     for n, p in net.named_parameters():
         p.requires_grad_(n in names)
-    params = [p for n, p in net.named_parameters() if n in names]
+    if cfg.gradient_checkpointing:
+        engine.checkpoint_layers(net)
+    layers = net.get_submodule(spec.layers)
+    lora = None
+    if cfg.lora:
+        targets = engine.lora_targets(net, names)
+        lora = engine.lora_config(cfg.lora, cfg.lora_alpha, targets)
+        torch.manual_seed(cfg.seed)  # the adapters' A init
+        net = engine.add_lora(net, lora, engine.trained_beside_lora(net, names, targets))
+    net.to(dev)
+    if how == "fsdp-cpu":
+        engine.shard(net, layers, dev)
+    params = [p for p in net.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    teacher = load_teacher(model, cfg, net.config.vocab_size, dev, allow_pickle) if cfg.distill or cfg.eval_kl else None
+    teacher = None
+    if cfg.distill or cfg.eval_kl:
+        teacher = load_teacher(model, cfg, net.config.vocab_size, dev, allow_pickle, sharded=sharded)
 
-    per_step = cfg.batch_size * cfg.grad_accum * dist.world  # windows per optimizer step
+    per_step = cfg.batch_size * cfg.grad_accum * world  # windows per optimizer step
     steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.tokens / (per_step * cfg.seq_len)))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
-    windows, evals, data_what = load_data(cfg, loaded.tokenizer, steps * per_step)
+    data, evals, data_what, data_fingerprint = _data(cfg, loaded.tokenizer, steps * per_step)
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
+    train_model, step_opt = (net, opt) if how == "fsdp-cpu" else acc.prepare(net, opt)
+    eval_model = train_model if how in ("fsdp", "deepspeed") else net  # a sharded model runs only wrapped
+    local_params = engine.local_parameters(train_model)  # this process's share of the weights (FSDP: ~1/world)
     fingerprint = {**asdict(cfg), "model": source.path, "source_sha256": loaded.source_hash, "steps": steps,
-                   "world_size": dist.world, "train_windows": len(windows)}
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
+                   "world_size": world, **data_fingerprint}
     train_log, eval_log = run_dir / "train.jsonl", run_dir / "eval.jsonl"
 
     start = 0
@@ -460,88 +493,88 @@ def finetune(
         diff = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
         if diff:
             raise QkvconvError(f"--resume: this run differs from the saved one in {', '.join(diff)}; use the same options")
-        with torch.no_grad():
-            for n, p in net.named_parameters():
-                if n in state["trainable"]:
-                    p.copy_(state["trainable"][n])
-        opt.load_state_dict(state["optimizer"])
+        engine.load_states(train_model, opt, acc, state["trainable"], state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
+        data.load_state_dict(state["data"])
         start = state["step"]
-        if dist.main:  # a killed run may have logged past its last checkpoint
+        if acc.is_main_process:  # a killed run may have logged past its last checkpoint
             for log in (train_log, eval_log):
                 rows = _read_jsonl(log, up_to_step=start)
                 log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        if dist.main:
+        if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             for name in (STATE_FILE, "train.jsonl", "eval.jsonl", "curves.png"):  # only our own files
                 (run_dir / name).unlink(missing_ok=True)
-    dist.barrier()
-
-    train_model = net
-    if dist.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    acc.wait_for_everyone()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    flops = engine.peak_flops(dev, cfg.precision)
 
     def save(step: int) -> None:
-        if dist.main:
-            trainable = {n: p.detach().cpu().clone() for n, p in net.named_parameters() if n in names}
+        trainable = engine.model_state(train_model, acc, trainable_only=True)  # every process takes part
+        optimizer = engine.optimizer_state(train_model, opt, acc)
+        if acc.is_main_process:
             _save_state(run_dir, {"step": step, "samples_seen": step * per_step, "fingerprint": fingerprint,
-                                  "trainable": trainable, "optimizer": opt.state_dict(),
-                                  "scheduler": sched.state_dict(), "rng": _rng_state()})
-        dist.barrier()
+                                  "trainable": trainable, "optimizer": optimizer, "scheduler": sched.state_dict(),
+                                  "rng": _rng_state(), "data": data.state_dict()})
+        acc.wait_for_everyone()
 
     def run_eval(step: int) -> None:
-        if dist.main:
-            loss, kl = evaluate_loss(net, evals, cfg.batch_size, dev, autocast, teacher)
+        loss, kl = evaluate_loss(eval_model, evals, cfg.batch_size, acc, teacher)
+        if acc.is_main_process:
             _append_jsonl(eval_log, {"step": step, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
                                      "tokens": step * per_step * cfg.seq_len} | ({} if kl is None else {"kl": kl}))
-        dist.barrier()
 
     if start == 0:
         run_eval(0)
-    progress = _progress(show_progress and dist.main, steps, start)
+    progress = _progress(show_progress and acc.is_main_process, steps, start)
     train_model.train()
-    t0, tokens_done = time.perf_counter(), 0
+    seconds, tokens_done, tps, utilisation = 0.0, 0, 0.0, None
     with progress:
-        task = progress.add_task("finetune", total=steps, completed=start, loss=float("nan"), tps=0.0)
+        task = progress.add_task("finetune", total=steps, completed=start, loss=float("nan"), tps=0.0, mem="", mfu="")
         for step in range(start, steps):
+            t0 = time.perf_counter()
+            batch = data.take(per_step)  # every process reads the whole step's windows and takes its slice
             total = 0.0
             for j in range(cfg.grad_accum):
-                first = step * per_step + (j * dist.world + dist.rank) * cfg.batch_size
-                x = batch_at(windows, first, cfg.batch_size, cfg.seed).to(dev)
-                sync = j == cfg.grad_accum - 1 or dist.world == 1
-                with (nullcontext() if sync else train_model.no_sync()), autocast():
-                    out = train_model(input_ids=x, labels=x)
-                    loss = out.loss
-                    if cfg.distill:
-                        with torch.no_grad():
-                            target = teacher(input_ids=x).logits
-                        loss = (1 - cfg.distill) * loss + cfg.distill * kl_to_teacher(out.logits, target)
-                    loss = loss / cfg.grad_accum
-                loss.backward()
+                first = (j * world + rank) * cfg.batch_size
+                x = batch[first : first + cfg.batch_size].to(dev)
+                with engine.no_sync(train_model, acc, last=j == cfg.grad_accum - 1):
+                    with acc.autocast():
+                        out = train_model(input_ids=x, labels=x)
+                        loss = out.loss
+                        if cfg.distill:
+                            with torch.no_grad():
+                                target = teacher(input_ids=x).logits
+                            loss = (1 - cfg.distill) * loss + cfg.distill * kl_to_teacher(out.logits, target)
+                        loss = loss / cfg.grad_accum
+                    acc.backward(loss)
                 total += float(loss.detach())
             grad_norm = None
             if cfg.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                grad_norm = engine.clip_grad_norm(params, cfg.max_grad_norm, acc, train_model)
             lr = sched.get_last_lr()[0]
-            opt.step()
+            step_opt.step()
             sched.step()
-            opt.zero_grad(set_to_none=True)
-            if dist.world > 1:
-                t = torch.tensor([total], device=dev)
-                torch.distributed.all_reduce(t)
-                total = float(t) / dist.world
+            step_opt.zero_grad(set_to_none=True)
+            if world > 1:
+                total = float(acc.reduce(torch.tensor([total], device=dev), "mean"))
+            seconds += time.perf_counter() - t0
             tokens_done += per_step * cfg.seq_len
-            tps = tokens_done / max(time.perf_counter() - t0, 1e-9)
-            if dist.main:
+            tps = tokens_done / max(seconds, 1e-9)
+            utilisation = engine.mfu(n_params, tps, flops, world)
+            if acc.is_main_process:
                 _append_jsonl(train_log, {"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm,
-                                          "tokens": (step + 1) * per_step * cfg.seq_len, "tokens_per_s": tps})
-            progress.update(task, advance=1, loss=total, tps=tps)
+                                          "tokens": (step + 1) * per_step * cfg.seq_len, "tokens_per_s": tps}
+                              | ({} if utilisation is None else {"mfu": utilisation}))
+            memory = engine.peak_memory(dev)
+            mem = memory["peak_gpu_bytes"] if memory["peak_gpu_bytes"] is not None else memory["peak_rss_bytes"]
+            progress.update(task, advance=1, loss=total, tps=tps, mem=f"{(mem or 0) / 2**30:.2f} GiB",
+                            mfu="" if utilisation is None else f"MFU {100 * utilisation:.1f}%")
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == steps:
                 run_eval(step + 1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
@@ -549,25 +582,29 @@ def finetune(
             if on_step is not None:
                 on_step(step + 1)
 
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    memory = engine.peak_memory(dev)
+    final = engine.model_state(train_model, acc)  # every process takes part in gathering the shards
     train_rows, eval_rows = _read_jsonl(train_log), _read_jsonl(eval_log)
     result = FinetuneResult(None, run_dir, steps, steps * per_step * cfg.seq_len, n_trainable, eval_rows, train_rows,
-                            tokens_done / max(time.perf_counter() - t0, 1e-9), peak)
-    if dist.main:
-        title = f"{Path(source.path).name}: --train {cfg.train}, {result.tokens:,} tokens, seed {cfg.seed}"
+                            tps, memory["peak_gpu_bytes"], memory["peak_rss_bytes"], utilisation, how, n_params,
+                            local_params)
+    if acc.is_main_process:
+        title = (f"{Path(source.path).name}: --train {cfg.train}{f' --lora {cfg.lora}' if cfg.lora else ''}, "
+                 f"{result.tokens:,} tokens, seed {cfg.seed}, {how} × {world}")
         plot_curves(train_rows, eval_rows, run_dir / "curves.png", title)
         if output is not None:
-            result.output = _write(output, loaded, net, spec, source, cfg, result, data_what, control, force,
-                                   {"processes": dist.world, "device": str(dev)})
+            if lora is not None:  # fold the adapters into a fresh copy of the model: a normal checkpoint
+                final = engine.merge_lora(load(source, dtype=torch.float32, allow_pickle=allow_pickle).model, lora, final)
+            result.output = _write(output, loaded, final, spec, source, cfg, result, data_what, control, force,
+                                   {"processes": world, "device": str(dev), "strategy": how})
             state_path.unlink(missing_ok=True)  # finished: nothing left to resume
-    dist.barrier()
-    if dist.world > 1:
+    acc.wait_for_everyone()
+    if world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result
 
 
-def _write(output, loaded, net, spec, source, cfg, result, data_what, control, force, where: dict) -> Path:
-    net.eval()
+def _write(output, loaded, state_dict, spec, source, cfg, result, data_what, control, force, where: dict) -> Path:
     details = {
         "data": data_what,
         "tokens": result.tokens,
@@ -575,26 +612,19 @@ def _write(output, loaded, net, spec, source, cfg, result, data_what, control, f
         "eval": result.eval_curve,
         "run_dir": str(result.run_dir),
         **where,
+        "parameters": result.parameters,
+        "parameters_per_process": result.parameters_per_process,
         "tokens_per_s": result.tokens_per_s,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": result.peak_rss_bytes,
         "peak_gpu_bytes": result.peak_memory_bytes,
+        "mfu": result.mfu,
     }
     return write_with_history(
         output, transform="finetune", options={**asdict(cfg), "steps": result.steps, "control": control},
         source=source, source_hash=loaded.source_hash, details=details, seed=cfg.seed,
-        state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()}, config=net.config, spec=spec,
-        tokenizer=loaded.tokenizer, generation_config=getattr(net, "generation_config", None), force=force,
+        state_dict=state_dict, config=loaded.model.config, spec=spec, tokenizer=loaded.tokenizer,
+        generation_config=getattr(loaded.model, "generation_config", None), force=force,
     )
-
-
-def _peak_rss_bytes() -> int | None:
-    """Peak resident memory of this process so far (None where the platform has no `resource`)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _progress(enabled: bool, steps: int, start: int):
@@ -603,5 +633,6 @@ def _progress(enabled: bool, steps: int, start: int):
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TextColumn("{task.fields[mem]}"), TextColumn("{task.fields[mfu]}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled, transient=False,
     )

@@ -8,7 +8,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-PACKAGES = ("qkvconv", "torch", "transformers", "lm_eval", "safetensors", "accelerate", "gguf", "datasets")
+PACKAGES = ("qkvconv", "torch", "transformers", "lm_eval", "safetensors", "accelerate", "peft", "gguf", "datasets")
 _HASHED_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json", ".model", ".txt")
 
 

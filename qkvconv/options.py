@@ -211,6 +211,11 @@ class FinetuneOptions(Options):
     teacher: Optional[str] = None
     eval_kl: bool = False
     hf_split: str = "train"
+    lora: Optional[int] = Field(None, ge=1)
+    lora_alpha: Optional[float] = Field(None, gt=0)
+    gradient_checkpointing: bool = False
+    stream: bool = False
+    shuffle_buffer: int = Field(256, ge=1)
     device: str = "auto"
 
     def config(self, **override):
