@@ -65,10 +65,17 @@ def strategy(acc) -> str:
 
 
 def shard(module: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.device) -> torch.nn.Module:
-    """torch FSDP2 in place: each decoder layer one unit, the rest (embeddings, final norm, head) the root's."""
+    """torch FSDP2 in place: each decoder layer one unit, the rest (embeddings, final norm, head) the root's.
+
+    Every process first takes rank 0's weights (FSDP's sync_module_states): under an FSDP launch, transformers may
+    load the checkpoint on rank 0 only and leave the other ranks freshly initialised (cpu_ram_efficient_loading;
+    transformers 5.0 does, 5.24 does not), and sharding those would mix random shards into the model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(t.data, src=0)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for layer in layers:
         fully_shard(layer, mesh=mesh)

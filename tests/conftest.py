@@ -21,6 +21,18 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {f: build_tiny(f, root / f) for f in FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small seeded word-salad text file for finetune tests (800 sentences of 12 words)."""
+    import random
+
+    words = "the cat sat on a mat and the dog ran to the park while small birds sang in tall green trees".split()
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(800)))
+    return path
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,6 @@ from qkvconv.errors import CheckpointError, QkvconvError
 from qkvconv.finetune import FinetuneConfig, finetune, iter_texts
 
 runner = CliRunner()
-WORDS = "the cat sat on a mat and the dog ran to the park while small birds sang in tall green trees".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(800)))
-    return path
 
 
 def cfg(corpus, **kw) -> FinetuneConfig:
