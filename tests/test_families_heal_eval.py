@@ -18,7 +18,7 @@ from test_evaluate import tiny_data_dir  # noqa: F401  (fixture)
 from test_families_gemma import build_gemma
 from test_families_llama_like import build as build_llama_like
 from test_families_misc import _build as build_misc
-from test_finetune import cfg, corpus  # noqa: F401  (corpus: fixture)
+from test_finetune import cfg
 
 import qkvconv
 from qkvconv.archs import spec_for
@@ -64,7 +64,7 @@ def _moved(before_dir, after_dir) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def healed(family_models, corpus, tmp_path_factory):  # noqa: F811
+def healed(family_models, corpus, tmp_path_factory):
     """model_type -> (share-kv k=v checkpoint, its healed copy, the FinetuneResult), made once per family."""
     root, done = tmp_path_factory.mktemp("healed"), {}
 
@@ -99,7 +99,7 @@ def test_finetune_heals_share_kv(healed, model_type):
         assert torch.isfinite(model(torch.tensor([[1, 40, 41, 42, 43]])).logits).all()
 
 
-def test_eval_healed_models(healed, tiny_data_dir):  # noqa: F811
+def test_eval_healed_models(healed, tiny_data_dir):
     """One lm-eval run over every family's healed checkpoint (the task index is built once: ~20 s on its own),
     each loaded as `qkvconv eval` loads it."""
     entries = [eval_entry(str(healed(t)[1]), dtype=torch.float32, allow_pickle=False, trust_remote_code=False, name=t)
@@ -123,7 +123,7 @@ def test_eval_healed_models(healed, tiny_data_dir):  # noqa: F811
 
 
 @pytest.mark.parametrize("model_type,attach", [("phi3", "query_mlp"), ("gemma2", "query_mlp"), ("olmo2", "preproj")])
-def test_train_new_on_attached_modules(family_models, corpus, tmp_path, model_type, attach):  # noqa: F811
+def test_train_new_on_attached_modules(family_models, corpus, tmp_path, model_type, attach):
     """--train new selects the attached modules by their module paths, and nothing else moves: phi3 packs q/k/v in
     one qkv_proj (the query MLP hangs on it), gemma2 has sandwich norms around attention, olmo2 has no pre-attention
     norm (the pre-projection MLP sits on the attention's input instead)."""
