@@ -643,7 +643,7 @@ class ShardWriter:
     huggingface_hub's split_torch_state_dict_into_shards and safetensors' save_file both need every tensor of a
     shard in memory at once; streaming is the point here, hence this writer."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int, max_pending_bytes: int = 256 << 20):
+    def __init__(self, directory: Path, max_shard_bytes: int, max_pending_bytes: int = 128 << 20):
         import queue
         import threading
 
