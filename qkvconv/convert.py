@@ -760,8 +760,8 @@ def latent_kv_checkpoint(
     from qkvconv.describe import kv_cache_bytes_per_token
     from qkvconv.stream import stream_convert
     from qkvconv.transforms.attach import stock_layers
-    from qkvconv.transforms.latent_kv import (ALLOCATIONS, allocate_ranks, check_latent_options, layer_spectrum,
-                                              share_kv_heads, uniform_ranks)
+    from qkvconv.transforms.latent_kv import (ALLOCATIONS, ROPE_PAIRS_AFTER_SHARE_KV, allocate_ranks,
+                                              check_latent_options, layer_spectrum, share_kv_heads, uniform_ranks)
     from qkvconv.transforms.layer import LayerResult
 
     if rank_allocation not in ALLOCATIONS:
@@ -776,8 +776,7 @@ def latent_kv_checkpoint(
         N, parts = share_kv_heads(block, str(source.path), dims.num_key_value_heads,
                                   hasattr(config, "num_key_value_heads"))
         if rope_pairs is not None and block:
-            raise TransformError(f"{source.path}: --rope-pairs needs a stock checkpoint, not a qkvconv output "
-                                 "(latent-kv follows share-kv without --rope-pairs)")
+            raise TransformError(f"{source.path}: {ROPE_PAIRS_AFTER_SHARE_KV}")  # before calibration
         state["entries"] = copy.deepcopy(block["layers"]) if block else [None] * dims.num_hidden_layers
         state["kv_heads"] = N
         if N is not None:

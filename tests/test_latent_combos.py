@@ -137,6 +137,23 @@ def test_what_the_latent_attention_cannot_follow_is_refused(tiny_models, tmp_pat
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
+def test_rope_pairs_after_share_kv_is_refused_at_both_depths(shared, tmp_path):
+    """The command refuses before calibrating; a library call of the layer transform refuses the same way."""
+    from qkvconv.checkpoint import qkvconv_block, resolve_source
+    from qkvconv.stream import open_plan
+    from qkvconv.transforms.latent_kv import latent_kv_layer
+
+    src = shared["k=v", None]
+    with pytest.raises(TransformError, match="--rope-pairs needs a stock checkpoint, not a share-kv output") as e:
+        latent_kv_checkpoint(src, tmp_path / "o", kv_rank=8, rope_pairs=2, **FAST)
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+    plan = open_plan(resolve_source(src))
+    layer = {k: plan.tensors.get(k).double() for k in plan.layer_keys(0)}
+    entry = qkvconv_block(plan.config)["layers"][0]
+    with pytest.raises(TransformError, match="layer 0: --rope-pairs needs a stock checkpoint, not a share-kv output"):
+        latent_kv_layer(layer, plan.spec, plan.dims, 0, 8, None, rope_pairs=2, entry=entry)
+
+
 def test_cli_chain_and_greedy_allocation(shared, tmp_path):
     out = tmp_path / "cli"
     res = CliRunner().invoke(app, ["latent-kv", str(shared[None, 1]), "--output", str(out), "--kv-rank", "8",

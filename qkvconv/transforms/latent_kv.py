@@ -55,6 +55,8 @@ from qkvconv.transforms.share_kv import _attn_prefix, _o_key, _put, move_qk_norm
 # the layer keys of a share-kv output that a latent can follow: pooled heads and/or K=V (queries their own)
 SHARE_KV_KEYS = {"query", "attn_input", "kv", "kv_heads"}
 
+ROPE_PAIRS_AFTER_SHARE_KV = ("--rope-pairs needs a stock checkpoint, not a share-kv output (latent-kv follows "
+                             "share-kv without --rope-pairs)")
 ALLOCATIONS = ("uniform", "greedy")
 RIDGE = 1e-6  # relative to the mean eigenvalue tr(H)/d
 MIN_RANK_FRACTION = 0.25  # greedy: every layer keeps at least this share of the average rank
@@ -331,7 +333,7 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
     ranks = _split_even(rank, groups) if isinstance(rank, int) else list(rank)
     q, parts, o, dims, removed = read_kv_source(sd, spec, dims, i, entry)
     if rope_pairs is not None and (len(parts) == 1 or (entry is not None and "kv_heads" in entry)):
-        raise TransformError(f"layer {i}: --rope-pairs needs a stock checkpoint (not a share-kv output)")
+        raise TransformError(f"layer {i}: {ROPE_PAIRS_AFTER_SHARE_KV}")
     check_latent_options(spec, dims, max(sum(ranks), groups), groups, rope_pairs, len(parts))
     if len(ranks) != groups or min(ranks) < 1:
         raise TransformError(f"layer {i}: {ranks} is not one positive rank per group ({groups} groups)")
