@@ -260,8 +260,9 @@ def _pipeline(
 
     def run(tmp: Path | None) -> Report:
         # the input's sha256 (for the record) is read and hashed on a thread while the layers convert: hashlib and
-        # file reads release the GIL, so it overlaps the conversion instead of adding a read of the checkpoint
-        hashing, stop = (ThreadPoolExecutor(1), threading.Event()) if tmp is not None else (None, None)
+        # file reads release the GIL, so it overlaps the conversion instead of adding a read of the checkpoint. A
+        # verify-only run (no output) writes its record into a temporary folder that is discarded: no hash.
+        hashing, stop = (ThreadPoolExecutor(1), threading.Event()) if out is not None else (None, None)
         source_hash = hashing.submit(_source_hash, source, stop) if hashing else None
         try:
             return _run(tmp, source_hash)
@@ -305,7 +306,7 @@ def _pipeline(
                 with _timed(t, "decode", progress):
                     report.decoding = _decode(plan, source, tmp, ids[verify_rows or slice(None)], dtype, name)
             record = history_record(
-                transform=name, options=options, source=source, source_hash=source_hash.result(),
+                transform=name, options=options, source=source, source_hash=source_hash.result() if source_hash else None,
                 details={"verification": report.error.as_dict() if report.error else None,
                          **(details(report) if details else {}),
                          **({"exactness": report.exactness.as_dict()} if report.exactness else {}),
