@@ -6,7 +6,8 @@
 #
 #   bash bench/heal_strategies_smollm2.sh [WORKDIR]          (stages already done are skipped)
 #
-# Budget (env): STEPS=40 BATCH=2 SEQ=256 (= 20,480 tokens) LR=1e-4 LORA=16 LORA_LR=1e-3 EVAL_LIMIT=500
+# Budget (env): STEPS=40 BATCH=2 SEQ=256 (= 20,480 tokens) LR=1e-4 LORA=16 LORA_LR=1e-3 DISTILL_LR=LR EVAL_LIMIT=500
+# WARMUP (steps; default 5 % of STEPS) EVAL_EVERY=STEPS
 # SRC=/tmp/smol-st (a safetensors copy of the default checkpoint) DEVICE=auto.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,15 +19,15 @@ Q=("$PY" -m qkvconv.cli)
 SRC=${SRC:-/tmp/smol-st}
 STEPS=${STEPS:-40}
 FT=(--data "$D/gutenberg_en_train.txt" --eval-data "$D/gutenberg_en_valid.txt" --train attention --steps "$STEPS"
-    --batch-size "${BATCH:-2}" --seq-len "${SEQ:-256}" --eval-every "$STEPS" --eval-seqs 16 --save-every 10
-    --seed 0 --device "${DEVICE:-auto}")
+    --batch-size "${BATCH:-2}" --seq-len "${SEQ:-256}" --eval-every "${EVAL_EVERY:-$STEPS}" --eval-seqs 16 --save-every 10
+    --seed 0 --device "${DEVICE:-auto}" ${WARMUP:+--warmup-steps "$WARMUP"})
 mkdir -p "$W"
 heal() { local out=$1; shift; [ -d "$W/$out" ] && { echo "skip $out (done)"; return 0; }
          "${Q[@]}" finetune "$W/kv" -o "$W/$out" "${FT[@]}" "$@" $([ -d "$W/$out.run" ] && echo --resume); }
 [ -d "$W/kv" ] || "${Q[@]}" share-kv "$SRC" -o "$W/kv" --mode k=v --init calibrated
 heal full --lr "${LR:-1e-4}" --eval-kl
 heal lora --lr "${LORA_LR:-1e-3}" --lora "${LORA:-16}" --eval-kl
-heal distill --lr "${LR:-1e-4}" --distill 1
+heal distill --lr "${DISTILL_LR:-${LR:-1e-4}}" --distill 1
 [ -f "$W/eval.json" ] || "${Q[@]}" eval "$SRC" "$W/kv" "$W/full" "$W/lora" "$W/distill" --tasks lambada_openai \
   --limit "${EVAL_LIMIT:-500}" --batch-size 8 -o "$W/eval.json"
 "$PY" - "$W" <<'EOF'

@@ -148,7 +148,7 @@ def _per_candidate_error(c, cand, y: torch.Tensor, H: int, bias: bool) -> float:
 
 
 @pytest.mark.parametrize("mode,kvh", [("k=v", 1), ("q=k", None), ("q=k=v", None), (None, 1)])
-def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kvh):
+def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kvh, monkeypatch):
     """--init calibrated scores and fits all candidates of a layer in one batched float32 attention and normal-equations
     solve: scores equal the per-candidate float64 evaluation (to 1e-9 when batched in float64, 1e-4 in float32), and
     the winner is its argmin (up to that float32 tolerance)."""
@@ -177,6 +177,16 @@ def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kv
         w, info = skv._choose(c, cands, y, H, bias)
         assert info["relative_error"] == pytest.approx(float(ref.min()), rel=1e-4)
         assert w["o"].W.shape == (H * dims.head_dim, dims.hidden_size)
+        # scored on 2 of the 8 windows (0 and 4): the winner's W_O is still refit on all 8, so its error is one of
+        # the full-data errors; with every candidate kept for the refit, it is the best of them
+        monkeypatch.setattr(skv, "SCORE_WINDOWS", 2)
+        for margin in (skv.SCORE_TIE_SAMPLED, float("inf")):
+            monkeypatch.setattr(skv, "SCORE_TIE_SAMPLED", margin)
+            _, info = skv._choose(c, cands, y, H, bias)
+            assert min(abs(info["relative_error"] / float(r) - 1) for r in ref) < 1e-4
+            if margin == float("inf"):
+                assert info["relative_error"] == pytest.approx(float(ref.min()), rel=1e-4)
+        monkeypatch.undo()
 
 # ------------------------------------------------------------------------------------------- CLI
 runner = CliRunner()
