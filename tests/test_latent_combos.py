@@ -219,3 +219,41 @@ def test_recipe_runs_the_chain(tiny_models, tmp_path):
     spec = spec_for(model.config.model_type)
     assert model.config.num_key_value_heads == 1
     assert kv_cache_bytes_per_token(model.config, spec, torch.float32) == 8 * model.config.num_hidden_layers * 4
+
+
+def test_absorbed_decode_with_attention_sinks_and_value_bias_equals_rebuilding(tmp_path):
+    """gpt_oss (learned per-head sinks, v bias, alternating sliding window): the absorbed decode path adds m·b_V with m
+    the softmax row mass left after the sink, which must equal rebuilding every cached value (sink-free rows would
+    pass with m = 1 as well, so the sinks are made large enough to take a real share of the mass)."""
+    from safetensors.torch import save_file
+    from test_families_llama_like import build
+
+    src = build("gpt_oss", tmp_path / "oss")
+    weights = load_file(src / "model.safetensors")
+    sinks = [k for k in weights if k.endswith("self_attn.sinks")]
+    v_bias = [k for k in weights if k.endswith("v_proj.bias")]
+    assert sinks and v_bias
+    g = torch.Generator().manual_seed(0)
+    for k in sinks:  # logits of the order of q·k: a sink that takes 5-60 % of each row
+        weights[k] = 1.5 * torch.randn(weights[k].shape, generator=g)
+    for k in v_bias:
+        weights[k] = 0.5 * torch.randn(weights[k].shape, generator=g)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "lk"
+    latent_kv_checkpoint(src, out, kv_rank=12, **FAST)  # float32: the family's MoE kernel (grouped_mm) has no float64
+    model, _ = qkvconv.load(out, dtype=torch.float32)
+    attn = [m for m in model.modules() if type(m).__name__ == "LatentKVAttention"]
+    assert attn and all(hasattr(m, "sinks") for m in attn)
+    outputs: dict = {}
+    for m in attn:
+        m.register_forward_hook(lambda mod, args, out: outputs.setdefault(mod.absorb, []).append(out[0]))
+    for absorb in (False, True):
+        for m in attn:
+            m.absorb = absorb
+        with torch.no_grad():
+            cache = model(IDS[:, :6], use_cache=True).past_key_values
+            for i in range(6, IDS.shape[1]):
+                model(IDS[:, i:i + 1], past_key_values=cache, use_cache=True)
+    assert len(outputs[True]) == len(outputs[False]) == (1 + IDS.shape[1] - 6) * len(attn)
+    for rebuilt, absorbed in zip(outputs[False], outputs[True]):
+        torch.testing.assert_close(absorbed, rebuilt, atol=1e-5, rtol=1e-5)
