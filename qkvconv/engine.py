@@ -17,6 +17,7 @@ LoRA (Hu et al. 2021, W' = W + (α/r)·B·A) comes from PEFT; MFU = 6·N·tokens
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -175,12 +176,20 @@ def lora_config(rank: int, alpha: float | None, targets: list[str]):
                       target_modules=targets)
 
 
+def _peft_model(net: torch.nn.Module, config):
+    """peft.get_peft_model, without the FutureWarning that peft ≤ 0.21 triggers by reading transformers' deprecated
+    `is_gradient_checkpointing` (transformers ≥ 5.2x): a stray line through the progress display otherwise."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(net, config)
+
+
 def add_lora(net: torch.nn.Module, config, keep_trainable: list[torch.nn.Parameter]):
     """PEFT's LoRA model around `net` (adapters zero-started: B = 0, so the model is unchanged at step 0); the
     selected parameters outside the adapted projections (norms, pos2d terms, ...) stay fully trainable."""
-    from peft import get_peft_model
-
-    model = get_peft_model(net, config)
+    model = _peft_model(net, config)
     for p in keep_trainable:
         p.requires_grad_(True)
     return model
@@ -188,9 +197,7 @@ def add_lora(net: torch.nn.Module, config, keep_trainable: list[torch.nn.Paramet
 
 def merge_lora(base: torch.nn.Module, config, adapted_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """W + (α/r)·B·A folded into each adapted projection: a normal checkpoint's state dict (PEFT's merge_and_unload)."""
-    from peft import get_peft_model
-
-    model = get_peft_model(base, config)
+    model = _peft_model(base, config)
     missing, unexpected = model.load_state_dict(adapted_state, strict=False)
     if unexpected or missing:
         raise QkvconvError(f"LoRA merge: the adapted state does not fit the model ({(missing + unexpected)[:3]} ...)")
