@@ -614,15 +614,17 @@ class Stream:
         return self.kwargs[batch]
 
     @torch.no_grad()
-    def logits(self, hidden: torch.Tensor, seq: int) -> torch.Tensor:
-        """Logits (1, L, vocab) of calibration sequence `seq` from its final hidden states."""
+    def logits(self, *hidden: torch.Tensor, seq: int) -> torch.Tensor:
+        """Logits (k, L, vocab) of calibration sequence `seq` from k versions of its final hidden states (L, d) (the
+        original's and the converted model's: one pass over the LM head, whose chunks a float64 stream converts)."""
         stack = self.model.get_submodule(self.spec.layers)
         parent, _, name = self.spec.layers.rpartition(".")
         owner = self.model.get_submodule(parent) if parent else self.model
-        setattr(owner, name, nn.ModuleList([_Inject(self.layer0, hidden[None], self.layer_returns_tuple)]))
+        setattr(owner, name, nn.ModuleList([_Inject(self.layer0, torch.stack(hidden), self.layer_returns_tuple)]))
         try:
             with self._f64():
-                return self.model(input_ids=self.ids[seq : seq + 1].to(self.device), use_cache=False).logits
+                ids = self.ids[seq : seq + 1].to(self.device).expand(len(hidden), -1)
+                return self.model(input_ids=ids, use_cache=False).logits
         finally:
             setattr(owner, name, stack)
 
@@ -1161,14 +1163,13 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         algebra, r_orig, r_conv, scale = _Stat(), _Stat(), _Stat(), 0.0
         for j, r in enumerate(verify_rows):
             o = ver_in_orig[j]
-            ref = streams[dtype].logits(h_orig[dtype][o], r).cpu()
-            new = streams[dtype].logits(h_conv[dtype][j], r).cpu()
+            ref, new = streams[dtype].logits(h_orig[dtype][o], h_conv[dtype][j], seq=r).cpu().split(1)
             acc.add(ref, new)
             if exact and j < len(algebra_rows):
                 s64 = streams.get(torch.float64, streams[dtype])
                 o64, r64 = (o, r) if s64 is streams[dtype] else (j, j)  # rows of the float64 stream's own ids
-                ref64 = s64.logits(h_orig[s64.dtype][o64], r64).double().cpu()
-                new64 = s64.logits(h_conv[s64.dtype][j], r64).double().cpu()
+                pair = s64.logits(h_orig[s64.dtype][o64], h_conv[s64.dtype][j], seq=r64)
+                ref64, new64 = pair.double().cpu().split(1)
                 n = ref64.shape[1]  # the float64 pair's prefix of this sequence
                 algebra.add(ref64, new64)
                 r_orig.add(ref[:, :n], ref64)
