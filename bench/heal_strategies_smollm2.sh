@@ -9,6 +9,7 @@
 # Budget (env): STEPS=40 BATCH=2 SEQ=256 (= 20,480 tokens) LR=1e-4 LORA=16 LORA_LR=1e-3 DISTILL_LR=LR EVAL_LIMIT=500
 # WARMUP (steps; default 5 % of STEPS) EVAL_EVERY=STEPS
 # SRC=/tmp/smol-st (a safetensors copy of the default checkpoint) DEVICE=auto.
+# README's table (102,400 tokens each): STEPS=100 BATCH=4 WARMUP=10 EVAL_EVERY=25 LR=3e-5 LORA_LR=1e-3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/heal-strategies}
