@@ -688,6 +688,10 @@ def latent_kv(
     ranks = report.options["kv_ranks"]
     out.print(f"ranks per layer ({report.options['rank_allocation']}, mean {sum(ranks) / len(ranks):g}): "
               f"{' '.join(map(str, ranks))}")
+    if report.kl_sensitivity:
+        kl = report.kl_sensitivity
+        out.print(f"measured per-layer KL ({kl['probe']}), summed: {kl['summed']['chosen']:.4f} at these ranks, "
+                  f"{kl['summed']['uniform']:.4f} at --kv-rank everywhere")
     if report.options.get("rope_pairs") is not None:
         kept = [sum(x["rope_score_kept"]) / len(x["rope_score_kept"]) for x in report.fit]
         out.print(f"RoPE pairs kept per KV head: {report.options['rope_pairs']}; share of the pairs' 2-norm score they "

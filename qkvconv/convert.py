@@ -50,6 +50,7 @@ class Report:
     fit: list[dict] = field(default_factory=list)  # share-kv --init calibrated: the chosen candidate per layer
     decode_skipped: str | None = None  # why the decode check did not run
     output_bytes: int = 0
+    kl_sensitivity: dict | None = None  # latent-kv --rank-allocation kl: the measured per-layer KL table
 
 
 def check_exactness(name: str, exact: Exactness, error: LogitError, atol: float | None, cond: list[float]) -> None:
@@ -849,9 +850,13 @@ def latent_kv_checkpoint(
             plan, ids, calib_rows, probe_rows, candidates,
             lambda entries: adjust_config(_converted(plan, entries, dtype)), dtype=compute_dtype(dtype),
             device=device, progress=progress)
-        state["ranks"] = [_split_even(r, groups) for r in allocate_ranks_by_kl(kl, kv_rank)]
+        chosen = allocate_ranks_by_kl(kl, kv_rank)
+        state["ranks"] = [_split_even(r, groups) for r in chosen]
+        # the additive model's prediction: Σ_i KL_i(r_i), for the chosen ranks and for kv_rank everywhere
+        summed = {"chosen": sum(k[r] for k, r in zip(kl, chosen)), "uniform": sum(k[kv_rank] for k in kl)}
         state["kl"] = {"ladder": state["ladder"], "per_layer": [[kl_i[r] for r in state["ladder"]] for kl_i in kl],
-                       "probe": f"{len(probe_rows)} fitting sequences × {ids.shape[1]} tokens", "timings_s": timings}
+                       "summed": summed, "probe": f"{len(probe_rows)} fitting sequences × {ids.shape[1]} tokens",
+                       "timings_s": timings}
 
     def layer(plan, sd, i, attn_input):
         return latent_kv_layer(sd, plan.spec, plan.dims, i, state["ranks"][i], attn_input, groups, rope_pairs,
@@ -861,6 +866,7 @@ def latent_kv_checkpoint(
         out_dtype = getattr(torch, report.options["dtype"])
         ranks = [sum(r) for r in state["ranks"]]
         report.options["kv_ranks"] = ranks
+        report.kl_sensitivity = state.get("kl")
         report.options["kv_cache_bytes_per_token"] = {
             "before": kv_cache_bytes_per_token(plan.config, plan.spec, out_dtype),
             "after": kv_cache_bytes_per_token(report.converted_config, plan.spec, out_dtype),

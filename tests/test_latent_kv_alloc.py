@@ -141,6 +141,9 @@ def test_a_layer_made_sensitive_gets_more_rank(tmp_path, sensitive):
     at = sens["ladder"].index(16)
     assert sens["per_layer"][sensitive][at] == max(k[at] for k in sens["per_layer"])  # the measurement saw it
     assert sens["probe"] == "4 fitting sequences × 32 tokens"
+    assert sens["summed"]["chosen"] < sens["summed"]["uniform"]  # what the choice minimised
+    assert sens["summed"]["chosen"] == pytest.approx(sum(k[sens["ladder"].index(r)]
+                                                         for k, r in zip(sens["per_layer"], ranks)))
     uniform = latent_kv_checkpoint(path, None, kv_rank=16, **FAST)
     print(f"held-out KL: uniform {uniform.error.kl:.4f}, kl {report.error.kl:.4f}")
     assert report.error.kl < uniform.error.kl  # on the held-out sequences, which the probes never saw
@@ -182,6 +185,7 @@ def test_cli_rank_allocation_kl(tiny_models, tmp_path):
                                  "--num-seqs", "5", "--seq-len", "32"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "ranks per layer (kl, mean 16)" in result.stdout and "KL (nats/token)" in result.stdout
+    assert "measured per-layer KL (2 fitting sequences × 32 tokens), summed: " in result.stdout
     record = json.loads((out / "qkvconv.json").read_text())["history"][-1]
     assert record["options"]["kl_probe_seqs"] == 2 and record["kl_sensitivity"]["probe"].startswith("2 fitting")
     assert all(len(g) == 2 for g in record["group_ranks"])
