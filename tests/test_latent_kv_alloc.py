@@ -192,3 +192,20 @@ def test_cli_rank_allocation_kl(tiny_models, tmp_path):
     bad = runner.invoke(app, ["latent-kv", str(tiny_models["qwen2"]), "-o", str(tmp_path / "bad"), "--kv-rank", "16",
                               "--rank-allocation", "kl", "--kl-probe-seqs", "0"])
     assert bad.exit_code == 1 and "--kl-probe-seqs" in bad.output and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("before,kw", [(dict(kv_heads=1), {}), (dict(mode="k=v"), {}), (None, dict(rope_pairs=2))])
+def test_kl_allocation_after_share_kv_and_with_rope_pairs(tiny_models, tmp_path, before, kw):
+    """The candidates are the layers the conversion writes in each variant: a latent over share-kv's pooled heads or
+    its shared K=V, or beside kept RoPE pairs."""
+    from qkvconv.convert import share_kv_checkpoint
+
+    src = tiny_models["llama"]
+    if before is not None:
+        src = tmp_path / "shared"
+        share_kv_checkpoint(tiny_models["llama"], src, init="calibrated", **before, **FAST)
+    report = latent_kv_checkpoint(src, None, kv_rank=8, rank_allocation="kl", **kw, **FAST)
+    ranks, kl = report.options["kv_ranks"], report.kl_sensitivity
+    assert sum(ranks) == 2 * 8 and kl["ladder"] == [4, 6, 8, 10, 12, 16]
+    assert all(k[0] > k[-1] for k in kl["per_layer"])  # rank 4 hurts more than rank 16 in every layer
+    assert kl["summed"]["chosen"] <= kl["summed"]["uniform"]
