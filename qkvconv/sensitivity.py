@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import nn
@@ -56,6 +56,8 @@ def layer_sensitivity(plan: Plan, ids: torch.Tensor, fit_rows: list[int], probe_
 
 def _layer_sensitivity(plan, ids, fit_rows, probe_rows, candidates, config_for, dtype, device, batch_size,
                        progress):
+    from qkvconv.verify import capture_attention_input
+
     t0 = time.perf_counter()
     spec, dims, src = plan.spec, plan.dims, plan.tensors
     n_layers = dims.num_hidden_layers
@@ -65,16 +67,17 @@ def _layer_sensitivity(plan, ids, fit_rows, probe_rows, candidates, config_for, 
     stream = Stream(plan.config, spec, src, dtype, ids[rows], device, batch_size)
     hidden = stream.embed()  # (n, L, d): the original model's hidden states entering the next layer
     orig_keep = {f"{spec.layers}.{k}": d for k, d in folded_dtypes(stream.layers).items()}
-    skeletons: dict[str, nn.Module] = {}
+    skeletons: dict[str, tuple[nn.Module, dict]] = {}  # candidate entry -> (its layer list, its folded dtypes)
     probes: dict[tuple[int, Hashable], torch.Tensor] = {}  # (layer, candidate) -> its probe hidden states
     timings = {"original": 0.0, "candidates": 0.0, "fit": 0.0}
 
-    def candidate_layers(entry: dict) -> nn.Module:
+    def candidate_layers(entry: dict) -> tuple[nn.Module, dict]:
         key = json.dumps(entry, sort_keys=True)
         if key not in skeletons:
             model = skeleton(config_for([entry] * n_layers), dtype)
             _real_tensors_to(model, device)
-            skeletons[key] = model.get_submodule(spec.layers)
+            layers = model.get_submodule(spec.layers)
+            skeletons[key] = layers, {f"{spec.layers}.{k}": d for k, d in folded_dtypes(layers).items()}
         return skeletons[key]
 
     for i in range(n_layers):
@@ -89,8 +92,6 @@ def _layer_sensitivity(plan, ids, fit_rows, probe_rows, candidates, config_for, 
                     device)
         layer_in = hidden[probe]  # what layer i reads on the probe rows: each of its candidates starts here
         captured: list[torch.Tensor] = []
-        from qkvconv.verify import capture_attention_input
-
         hook = capture_attention_input(module, spec, captured.append)
         hidden = stream.run_layer(module, hidden)
         hook.remove()
@@ -106,8 +107,7 @@ def _layer_sensitivity(plan, ids, fit_rows, probe_rows, candidates, config_for, 
         timings["fit"] += time.perf_counter() - t
         t = time.perf_counter()
         for c, res in made.items():  # layer i replaced by candidate c, on the probe rows
-            layers = candidate_layers(res.entry)
-            keep = {f"{spec.layers}.{k}": d for k, d in folded_dtypes(layers).items()}
+            layers, keep = candidate_layers(res.entry)
             new = {k: x for k, x in layer_src.items() if k not in set(res.removed)} | res.tensors
             cand = layers[i]
             materialize(cand, _relative({k: x.to(keep.get(k, dtype)) for k, x in new.items()}, prefix), device)
