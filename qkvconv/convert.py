@@ -765,7 +765,9 @@ def latent_kv_checkpoint(
     conversion would write at that rank. Cost: a forward of the probe tokens from each candidate's layer to the
     logits (6 candidates per layer); memory: no more of the model than the conversion holds, plus every
     candidate's probe hidden states (L × 6 × probe tokens × hidden size, float32), refused in one line beyond
-    KL_MEMORY_FRACTION of the free memory.
+    KL_MEMORY_FRACTION of the free memory. SmolLM2-135M, kv_rank 128 (⅓ cache), default calibration, 4 × 256 probe
+    tokens: held-out KL 0.490 → 0.337 and top-1 62.4 % → 66.4 % against uniform (the summed per-layer KL predicted
+    0.471 → 0.336); ranks 64–256; the first pass took 653 s on one shared CPU thread (the conversion itself 60 s).
 
     rope_pairs: P, the MHA2MLA variant (transforms/latent_kv.py): P RoPE pairs per KV head, chosen per layer on the
     fitting sequences, cached beside the RoPE-free latent; kv_rank is then the latent alone, so the cache holds
