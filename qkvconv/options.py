@@ -122,7 +122,7 @@ class LatentKvOptions(ConvertOptions):
     transform: ClassVar[str] = "latent-kv"
     kv_rank: int = Field(ge=1)
     groups: int = Field(1, ge=1)
-    rank_allocation: Literal["uniform", "greedy", "kl"] = "uniform"  # greedy: measured worse on SmolLM2 (convert.py)
+    rank_allocation: Literal["uniform", "greedy", "kl"] = "uniform"  # greedy, kl: worse on SmolLM2 (convert.py)
     rope_pairs: Optional[int] = Field(None, ge=0)  # MHA2MLA: RoPE pairs kept per KV head beside the latent
     kl_probe_seqs: Optional[int] = Field(None, ge=1)  # kl: fitting sequences the per-layer KL is measured on (None: 4)
 
