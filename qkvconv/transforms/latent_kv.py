@@ -57,9 +57,10 @@ SHARE_KV_KEYS = {"query", "attn_input", "kv", "kv_heads"}
 
 ROPE_PAIRS_AFTER_SHARE_KV = ("--rope-pairs needs a stock checkpoint, not a share-kv output (latent-kv follows "
                              "share-kv without --rope-pairs)")
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform", "greedy", "kl")
 RIDGE = 1e-6  # relative to the mean eigenvalue tr(H)/d
 MIN_RANK_FRACTION = 0.25  # greedy: every layer keeps at least this share of the average rank
+KL_LADDER = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # kl: the candidate ranks of each layer, as multiples of kv_rank
 
 
 def full_rank(dims: Dims, groups: int = 1, rope_pairs: int | None = None, parts: int = 2) -> int:
@@ -304,6 +305,45 @@ def allocate_ranks(spectra: list[list[torch.Tensor]], kv_rank: int, min_rank: in
         if ranks[l][g] < caps[l][g]:
             heapq.heappush(heap, (-float(spectra[l][g][ranks[l][g]]) / energy[l], l, g))
     return ranks
+
+
+def rank_ladder(kv_rank: int, top: int, groups: int = 1, factors: tuple[float, ...] = KL_LADDER) -> list[int]:
+    """The candidate ranks of one layer for the kl allocation: factor·kv_rank for each factor, rounded to a multiple
+    of `groups` (each group gets an equal share), kept within [groups, top] (top: the layer's full rank); kv_rank
+    itself is always one of them, so the uniform allocation is always a choice."""
+    ladder = {min(top, max(groups, groups * round(f * kv_rank / groups))) for f in factors}
+    return sorted(ladder | {kv_rank})
+
+
+def allocate_ranks_by_kl(kl: list[dict[int, float]], kv_rank: int) -> list[int]:
+    """The ranks, one per layer from its measured {rank: KL} (qkvconv.sensitivity: the model's KL to the original
+    when only that layer is compressed at that rank), that minimise Σ_i KL_i(r_i) subject to Σ_i r_i = L·kv_rank:
+    an exact dynamic programme over the partial sums (a knapsack on the discrete ladder; the summed per-layer KL is
+    the additive model of the whole model's KL)."""
+    total, n = len(kl) * kv_rank, len(kl)
+    lo = [sum(min(c) for c in kl[i:]) for i in range(n)] + [0]  # the least / most the layers from i on can add
+    hi = [sum(max(c) for c in kl[i:]) for i in range(n)] + [0]
+    if not lo[0] <= total <= hi[0]:
+        raise TransformError(f"no rank choice from the measured ladders averages --kv-rank {kv_rank}")
+    best: dict[int, float] = {0: 0.0}  # partial sum of ranks -> least summed KL reaching it
+    back: list[dict[int, int]] = []  # per layer: partial sum after it -> its rank
+    for i, costs in enumerate(kl):
+        nxt: dict[int, float] = {}
+        choice: dict[int, int] = {}
+        for s, cost in best.items():
+            for r in sorted(costs):
+                t = s + r
+                if not lo[i + 1] <= total - t <= hi[i + 1]:
+                    continue  # the remaining layers could not make up the total
+                if t not in nxt or cost + costs[r] < nxt[t]:
+                    nxt[t], choice[t] = cost + costs[r], r
+        best = nxt
+        back.append(choice)
+    ranks, s = [], total
+    for choice in reversed(back):
+        ranks.append(choice[s])
+        s -= choice[s]
+    return ranks[::-1]
 
 
 def uniform_ranks(n_layers: int, kv_rank: int, groups: int = 1) -> list[list[int]]:
