@@ -121,10 +121,10 @@ def _layer_sensitivity(plan, ids, fit_rows, probe_rows, candidates, config_for, 
     t = time.perf_counter()
     kl: list[dict[Hashable, float]] = [{} for _ in range(n_layers)]
     for j, row in enumerate(probe):
-        ref = stream.logits(hidden[row], row).double().log_softmax(-1)  # (1, L, vocab)
+        ref = stream.logits(hidden[row], seq=row).double().log_softmax(-1)  # (1, L, vocab)
         p = ref.exp()
         for (i, c), h in probes.items():
-            new = stream.logits(h[j], row).double().log_softmax(-1)
+            new = stream.logits(h[j], seq=row).double().log_softmax(-1)
             kl[i][c] = kl[i].get(c, 0.0) + float((p * (ref - new)).sum(-1).mean()) / len(probe)
     timings["logits"] = time.perf_counter() - t
     timings = {k: round(v, 3) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 3)}
