@@ -344,8 +344,8 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
     The candidates are scored together (one batched attention, batched Gram products, the activations' dtype) on
     at most SCORE_WINDOWS of the calibration windows, every k-th; the best — and any within SCORE_TIE_SAMPLED of it
     (SCORE_TIE when every window was scored, where only float32 rounding could decide) — are attended on every
-    window and refit with float64 Grams, which pick the winner and give its W_O. Scoring on a sample halves the
-    fit's cost at 40×256 calibration tokens; the winner's W_O still sees every token."""
+    window and refit with float64 Grams, which pick the winner and give its W_O. At 40×256 calibration tokens the
+    candidates are scored on half the fitting tokens; the winner's W_O still sees every token."""
     keep, X = list(range(len(cands))), None
     if len(cands) > 1 and c.h.dtype != torch.float64:
         k = -(-c.B // SCORE_WINDOWS)
