@@ -22,7 +22,8 @@ tiny model (hidden 256, 4 layers) for quick checks; --layers N overrides the lay
 Runs (each a subprocess; outputs removed afterwards; page cache warmed by reading the source before each run,
 os.sync() before each run so the previous run's writeback does not land in the next one's time):
     a  cp -r SRC OUT
-    b  the I/O floor: this script's --copy mode (safe_open each shard, get_tensor one by one, save_file per shard)
+    b  the I/O floor: this script's --copy mode (safe_open each shard, get_tensor one by one, save_file per shard,
+       each shard fsynced as qkvconv's are)
     c  qkvconv absorb-query SRC -o OUT --no-verify
     d  qkvconv absorb-query SRC -o OUT                       (default verification)
     e  qkvconv share-kv SRC -o OUT --mode k=v --kv-heads 1 --no-verify      (data-free, --init key)
@@ -260,7 +261,9 @@ def warm_read(path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- run b
 def plain_copy(src: Path, dst: Path) -> None:
-    """The I/O floor: every shard read tensor by tensor (safe_open/get_tensor) and written with save_file."""
+    """The I/O floor: every shard read tensor by tensor (safe_open/get_tensor), written with save_file and fsynced,
+    as qkvconv fsyncs each shard it writes (a copy that returns with gigabytes still dirty in the page cache has not
+    done its writing: os.sync() before the next run would pay for it, outside its time)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -272,6 +275,8 @@ def plain_copy(src: Path, dst: Path) -> None:
                 tensors = {k: h.get_tensor(k) for k in h.keys()}
             save_file(tensors, str(dst / f.name), metadata=meta)
             del tensors
+            with open(dst / f.name, "rb") as fh:
+                os.fsync(fh.fileno())
         elif f.is_file():
             shutil.copy2(f, dst / f.name)
 

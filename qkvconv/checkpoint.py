@@ -149,8 +149,10 @@ def load(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     with_hash: bool = False,
+    tokenizer: bool = True,
 ) -> Loaded:
-    """Load a stock or qkvconv-converted checkpoint as an eval-mode causal LM and its tokenizer."""
+    """Load a stock or qkvconv-converted checkpoint as an eval-mode causal LM and its tokenizer (None with
+    tokenizer=False: the decode check reads token ids only, and a tokenizer costs ~0.5 s to load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = src if isinstance(src, Source) else resolve_source(src, allow_pickle=allow_pickle)
@@ -170,7 +172,7 @@ def load(
             p = Path(source.path)
             with _tqdm_disabled():  # transformers' GGUF reader draws its own bar
                 model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if tokenizer else None
             _drop_gguf_quantization(model)
         else:
             if block:  # our own modeling code, from the installed package (not the copy in the folder)
@@ -183,14 +185,14 @@ def load(
                     source.path, config=config, use_safetensors=None if allow_pickle else True,
                     trust_remote_code=trust_remote_code, **kwargs,
                 )
-            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code) if tokenizer else None
     except QkvconvError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load {source.path}: {first}") from None
     model.to(device).eval()
-    return Loaded(model, tokenizer, spec, source, hash_path(source.path) if with_hash else None)
+    return Loaded(model, tok, spec, source, hash_path(source.path) if with_hash else None)
 
 
 @contextmanager

@@ -447,8 +447,8 @@ def _decode(plan, source, converted_dir: Path, ids: torch.Tensor, dtype: torch.d
         if dtype != next(original.parameters()).dtype:
             original = to_dtype_keeping_folded(copy.deepcopy(original), dtype)
     else:
-        original = load(source, dtype=dtype).model
-    converted = load(converted_dir, dtype=dtype).model
+        original = load(source, dtype=dtype, tokenizer=False).model
+    converted = load(converted_dir, dtype=dtype, tokenizer=False).model
     return verify_decoding(original, converted, ids, name)
 
 

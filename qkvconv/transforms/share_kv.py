@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from functools import cache
+from functools import cache, cached_property
 from typing import Callable
 
 import torch
@@ -88,14 +88,19 @@ class Calibration:
 
 @dataclass
 class _Layer:
-    """One layer's attention weights in math convention (float64)."""
+    """One layer's attention weights in math convention (float64); W_O is read on first use (the data-free inits
+    pass it through, see _untouched)."""
 
     q: Proj  # (d, H·dh)
     k: Proj  # (d, G·dh)
     v: Proj
-    o: Proj  # (H·dh, d)
+    read_o: Callable[[], Proj]
     q_norm: torch.Tensor | None  # (dh,)
     k_norm: torch.Tensor | None
+
+    @cached_property
+    def o(self) -> Proj:  # (H·dh, d)
+        return self.read_o()
 
 
 def check_share_options(mode: str | None, kv_heads: int | None, init: str, dims: Dims, pos2d: int | None = None) -> int:
@@ -161,7 +166,7 @@ def _read_layer(sd: dict, spec: ArchSpec, dims: Dims, i: int) -> _Layer:
     q, k, v = read_qkv(sd, spec, dims, i)
     norms = [sd.get(f"{spec.layer(i, n)}.weight") for n in spec.qk_norm]
     qn, kn = (norms + [None, None])[:2]
-    return _Layer(q, k, v, read_o(sd, spec, dims, i), None if qn is None else qn.double(),
+    return _Layer(q, k, v, lambda: read_o(sd, spec, dims, i), None if qn is None else qn.double(),
                   None if kn is None else kn.double())
 
 
@@ -414,10 +419,10 @@ def _swap_in_values(base: Proj, s: torch.Tensor, v: Proj, vx: torch.Tensor, E: t
 # ------------------------------------------------------------------------------------- one layer
 def _data_free(L: _Layer, mode: str | None, init: str, H: int, G: int, N: int, dh: int) -> dict:
     K, V = _pool(L.k, H, G, N, dh), _pool(L.v, H, G, N, dh)
-    Q = _pool(L.q, H, H, N, dh)  # group-mean query, for q=k
-    out = {"q": L.q, "o": L.o}
+    out = {"q": L.q}  # W_O unchanged (share_kv_layer passes it through or writes L.o)
     if mode is None:
         return out | {"k": K, "v": V}
+    Q = _pool(L.q, H, H, N, dh) if mode != "k=v" else None  # group-mean query, for q=k
     pick = {
         "k=v": {"key": [K], "value": [V], "mean": [K, V]},
         "q=k": {"key": [K], "mean": [Q, K]},
@@ -427,8 +432,8 @@ def _data_free(L: _Layer, mode: str | None, init: str, H: int, G: int, N: int, d
     if mode == "k=v":
         return out | {"s": S}
     if mode == "q=k":
-        return {"s": S, "v": V, "o": L.o}
-    return {"s": S, "o": L.o}
+        return {"s": S, "v": V}
+    return {"s": S}
 
 
 def _calibrated(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
@@ -579,6 +584,17 @@ def _write_stock(out: dict, w: dict, spec: ArchSpec, dims: Dims, i: int, N: int,
     _put(out, _o_key(spec, i), w["o"], dtype, spec.qkv_layout == "fused_concat_conv1d")
 
 
+def _untouched(w: dict, L: _Layer, spec: ArchSpec, i: int, attn: str) -> set[str]:
+    """The modules of layer i that keep their tensors and their names: W_Q where the transform returns it as read,
+    W_O where it returns none (the data-free inits). The checkpoint's own tensors pass through, bit for bit, instead
+    of a float64 round trip and a transposed copy (~5 s of a 4 GiB LLaMA's ~34 s data-free share-kv)."""
+    if spec.qkv_layout != "separate":  # the query is part of a fused tensor that is rewritten
+        return set()
+    source = {"q": spec.layer(i, spec.q_proj), "o": _o_key(spec, i)}
+    same = {"q": w.get("q") is L.q, "o": "o" not in w}
+    return {key for name, key in source.items() if same[name] and key == f"{attn}.{name}_proj"}
+
+
 def share_kv_layer(
     sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, *, mode: str | None, kv_heads: int | None = None,
     init: str = "key", calibration: Calibration | None = None, stock_kv_heads: int | None = None,
@@ -613,11 +629,15 @@ def share_kv_layer(
     removed = qkv_keys(sd, spec, i) + [k for k in sd if k.startswith(_o_key(spec, i) + ".")]
     out: dict[str, torch.Tensor] = {}
     if stock_kv_heads is not None:
-        _write_stock(out, w, spec, dims, i, N, stock_kv_heads, dtype)
+        _write_stock(out, {"o": L.o} | w, spec, dims, i, N, stock_kv_heads, dtype)
         return LayerResult(out, removed, {"query": "projection", "attn_input": "norm"}, {"fit": info})
     attn = _attn_prefix(spec, i)
+    untouched = _untouched(w, L, spec, i, attn)
+    removed = [key for key in removed if key.rpartition(".")[0] not in untouched]
+    w = w if "o" in w or _o_key(spec, i) in untouched else w | {"o": L.o}
     for name, p in w.items():  # q, k, v, s, o -> q_proj, k_proj, v_proj, s_proj, o_proj
-        _put(out, f"{attn}.{name}_proj", p, dtype)
+        if f"{attn}.{name}_proj" not in untouched:
+            _put(out, f"{attn}.{name}_proj", p, dtype)
     move_qk_norms(sd, spec, i, attn, out, removed)
     layer = {"query": "projection", "attn_input": "norm", "kv_heads": N}
     if mode in ("k=v", "q=k=v"):
