@@ -257,3 +257,19 @@ def test_absorbed_decode_with_attention_sinks_and_value_bias_equals_rebuilding(t
     assert len(outputs[True]) == len(outputs[False]) == (1 + IDS.shape[1] - 6) * len(attn)
     for rebuilt, absorbed in zip(outputs[False], outputs[True]):
         torch.testing.assert_close(absorbed, rebuilt, atol=1e-5, rtol=1e-5)
+
+
+def test_float64_on_a_family_without_float64_kernels_is_refused_with_the_reason(tmp_path):
+    """gpt_oss's experts run transformers' grouped_mm, which has no float64: latent-kv --dtype float64 fails its decode
+    check, and the one line says why and what to do, not only the kernel's message; nothing is written."""
+    from test_families_llama_like import build
+
+    src = build("gpt_oss", tmp_path / "oss")
+    out = tmp_path / "lk64"
+    r = CliRunner().invoke(app, ["latent-kv", str(src), "-o", str(out), "--kv-rank", "12", "--dtype", "float64",
+                                 "--num-seqs", "5", "--seq-len", "32", "--calib", "sample", "--decode-check", "always"])
+    assert r.exit_code != 0
+    line = r.output.strip().splitlines()[-1] if r.output.strip() else ""
+    print(line)
+    assert "cannot run in float64" in r.output and "--dtype float32" in r.output, r.output
+    assert not out.exists()
