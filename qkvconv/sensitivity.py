@@ -17,15 +17,13 @@ whole model; compute: each candidate costs a forward of the probe tokens from it
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Hashable
 
 import torch
-from torch import nn
 
-from qkvconv.stream import (Float64View, Plan, Stream, _real_tensors_to, _relative, check_finite, folded_dtypes,
-                            heap_for_temporaries, materialize, release, return_freed_memory, skeleton)
+from qkvconv.stream import (Float64View, LayerSkeletons, Plan, Stream, folded_dtypes, heap_for_temporaries,
+                            load_layer, read_layer, release, return_freed_memory)
 
 Candidates = Callable[[Float64View, int, torch.Tensor], dict]  # (layer tensors, i, attn_input) -> {key: LayerResult}
 
@@ -59,37 +57,25 @@ def _layer_sensitivity(plan, ids, fit_rows, probe_rows, candidates, config_for, 
     from qkvconv.verify import capture_attention_input
 
     t0 = time.perf_counter()
-    spec, dims, src = plan.spec, plan.dims, plan.tensors
+    spec, dims = plan.spec, plan.dims
     n_layers = dims.num_hidden_layers
     rows = sorted(set(fit_rows) | set(probe_rows))
     at = {r: j for j, r in enumerate(rows)}
     fit, probe = [at[r] for r in fit_rows], [at[r] for r in probe_rows]
-    stream = Stream(plan.config, spec, src, dtype, ids[rows], device, batch_size)
+    stream = Stream(plan.config, spec, plan.tensors, dtype, ids[rows], device, batch_size)
     hidden = stream.embed()  # (n, L, d): the original model's hidden states entering the next layer
     orig_keep = {f"{spec.layers}.{k}": d for k, d in folded_dtypes(stream.layers).items()}
-    skeletons: dict[str, tuple[nn.Module, dict]] = {}  # candidate entry -> (its layer list, its folded dtypes)
+    skeletons = LayerSkeletons(spec, n_layers, config_for, device)  # one per candidate entry
     probes: dict[tuple[int, Hashable], torch.Tensor] = {}  # (layer, candidate) -> its probe hidden states
     timings = {"original": 0.0, "candidates": 0.0, "fit": 0.0}
-
-    def candidate_layers(entry: dict) -> tuple[nn.Module, dict]:
-        key = json.dumps(entry, sort_keys=True)
-        if key not in skeletons:
-            model = skeleton(config_for([entry] * n_layers), dtype)
-            _real_tensors_to(model, device)
-            layers = model.get_submodule(spec.layers)
-            skeletons[key] = layers, {f"{spec.layers}.{k}": d for k, d in folded_dtypes(layers).items()}
-        return skeletons[key]
 
     for i in range(n_layers):
         if progress:
             progress(f"sensitivity: layer {i + 1}/{n_layers}")
         prefix = f"{spec.layers}.{i}."
-        layer_src = {k: check_finite(k, src.get(k)) for k in plan.layer_keys(i)}
-        sd64 = Float64View(layer_src, device)
+        layer_src, sd64 = read_layer(plan, i, device)
         t = time.perf_counter()
-        module = stream.layers[i]
-        materialize(module, _relative({k: x.to(orig_keep.get(k, dtype)) for k, x in layer_src.items()}, prefix),
-                    device)
+        module = load_layer(stream.layers[i], layer_src, prefix, dtype, orig_keep, device)
         layer_in = hidden[probe]  # what layer i reads on the probe rows: each of its candidates starts here
         captured: list[torch.Tensor] = []
         hook = capture_attention_input(module, spec, captured.append)
@@ -107,10 +93,9 @@ def _layer_sensitivity(plan, ids, fit_rows, probe_rows, candidates, config_for, 
         timings["fit"] += time.perf_counter() - t
         t = time.perf_counter()
         for c, res in made.items():  # layer i replaced by candidate c, on the probe rows
-            layers, keep = candidate_layers(res.entry)
             new = {k: x for k, x in layer_src.items() if k not in set(res.removed)} | res.tensors
-            cand = layers[i]
-            materialize(cand, _relative({k: x.to(keep.get(k, dtype)) for k, x in new.items()}, prefix), device)
+            cand = load_layer(skeletons.layers(res.entry, dtype)[i], new, prefix, dtype,
+                              skeletons.keep(res.entry, dtype), device)
             probes[(i, c)] = stream.run_layer(cand, layer_in)
             release(cand)
         timings["candidates"] += time.perf_counter() - t

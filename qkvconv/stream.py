@@ -1008,6 +1008,51 @@ def _relative(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix):]: v for k, v in tensors.items()}
 
 
+# ------------------------------------------------------------------------------- one streamed pass, layer by layer
+# What every streamed pass over the layers does (stream_convert for the converted model it writes and verifies,
+# sensitivity.py for each candidate it measures): read layer i's tensors, load them into layer i of a skeleton,
+# run it, release it.
+def read_layer(plan: Plan, i: int, device="cpu") -> tuple[dict[str, torch.Tensor], Float64View]:
+    """Layer i's tensors (full keys), each checked finite (a NaN/Inf is named, see check_finite), and a float64
+    view of them for the transform."""
+    tensors = {k: check_finite(k, plan.tensors.get(k)) for k in plan.layer_keys(i)}
+    return tensors, Float64View(tensors, device)
+
+
+def load_layer(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype,
+               keep: dict[str, torch.dtype], device="cpu") -> nn.Module:
+    """materialize() layer `module` with `tensors` (full keys under `prefix`): floating tensors cast to `dtype`, the
+    folded maps to the dtype `keep` gives them (full key -> dtype, see folded_dtypes)."""
+    cast = {k: x.to(keep.get(k, dtype)) if x.is_floating_point() else x for k, x in tensors.items()}
+    materialize(module, _relative(cast, prefix), device)
+    return module
+
+
+class LayerSkeletons:
+    """The layer lists of models whose layers are all one layer entry, one skeleton per (entry, dtype), built on
+    first use (config_for(entries) -> the model's config): a streamed pass loads layer i of the list its layer's
+    entry needs. keep(): the dtypes of the folded maps those layers keep, by full key."""
+
+    def __init__(self, spec: ArchSpec, n_layers: int, config_for: Callable[[list[dict]], object], device="cpu"):
+        self.spec, self.n_layers, self.config_for, self.device = spec, n_layers, config_for, device
+        self._layers: dict[tuple[str, torch.dtype], nn.Module] = {}
+        self._keep: dict[tuple[str, torch.dtype], dict[str, torch.dtype]] = {}
+
+    def layers(self, entry: dict, dtype: torch.dtype) -> nn.Module:
+        key = (json.dumps(entry, sort_keys=True), dtype)
+        if key not in self._layers:
+            model = skeleton(self.config_for([entry] * self.n_layers), dtype)
+            _real_tensors_to(model, self.device)
+            self._layers[key] = model.get_submodule(self.spec.layers)
+        return self._layers[key]
+
+    def keep(self, entry: dict, dtype: torch.dtype) -> dict[str, torch.dtype]:
+        key = (json.dumps(entry, sort_keys=True), dtype)
+        if key not in self._keep:
+            self._keep[key] = {f"{self.spec.layers}.{k}": d for k, d in folded_dtypes(self.layers(entry, dtype)).items()}
+        return self._keep[key]
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -1073,38 +1118,30 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
     calib_in_orig = [pos[r] for r in calib_rows] if calib_rows else None
     orig_skel = {v: streams[v].layers for v in variants}
     orig_keep = {f"{spec.layers}.{k}": d for k, d in folded_dtypes(orig_skel[dtype]).items()} if variants else {}
-    conv_skels: dict[tuple[str, torch.dtype], nn.Module] = {}
+    converted = LayerSkeletons(spec, n_layers, config_for, device)
     entries, infos = [], []
     timings = {"transform": 0.0, "verify": 0.0, "io": 0.0}
-
-    def conv_layers(entry: dict, v: torch.dtype) -> nn.Module:
-        key = (json.dumps(entry, sort_keys=True), v)
-        if key not in conv_skels:
-            model = skeleton(config_for([entry] * n_layers), v)
-            _real_tensors_to(model, device)
-            conv_skels[key] = model.get_submodule(spec.layers)
-        return conv_skels[key]
 
     if writer is not None:  # the non-layer tensors (embeddings, final norm, LM head) pass through
         t = time.perf_counter()
         for k in plan.rest_keys():
             writer.add(k, check_finite(k, src.get(k)).to(dtype))
         timings["io"] += time.perf_counter() - t
-    keeps: dict[str, dict[str, torch.dtype]] = {}  # layer entry -> {key: dtype} of its folded maps
     for i in range(n_layers):
         if progress:
             progress(f"layer {i + 1}/{n_layers}")
         prefix = f"{spec.layers}.{i}."
         t = time.perf_counter()
-        layer_src = {k: check_finite(k, src.get(k)) for k in plan.layer_keys(i)}
+        layer_src, sd64 = read_layer(plan, i, device)
         timings["io"] += time.perf_counter() - t
-        sd64 = Float64View(layer_src, device)
         attn_input = None
         t = time.perf_counter()
         for v in variants:  # the original layer i on the original streams
             module = orig_skel[v][i]
-            materialize(module, _relative({k: (sd64[k] if v == torch.float64 else x.to(orig_keep.get(k, v)))
-                                           for k, x in layer_src.items()}, prefix), device)
+            if v == torch.float64:  # the float64 view's copies (the transform reads the same ones)
+                load_layer(module, {k: sd64[k] for k in layer_src}, prefix, v, {}, device)
+            else:
+                load_layer(module, layer_src, prefix, v, orig_keep, device)
             captured: list[torch.Tensor] = []
             hook = None
             if calib_rows and v == dtype:
@@ -1123,10 +1160,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         timings["transform"] += time.perf_counter() - t
         entries.append(res.entry)
         infos.append(res.info)
-        entry_key = json.dumps(res.entry, sort_keys=True)
-        if entry_key not in keeps:  # keys relative to the layer list, made full
-            keeps[entry_key] = {f"{spec.layers}.{k}": d for k, d in folded_dtypes(conv_layers(res.entry, dtype)).items()}
-        keep = keeps[entry_key]
+        keep = converted.keep(res.entry, dtype)
         kept = {k: x for k, x in layer_src.items() if k not in set(res.removed)}
         out = {k: x.to(keep.get(k, dtype)) for k, x in kept.items()}
         out.update({k: x.to(keep.get(k, dtype)) for k, x in res.tensors.items()})
@@ -1137,13 +1171,11 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
             timings["io"] += time.perf_counter() - t
         t = time.perf_counter()
         for v in variants if verify_rows else []:  # the converted layer i on the converted streams
-            module = conv_layers(res.entry, v)[i]
+            module = converted.layers(res.entry, v)[i]
             if v == torch.float64:
-                new = {k: sd64[k] for k in kept}
-                new.update({k: x.double() if x.is_floating_point() else x for k, x in res.tensors.items()})
+                load_layer(module, {k: sd64[k] for k in kept} | res.tensors, prefix, v, {}, device)
             else:
-                new = out
-            materialize(module, _relative(new, prefix), device)
+                materialize(module, _relative(out, prefix), device)  # what was written, as written
             h_conv[v] = streams[v].run_layer(module, h_conv[v])
             release(module)
         timings["verify"] += time.perf_counter() - t
