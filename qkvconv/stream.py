@@ -29,6 +29,7 @@ import shutil
 import signal
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -1127,60 +1128,64 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         for k in plan.rest_keys():
             writer.add(k, check_finite(k, src.get(k)).to(dtype))
         timings["io"] += time.perf_counter() - t
-    for i in range(n_layers):
-        if progress:
-            progress(f"layer {i + 1}/{n_layers}")
-        prefix = f"{spec.layers}.{i}."
-        t = time.perf_counter()
-        layer_src, sd64 = read_layer(plan, i, device)
-        timings["io"] += time.perf_counter() - t
-        attn_input = None
-        t = time.perf_counter()
-        for v in variants:  # the original layer i on the original streams
-            module = orig_skel[v][i]
-            if v == torch.float64:  # the float64 view's copies (the transform reads the same ones)
-                load_layer(module, {k: sd64[k] for k in layer_src}, prefix, v, {}, device)
-            else:
-                load_layer(module, layer_src, prefix, v, orig_keep, device)
-            captured: list[torch.Tensor] = []
-            hook = None
-            if calib_rows and v == dtype:
-                from qkvconv.verify import capture_attention_input
-
-                hook = capture_attention_input(module, spec, captured.append)
-            h_orig[v] = streams[v].run_layer(module, h_orig[v])
-            if hook is not None:
-                hook.remove()
-                attn_input = torch.cat(captured)[calib_in_orig].reshape(-1, dims.hidden_size)
-            release(module)
-        timings["verify"] += time.perf_counter() - t
-        t = time.perf_counter()
-        with torch.device(device):  # the transform's own new tensors (eye, zeros, ...) on the same device
-            res = layer_fn(sd64, i, attn_input)
-        timings["transform"] += time.perf_counter() - t
-        entries.append(res.entry)
-        infos.append(res.info)
-        keep = converted.keep(res.entry, dtype)
-        kept = {k: x for k, x in layer_src.items() if k not in set(res.removed)}
-        out = {k: x.to(keep.get(k, dtype)) for k, x in kept.items()}
-        out.update({k: x.to(keep.get(k, dtype)) for k, x in res.tensors.items()})
-        if writer is not None:
+    # layer i + 1 is read (paged in, checked finite) by one thread while layer i is converted
+    with ThreadPoolExecutor(1, thread_name_prefix="qkvconv-layer-reader") as reader:
+        ahead = reader.submit(read_layer, plan, 0, device) if n_layers else None
+        for i in range(n_layers):
+            if progress:
+                progress(f"layer {i + 1}/{n_layers}")
+            prefix = f"{spec.layers}.{i}."
             t = time.perf_counter()
-            for k, x in out.items():
-                writer.add(k, x)
+            layer_src, sd64 = ahead.result()
+            ahead = reader.submit(read_layer, plan, i + 1, device) if i + 1 < n_layers else None
             timings["io"] += time.perf_counter() - t
-        t = time.perf_counter()
-        for v in variants if verify_rows else []:  # the converted layer i on the converted streams
-            module = converted.layers(res.entry, v)[i]
-            if v == torch.float64:
-                load_layer(module, {k: sd64[k] for k in kept} | res.tensors, prefix, v, {}, device)
-            else:
-                materialize(module, _relative(out, prefix), device)  # what was written, as written
-            h_conv[v] = streams[v].run_layer(module, h_conv[v])
-            release(module)
-        timings["verify"] += time.perf_counter() - t
-        del layer_src, sd64, out, kept, res
-        return_freed_memory()
+            attn_input = None
+            t = time.perf_counter()
+            for v in variants:  # the original layer i on the original streams
+                module = orig_skel[v][i]
+                if v == torch.float64:  # the float64 view's copies (the transform reads the same ones)
+                    load_layer(module, {k: sd64[k] for k in layer_src}, prefix, v, {}, device)
+                else:
+                    load_layer(module, layer_src, prefix, v, orig_keep, device)
+                captured: list[torch.Tensor] = []
+                hook = None
+                if calib_rows and v == dtype:
+                    from qkvconv.verify import capture_attention_input
+
+                    hook = capture_attention_input(module, spec, captured.append)
+                h_orig[v] = streams[v].run_layer(module, h_orig[v])
+                if hook is not None:
+                    hook.remove()
+                    attn_input = torch.cat(captured)[calib_in_orig].reshape(-1, dims.hidden_size)
+                release(module)
+            timings["verify"] += time.perf_counter() - t
+            t = time.perf_counter()
+            with torch.device(device):  # the transform's own new tensors (eye, zeros, ...) on the same device
+                res = layer_fn(sd64, i, attn_input)
+            timings["transform"] += time.perf_counter() - t
+            entries.append(res.entry)
+            infos.append(res.info)
+            keep = converted.keep(res.entry, dtype)
+            kept = {k: x for k, x in layer_src.items() if k not in set(res.removed)}
+            out = {k: x.to(keep.get(k, dtype)) for k, x in kept.items()}
+            out.update({k: x.to(keep.get(k, dtype)) for k, x in res.tensors.items()})
+            if writer is not None:
+                t = time.perf_counter()
+                for k, x in out.items():
+                    writer.add(k, x)
+                timings["io"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for v in variants if verify_rows else []:  # the converted layer i on the converted streams
+                module = converted.layers(res.entry, v)[i]
+                if v == torch.float64:
+                    load_layer(module, {k: sd64[k] for k in kept} | res.tensors, prefix, v, {}, device)
+                else:
+                    materialize(module, _relative(out, prefix), device)  # what was written, as written
+                h_conv[v] = streams[v].run_layer(module, h_conv[v])
+                release(module)
+            timings["verify"] += time.perf_counter() - t
+            del layer_src, sd64, out, kept, res
+            return_freed_memory()
     result = Streamed(entries, infos, converted_config=config_for(entries))
     if writer is not None:
         t = time.perf_counter()
