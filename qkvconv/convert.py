@@ -730,6 +730,8 @@ def latent_kv_checkpoint(
     rank_allocation: str = "uniform",
     rope_pairs: int | None = None,
     kl_probe_seqs: int | None = None,
+    fit: str = "kv",
+    key_weight: float = 1.0,
     calib: Path | None = None,
     num_seqs: int | None = None,
     seq_len: int | None = None,
@@ -774,6 +776,11 @@ def latent_kv_checkpoint(
     text does not rank the layers the way the long-range last-word prediction needs them, so uniform stays the
     default.
 
+    fit: "kv" fits the latent to K and V themselves (E‖h·W − h·A·B‖², the default); "attention" weights each key
+    and value error by what attention does with it (transforms/latent_kv.py: values by Σ W_O[h]·W_O[h]ᵀ, keys by the
+    RoPE-averaged query moments × the spread of the value outputs × key_weight), still closed form and exact at full
+    rank. Layers with a per-head QK-norm are refused.
+
     rope_pairs: P, the MHA2MLA variant (transforms/latent_kv.py): P RoPE pairs per KV head, chosen per layer on the
     fitting sequences, cached beside the RoPE-free latent; kv_rank is then the latent alone, so the cache holds
     kv_rank + 2·P·G values per token and layer. None: reconstruct-then-rotate. Zero-shot it loses far more than
@@ -785,13 +792,17 @@ def latent_kv_checkpoint(
     from qkvconv.stream import stream_convert
     from qkvconv.transforms.attach import stock_layers
     from qkvconv.sensitivity import compute_dtype, layer_sensitivity, probe_bytes
-    from qkvconv.transforms.latent_kv import (ALLOCATIONS, ROPE_PAIRS_AFTER_SHARE_KV, allocate_ranks,
+    from qkvconv.transforms.latent_kv import (ALLOCATIONS, FITS, ROPE_PAIRS_AFTER_SHARE_KV, allocate_ranks,
                                               _split_even, allocate_ranks_by_kl, check_latent_options, full_rank,
                                               layer_spectrum, rank_ladder, share_kv_heads, uniform_ranks)
     from qkvconv.transforms.layer import LayerResult
 
     if rank_allocation not in ALLOCATIONS:
         raise TransformError(f"unknown --rank-allocation {rank_allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+    if fit not in FITS:
+        raise TransformError(f"unknown --fit {fit!r}; use one of {', '.join(FITS)}")
+    if key_weight != 1.0 and fit != "attention" or not key_weight >= 0:
+        raise TransformError(f"--key-weight {key_weight}: a non-negative number, with --fit attention only")
     if kl_probe_seqs is not None and (rank_allocation != "kl" or kl_probe_seqs < 1):
         raise TransformError(f"--kl-probe-seqs {kl_probe_seqs}: a positive number of sequences, with "
                              "--rank-allocation kl only")
@@ -839,7 +850,7 @@ def latent_kv_checkpoint(
 
         def spectrum(sd, i, attn_input):  # the input's layer i: its spectrum only, the layer unchanged
             spectra.append(layer_spectrum(sd, plan.spec, plan.dims, i, attn_input, groups, rope_pairs,
-                                          state["entries"][i]))
+                                          state["entries"][i], fit, key_weight))
             return LayerResult({}, [], state["entries"][i] or stock_layers(plan.dims)[i])
 
         stream_convert(plan, None, spectrum, dtype=dtype, config_for=lambda entries: _converted(plan, entries, dtype),
@@ -850,7 +861,7 @@ def latent_kv_checkpoint(
     def measure_kl(plan, ids, calib_rows, dtype):
         def candidates(sd, i, attn_input):  # layer i as the conversion would write it, at each rank of the ladder
             return {r: latent_kv_layer(sd, plan.spec, plan.dims, i, r, attn_input, groups, rope_pairs,
-                                       state["entries"][i]) for r in state["ladder"]}
+                                       state["entries"][i], fit, key_weight) for r in state["ladder"]}
 
         probe_rows = calib_rows[:probe_seqs]  # fitting sequences: the held-out KL stays out of sample
         kl, timings = layer_sensitivity(
@@ -867,7 +878,7 @@ def latent_kv_checkpoint(
 
     def layer(plan, sd, i, attn_input):
         return latent_kv_layer(sd, plan.spec, plan.dims, i, state["ranks"][i], attn_input, groups, rope_pairs,
-                               state["entries"][i])
+                               state["entries"][i], fit, key_weight)
 
     def finish(report, plan):
         out_dtype = getattr(torch, report.options["dtype"])
@@ -881,6 +892,8 @@ def latent_kv_checkpoint(
 
     def details(report):
         return {"kv_ranks": report.options["kv_ranks"], "rank_allocation": rank_allocation, "groups": groups,
+                "fit": [x["fit"] for x in report.fit],
+                **({"key_weight": key_weight} if fit == "attention" else {}),
                 "group_ranks": [x["group_ranks"] for x in report.fit],
                 "kept_energy": [x["kept_energy"] for x in report.fit],
                 "kv_cache_bytes_per_token": report.options["kv_cache_bytes_per_token"],
@@ -891,6 +904,7 @@ def latent_kv_checkpoint(
     return _pipeline(
         model, output, name="latent-kv",
         options={"kv_rank": kv_rank, "groups": groups, "rank_allocation": rank_allocation, "rope_pairs": rope_pairs,
+                 "fit": fit, **({"key_weight": key_weight} if fit == "attention" else {}),
                  **({"kl_probe_seqs": probe_seqs} if rank_allocation == "kl" else {}),
                  "calib": str(calib) if calib else None, "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed},
         layer_fn=layer, exact=False, calib=calib, num_seqs=num_seqs, seq_len=seq_len, seed=seed, dtype=dtype,
