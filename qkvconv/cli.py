@@ -665,7 +665,7 @@ def latent_kv(
     kl_probe_seqs: Annotated[Optional[int], typer.Option("--kl-probe-seqs", help="--rank-allocation kl: fitting sequences (× --seq-len tokens) the per-layer KL is measured on (default 4).", show_default=False)] = None,
     rope_pairs: Annotated[Optional[int], typer.Option("--rope-pairs", help="MHA2MLA: keep RoPE on the P frequency pairs per KV head with the largest 2-norm contribution, cached as keys beside a RoPE-free latent (--kv-rank) of the other key dims and the values; absorbed at decode. Cache: kv-rank + 2·P·KV heads values per layer.", show_default=False)] = None,
     fit: Annotated[str, typer.Option("--fit", help="kv (fit the latent to K and V themselves) | attention (weight each value error by W_O and each key error by the RoPE-averaged queries times the spread of the value outputs; exact at full rank; refused with per-head QK-norms).")] = "kv",
-    key_weight: Annotated[float, typer.Option("--key-weight", help="--fit attention: λ, the weight of key errors against value errors.")] = 1.0,
+    key_weight: Annotated[Optional[float], typer.Option("--key-weight", help="--fit attention: λ, the weight of key errors against value errors (default 0.3, the best of 0.1-3 on SmolLM2).", show_default=False)] = None,
     calib: Calib = None,
     num_seqs: Annotated[Optional[int], typer.Option("--num-seqs", help="Calibration sequences (default 40, 1 in 5 held out).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Calibration sequence length (default 256).")] = None,

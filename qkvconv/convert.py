@@ -731,7 +731,7 @@ def latent_kv_checkpoint(
     rope_pairs: int | None = None,
     kl_probe_seqs: int | None = None,
     fit: str = "kv",
-    key_weight: float = 1.0,
+    key_weight: float | None = None,
     calib: Path | None = None,
     num_seqs: int | None = None,
     seq_len: int | None = None,
@@ -778,8 +778,9 @@ def latent_kv_checkpoint(
 
     fit: "kv" fits the latent to K and V themselves (E‖h·W − h·A·B‖², the default); "attention" weights each key
     and value error by what attention does with it (transforms/latent_kv.py: values by Σ W_O[h]·W_O[h]ᵀ, keys by the
-    RoPE-averaged query moments × the spread of the value outputs × key_weight), still closed form and exact at full
-    rank. Layers with a per-head QK-norm are refused.
+    RoPE-averaged query moments × the spread of the value outputs × key_weight, None: KEY_WEIGHT 0.3), still closed
+    form and exact at full rank. Layers with a per-head QK-norm are refused. SmolLM2-135M, kv_rank 128 (⅓ cache),
+    default calibration: held-out KL 0.490 → 0.300 and top-1 62.4 % → 69.0 % (fit kv → attention, key_weight 0.3).
 
     rope_pairs: P, the MHA2MLA variant (transforms/latent_kv.py): P RoPE pairs per KV head, chosen per layer on the
     fitting sequences, cached beside the RoPE-free latent; kv_rank is then the latent alone, so the cache holds
@@ -792,8 +793,8 @@ def latent_kv_checkpoint(
     from qkvconv.stream import stream_convert
     from qkvconv.transforms.attach import stock_layers
     from qkvconv.sensitivity import compute_dtype, layer_sensitivity, probe_bytes
-    from qkvconv.transforms.latent_kv import (ALLOCATIONS, FITS, ROPE_PAIRS_AFTER_SHARE_KV, allocate_ranks,
-                                              _split_even, allocate_ranks_by_kl, check_latent_options, full_rank,
+    from qkvconv.transforms.latent_kv import (ALLOCATIONS, FITS, KEY_WEIGHT, ROPE_PAIRS_AFTER_SHARE_KV,
+                                              allocate_ranks, _split_even, allocate_ranks_by_kl, check_latent_options, full_rank,
                                               layer_spectrum, rank_ladder, share_kv_heads, uniform_ranks)
     from qkvconv.transforms.layer import LayerResult
 
@@ -801,8 +802,9 @@ def latent_kv_checkpoint(
         raise TransformError(f"unknown --rank-allocation {rank_allocation!r}; use one of {', '.join(ALLOCATIONS)}")
     if fit not in FITS:
         raise TransformError(f"unknown --fit {fit!r}; use one of {', '.join(FITS)}")
-    if key_weight != 1.0 and fit != "attention" or not key_weight >= 0:
+    if key_weight is not None and (fit != "attention" or not key_weight >= 0):
         raise TransformError(f"--key-weight {key_weight}: a non-negative number, with --fit attention only")
+    key_weight = KEY_WEIGHT if key_weight is None else key_weight
     if kl_probe_seqs is not None and (rank_allocation != "kl" or kl_probe_seqs < 1):
         raise TransformError(f"--kl-probe-seqs {kl_probe_seqs}: a positive number of sequences, with "
                              "--rank-allocation kl only")

@@ -126,7 +126,7 @@ class LatentKvOptions(ConvertOptions):
     rope_pairs: Optional[int] = Field(None, ge=0)  # MHA2MLA: RoPE pairs kept per KV head beside the latent
     kl_probe_seqs: Optional[int] = Field(None, ge=1)  # kl: fitting sequences the per-layer KL is measured on (None: 4)
     fit: Literal["kv", "attention"] = "kv"  # the latent fitted to K and V, or weighted by attention's use of them
-    key_weight: float = Field(1.0, ge=0)  # fit attention: λ, the weight of key errors against value errors
+    key_weight: Optional[float] = Field(None, ge=0)  # fit attention: λ, key errors against value errors (None: 0.3)
 
     def _library(self):
         from qkvconv.convert import latent_kv_checkpoint
