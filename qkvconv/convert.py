@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from qkvconv.archs import ArchSpec, dims_of, spec_for
+from qkvconv.archs import ArchSpec, dims_of, rope_inv_freq, spec_for
 from qkvconv.checkpoint import check_output, history_record, load, qkvconv_block, resolve_source, write_metadata
 from qkvconv.compat import no_init_weights
 from qkvconv.errors import QkvconvError, TransformError, VerificationError
@@ -795,7 +795,8 @@ def latent_kv_checkpoint(
     from qkvconv.sensitivity import compute_dtype, layer_sensitivity, probe_bytes
     from qkvconv.transforms.latent_kv import (ALLOCATIONS, FITS, KEY_WEIGHT, ROPE_PAIRS_AFTER_SHARE_KV,
                                               allocate_ranks, _split_even, allocate_ranks_by_kl, check_latent_options, full_rank,
-                                              layer_spectrum, rank_ladder, share_kv_heads, uniform_ranks)
+                                              layer_spectrum, rank_ladder, rope_distance_angles, share_kv_heads,
+                                              uniform_ranks)
     from qkvconv.transforms.layer import LayerResult
 
     if rank_allocation not in ALLOCATIONS:
@@ -821,6 +822,8 @@ def latent_kv_checkpoint(
         if rope_pairs is not None and block:
             raise TransformError(f"{source.path}: {ROPE_PAIRS_AFTER_SHARE_KV}")  # before calibration
         state["entries"] = copy.deepcopy(block["layers"]) if block else [None] * dims.num_hidden_layers
+        inv_freq = rope_inv_freq(config, dims) if fit == "attention" else None  # the query moments' RoPE average
+        state["angles"] = None if inv_freq is None else rope_distance_angles(inv_freq, seq_len)
         state["kv_heads"] = N
         if N is not None:
             dims = replace(dims, num_key_value_heads=N)
@@ -852,7 +855,7 @@ def latent_kv_checkpoint(
 
         def spectrum(sd, i, attn_input):  # the input's layer i: its spectrum only, the layer unchanged
             spectra.append(layer_spectrum(sd, plan.spec, plan.dims, i, attn_input, groups, rope_pairs,
-                                          state["entries"][i], fit, key_weight))
+                                          state["entries"][i], fit, key_weight, state["angles"]))
             return LayerResult({}, [], state["entries"][i] or stock_layers(plan.dims)[i])
 
         stream_convert(plan, None, spectrum, dtype=dtype, config_for=lambda entries: _converted(plan, entries, dtype),
@@ -863,7 +866,8 @@ def latent_kv_checkpoint(
     def measure_kl(plan, ids, calib_rows, dtype):
         def candidates(sd, i, attn_input):  # layer i as the conversion would write it, at each rank of the ladder
             return {r: latent_kv_layer(sd, plan.spec, plan.dims, i, r, attn_input, groups, rope_pairs,
-                                       state["entries"][i], fit, key_weight) for r in state["ladder"]}
+                                       state["entries"][i], fit, key_weight, state["angles"])
+                    for r in state["ladder"]}
 
         probe_rows = calib_rows[:probe_seqs]  # fitting sequences: the held-out KL stays out of sample
         kl, timings = layer_sensitivity(
@@ -880,7 +884,7 @@ def latent_kv_checkpoint(
 
     def layer(plan, sd, i, attn_input):
         return latent_kv_layer(sd, plan.spec, plan.dims, i, state["ranks"][i], attn_input, groups, rope_pairs,
-                               state["entries"][i], fit, key_weight)
+                               state["entries"][i], fit, key_weight, state["angles"])
 
     def finish(report, plan):
         out_dtype = getattr(torch, report.options["dtype"])

@@ -21,7 +21,7 @@ from qkvconv.cli import app
 from qkvconv.convert import latent_kv_checkpoint, share_kv_checkpoint
 from qkvconv.errors import TransformError
 from qkvconv.transforms.latent_kv import (_group_weights, _rope_average, attention_weights, fit_metrics, full_rank,
-                                          latent_kv_layer, layer_spectrum)
+                                          latent_kv_layer, layer_spectrum, rope_distance_angles)
 from qkvconv.transforms.share_kv import read_o
 
 FAST = dict(num_seqs=5, seq_len=32, calib="sample")  # text the random model itself writes; 4 fit, 1 held out
@@ -103,6 +103,36 @@ def test_rope_average_is_the_mean_over_relative_rotations():
             R[i, i], R[i, i + half], R[i + half, i], R[i + half, i + half] = c, -s, s, c
         mean += R.T @ Q @ R / len(combos)
     torch.testing.assert_close(_rope_average(Q, rotary), mean)
+
+
+def test_rope_average_over_the_relative_distances_of_a_causal_window():
+    """E_Δ[R(Δ)ᵀ·Q·R(Δ)] over the query/key pairs of a window of T tokens (Δ = 0 … −(T − 1), T − |Δ| pairs each),
+    summed explicitly with HF's rotate-half RoPE on a vector: fast pairs become isotropic, a pair slow enough not to
+    turn over the window keeps its cross terms (here with a non-rotary dim too)."""
+    torch.manual_seed(0)
+    dh, rotary, T = 8, 6, 32
+    half = rotary // 2
+    inv_freq = torch.tensor([1.0, 0.05, 1e-4], dtype=torch.float64)
+    X = torch.randn(2, dh, dh, dtype=torch.float64)
+    Q = X @ X.transpose(1, 2)
+
+    def rope(x, pos):  # HF apply_rotary_pos_emb on the rotary dims of x (..., dh)
+        ang = pos * torch.cat([inv_freq, inv_freq])
+        r = x[..., :rotary]
+        rot = torch.cat([-r[..., half:], r[..., :half]], -1)
+        return torch.cat([r * ang.cos() + rot * ang.sin(), x[..., rotary:]], -1)
+
+    mean = torch.zeros_like(Q)
+    pairs = [(t, s) for t in range(T) for s in range(t + 1)]  # query t, key s ≤ t
+    for t, s in pairs:  # q_t·k_s = rope(q, t)·rope(k, s) = q·R(s − t)·k: R(s − t) = the map k ↦ rope_tᵀ rope_s k
+        R = torch.stack([rope(rope(e, s), -t) for e in torch.eye(dh, dtype=torch.float64)], 1)  # columns R·e_j
+        mean += R.T @ Q @ R / len(pairs)
+    got = _rope_average(Q, rotary, rope_distance_angles(inv_freq, T))
+    torch.testing.assert_close(got, mean)
+    iso = _rope_average(Q, rotary)
+    assert (got[:, 0, 0] - iso[:, 0, 0]).abs().max() < 0.05 * iso[:, 0, 0].abs().max()  # fast: nearly isotropic
+    slow = torch.tensor([2, 5, 6])  # the slow pair's two dims and the non-rotary one keep their cross terms
+    torch.testing.assert_close(got[:, slow][:, :, slow], Q[:, slow][:, :, slow], rtol=1e-2, atol=1e-2)
 
 
 def test_fit_minimises_the_weighted_error_exactly(tiny_models):

@@ -43,9 +43,12 @@ paper heals it by training). Partial rotary: pairs are those of the rotary dims,
           KEY_WEIGHT = 0.3, measured: below 1 because a value error along the mean input adds up over the attended
           tokens while a key error's effect, through centred value outputs, partly averages out)
 
-Q_h = E[q_h q_hᵀ] averaged over relative RoPE rotations: within a rotary pair i (dims i, i + rotary_dim/2) the weight
-is isotropic, E‖q_{h,i}‖²/2 on both dims, and every cross term with a rotary dim vanishes; non-rotary dims keep
-their E[q qᵀ] block (with --rope-pairs the latent's key dims are all RoPE-free: the full block). K=V (share-kv k=v):
+Q_h = E_Δ[R(Δ)ᵀ·E[q_h q_hᵀ]·R(Δ)], the query moments averaged over the relative RoPE rotations R(Δ) of the query/key
+pairs of a causal window of seq_len tokens (Δ = 0 … −(seq_len − 1), seq_len − |Δ| pairs each): a fast pair (ω_i·seq_len
+≫ 2π) becomes isotropic, E‖q_{h,i}‖²/2 on both dims, with no cross terms; a slow one (SmolLM2's θ = 1e5: half its
+pairs turn less than a radian over 256 tokens) keeps its block. Without the model's frequencies every pair's angle is
+taken uniform (all isotropic). Non-rotary dims keep their E[q qᵀ] block (with --rope-pairs the latent's key dims are
+all RoPE-free: the full block, no average). K=V (share-kv k=v):
 the shared block is weighted by M_K + M_V. Statistics on the calibration tokens, or under h ~ N(0, I) without them.
 A per-head QK-norm between the rebuilt key and the logit is not modelled: such layers are refused.
 
@@ -222,18 +225,49 @@ def _second_moments(p: Proj, heads: int, attn_input: torch.Tensor | None) -> tor
     return torch.einsum("nhi,nhj->hij", x, x) / len(x)
 
 
-def _rope_average(Q: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """Q (heads, dh, dh) averaged over relative rotations: each rotary pair (i, i + rotary_dim/2) gets its mean
-    diagonal on both dims, every cross term with a rotary dim is zero; the non-rotary block stays."""
-    half = rotary_dim // 2
+def rope_distance_angles(inv_freq: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The relative rotation angles ω_i·Δ (window, P) of the query/key pairs of a causal window of `window` tokens,
+    Δ = key − query position = 0, −1, … −(window − 1), and their weights (window − |Δ| pairs each, summing to 1)."""
+    delta = -torch.arange(window, dtype=torch.float64)
+    weights = window + delta
+    return delta[:, None] * inv_freq.double()[None], weights / weights.sum()
+
+
+def _rope_average(Q: torch.Tensor, rotary_dim: int, angles: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """E_Δ[R(Δ)ᵀ·Q·R(Δ)] for Q (heads, dh, dh): the query moments as a key error dk meets them, q·R(Δ)·dk, RoPE
+    rotating pair i (dims i, i + rotary_dim/2) by ω_i·Δ (R_i = c_i·I + s_i·J, J = [[0, −1], [1, 0]]). angles: (ω_i·Δ
+    (n, P), weights (n,)), rope_distance_angles; None: every pair's angle uniform and independent (each rotary pair
+    isotropic, E‖q_i‖²/2 on both dims, no cross term with a rotary dim). The non-rotary block stays."""
+    half, heads, dh = rotary_dim // 2, Q.shape[0], Q.shape[1]
+    if angles is None:  # E[c_i c_j] = E[s_i s_j] = δ_ij/2, every other moment 0
+        cc = ss = torch.eye(half, dtype=torch.float64) / 2
+        cs = torch.zeros(half, half, dtype=torch.float64)
+        c = s = torch.zeros(half, dtype=torch.float64)
+    else:
+        theta, w = angles
+        cos, sin = theta.cos(), theta.sin()  # (n, P)
+        cc, ss, cs = (cos.T * w) @ cos, (sin.T * w) @ sin, (cos.T * w) @ sin  # E[c_i c_j], E[s_i s_j], E[c_i s_j]
+        c, s = w @ cos, w @ sin  # E[c_i], E[s_i]
+    J = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
     out = Q.clone()
-    out[:, :rotary_dim, :] = 0
-    out[:, :, :rotary_dim] = 0
-    diag = Q.diagonal(dim1=1, dim2=2)  # (heads, dh)
-    pair = (diag[:, :half] + diag[:, half:rotary_dim]) / 2
-    idx = torch.arange(half)
-    out[:, idx, idx] = pair
-    out[:, idx + half, idx + half] = pair
+    # rotary × rotary as (heads, 2, P, 2, P) = [h, α, i, β, j]; R_iᵀ = c_i·I − s_i·J:
+    # E[R_iᵀ·Q_ij·R_j] = E[c_i c_j]·Q_ij + E[c_i s_j]·Q_ij·J − E[s_i c_j]·J·Q_ij − E[s_i s_j]·J·Q_ij·J
+    Qr = Q[:, :rotary_dim, :rotary_dim].reshape(heads, 2, half, 2, half)
+    QJ = torch.einsum("haibj,bc->haicj", Qr, J)
+    JQ = torch.einsum("ca,haibj->hcibj", J, Qr)
+    JQJ = torch.einsum("ca,haibj,bd->hcidj", J, Qr, J)
+
+    def grid(m):  # (P, P) over the [i, j] axes
+        return m[None, None, :, None, :]
+
+    rr = grid(cc) * Qr + grid(cs) * QJ - grid(cs.T) * JQ - grid(ss) * JQJ
+    out[:, :rotary_dim, :rotary_dim] = rr.reshape(heads, rotary_dim, rotary_dim)
+    if dh > rotary_dim:  # non-rotary x × rotary pair j: E[Q_xj·R_j] = Q_xj·(E[c_j]·I + E[s_j]·J), and its transpose
+        Qx = Q[:, rotary_dim:, :rotary_dim].reshape(heads, dh - rotary_dim, 2, half)  # [h, x, β, j]
+        xr = c * Qx + s * torch.einsum("hxbj,bc->hxcj", Qx, J)
+        out[:, rotary_dim:, :rotary_dim] = xr.reshape(heads, dh - rotary_dim, rotary_dim)
+        out[:, :rotary_dim, rotary_dim:] = out[:, rotary_dim:, :rotary_dim].transpose(1, 2)
     return out
 
 
@@ -257,7 +291,8 @@ def _value_spread(v: Proj, o: Proj, dims: Dims, attn_input: torch.Tensor | None)
 
 
 def attention_weights(q: Proj, parts: list[Proj], o: Proj, dims: Dims, attn_input: torch.Tensor | None,
-                      key_weight: float = KEY_WEIGHT, rotary: bool = True) -> list[torch.Tensor]:
+                      key_weight: float = KEY_WEIGHT, rotary: bool = True,
+                      angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The right weight of the latent's columns for --fit attention (module docstring), per KV head g: [M_K, M_V]
     (e × e, dh × dh; e = q's columns per head, the RoPE-free key width with --rope-pairs) of [k, v] parts, or
     [M_K + M_V] of a K=V layer's [s]. rotary: average the query moments over RoPE (False: the key dims are RoPE-free)."""
@@ -265,7 +300,7 @@ def attention_weights(q: Proj, parts: list[Proj], o: Proj, dims: Dims, attn_inpu
     k, v = _kv(parts)
     Q = _second_moments(q, H, attn_input)  # (H, e, e)
     if rotary and dims.rotary_dim:
-        Q = _rope_average(Q, dims.rotary_dim)
+        Q = _rope_average(Q, dims.rotary_dim, angles)
     spread = _value_spread(v or k, o, dims, attn_input)  # (H,)
     wo = o.W.reshape(H, dh, -1)
     # M_K = λ·s²·Σ_h Var(v_g·W_O[h])·Q_h ; M_V = Σ_h W_O[h]·W_O[h]ᵀ, over the query heads h of g
@@ -288,9 +323,11 @@ def _group_metric(weights: list[list[torch.Tensor]], groups: int) -> list[torch.
 
 def fit_metrics(sd: dict, spec: ArchSpec, i: int, q: Proj, parts: list[Proj], o: Proj, dims: Dims,
                 attn_input: torch.Tensor | None, groups: int, fit: str, key_weight: float,
-                rope_pairs: int | None) -> list[torch.Tensor | None]:
+                rope_pairs: int | None, rope_angles: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> list[torch.Tensor | None]:
     """Each group's D·Dᵀ for _whiten: None for --fit kv; parts as the latent sees them ([k^nope, v] with rope_pairs,
-    q then in split_rope_pairs' layout, its RoPE-free columns [2P:] of each head matching k^nope)."""
+    q then in split_rope_pairs' layout, its RoPE-free columns [2P:] of each head matching k^nope); rope_angles: the
+    relative rotations the query moments are averaged over (rope_distance_angles; None: uniform angles)."""
     if fit not in FITS:
         raise TransformError(f"unknown --fit {fit!r}; use one of {', '.join(FITS)}")
     if fit == "kv":
@@ -301,7 +338,7 @@ def fit_metrics(sd: dict, spec: ArchSpec, i: int, q: Proj, parts: list[Proj], o:
     if rope_pairs is not None:
         H, dh = dims.num_attention_heads, dims.head_dim
         q = _columns(q, torch.cat([torch.arange(2 * rope_pairs, dh) + h * dh for h in range(H)]))
-    weights = attention_weights(q, parts, o, dims, attn_input, key_weight, rotary=rope_pairs is None)
+    weights = attention_weights(q, parts, o, dims, attn_input, key_weight, rope_pairs is None, rope_angles)
     return _group_metric(weights, groups)
 
 
@@ -396,7 +433,8 @@ def _whiten(H: torch.Tensor, W: torch.Tensor, M: torch.Tensor | None = None) -> 
 
 def layer_spectrum(sd: dict, spec: ArchSpec, dims: Dims, i: int, attn_input: torch.Tensor | None,
                    groups: int = 1, rope_pairs: int | None = None, entry: dict | None = None, fit: str = "kv",
-                   key_weight: float = KEY_WEIGHT) -> list[torch.Tensor]:
+                   key_weight: float = KEY_WEIGHT, rope_angles: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> list[torch.Tensor]:
     """Layer i's whitened squared singular values per group, σ_j² (each (min(d, 2·Gg·dh),), float64): what rank j
     removes from E‖h·W − h·A·B‖² (their sum is E‖h·[W_K | W_V]‖², the layer's K/V output energy; [W_K^nope | W_V]
     with rope_pairs; E‖(h·W − h·A·B)·D‖² with fit "attention"). entry: the layer's share-kv entry where the input is
@@ -406,7 +444,8 @@ def layer_spectrum(sd: dict, spec: ArchSpec, dims: Dims, i: int, attn_input: tor
         split = split_rope_pairs(q, parts[0], dims, rope_pairs, attn_input)
         q, parts = split.q, [split.k_nope, *parts[1:]]
     H = _gram(attn_input, dims.hidden_size)
-    metrics = fit_metrics(sd, spec, i, q, parts, o, dims, attn_input, groups, fit, key_weight, rope_pairs)
+    metrics = fit_metrics(sd, spec, i, q, parts, o, dims, attn_input, groups, fit, key_weight, rope_pairs,
+                          rope_angles)
     return [_whiten(H, W, M).S.pow(2) for W, M in zip(_group_weights(*_kv(parts), dims, groups), metrics)]
 
 
@@ -497,13 +536,15 @@ def kept_energy(spectra: list[torch.Tensor], ranks: list[int]) -> float:
 # ----------------------------------------------------------------------------------------- one layer
 def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, rank: int | list[int],
                     attn_input: torch.Tensor | None, groups: int = 1, rope_pairs: int | None = None,
-                    entry: dict | None = None, fit: str = "kv", key_weight: float = KEY_WEIGHT) -> LayerResult:
+                    entry: dict | None = None, fit: str = "kv", key_weight: float = KEY_WEIGHT,
+                    rope_angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> LayerResult:
     """Layer i of latent-kv (the unit the streaming driver calls). rank: the layer's latent size (split evenly over
     the groups) or one rank per group; attn_input (n, d): the original's attention inputs (None: plain SVD);
     rope_pairs: P, the MHA2MLA variant (module docstring), None for reconstruct-then-rotate; entry: the layer's entry
     in the input's qkvconv block where the input is a share-kv output (the latent is then over its pooled heads'
     [W_K | W_V], or its shared W_S with B_K = B_V); fit: "kv" (E‖h·W − h·A·B‖²) or "attention" (weighted by what
-    attention does with K and V, module docstring; key_weight: λ, the weight of the key errors).
+    attention does with K and V, module docstring; key_weight: λ, the weight of the key errors; rope_angles: the
+    relative rotations its query moments are averaged over, rope_distance_angles, None: uniform angles).
 
     Writes, under the attention block: q_proj, kv_a_proj (A: d → r), k_b_proj (B_K: r → G·dh, b_K),
     v_b_proj (B_V, b_V), o_proj, and the QK-norms; fused QKV families are split (the block is replaced at load).
@@ -525,7 +566,7 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
         q, k = split.q, split.k_nope  # the latent covers the RoPE-free key dims and the values
     H = _gram(attn_input, dims.hidden_size)
     metrics = fit_metrics(sd, spec, i, q, parts if split is None else [k, *parts[1:]], o, dims, attn_input, groups,
-                          fit, key_weight, rope_pairs)
+                          fit, key_weight, rope_pairs, rope_angles)
     vw = k.W if v is None else v.W  # K=V: the values' up-projection is the keys' (B_V = B_K)
     d, wk, wv, r = dims.hidden_size, k.W.shape[1] // groups, vw.shape[1] // groups, sum(ranks)
     A = torch.zeros(d, r, dtype=torch.float64)
