@@ -135,6 +135,22 @@ def test_rope_average_over_the_relative_distances_of_a_causal_window():
     torch.testing.assert_close(got[:, slow][:, :, slow], Q[:, slow][:, :, slow], rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("family_", ["llama", "gpt_neox", "gpt2"])
+def test_rope_inv_freq_is_the_models_own(tiny_models, family_):
+    """The frequencies the query moments are averaged with are the ones the model rotates by (gpt_neox: partial
+    rotary; gpt2: no RoPE, None)."""
+    from qkvconv.archs import rope_inv_freq
+
+    model, _ = qkvconv.load(tiny_models[family_])
+    _, dims = _dims(model)
+    got = rope_inv_freq(model.config, dims)
+    own = [m.inv_freq for m in model.modules() if hasattr(m, "inv_freq")]
+    if not own:
+        assert got is None
+        return
+    torch.testing.assert_close(got, own[0].double(), rtol=1e-6, atol=0)
+
+
 def test_fit_minimises_the_weighted_error_exactly(tiny_models):
     """Eckart–Young in the whitened, right-weighted space: E‖(h·W − h·A·B)·D‖² is exactly the dropped σ² of
     layer_spectrum(fit="attention"), and no more than the fit=kv latent leaves in the same norm."""
@@ -249,6 +265,7 @@ def test_cli_fit_attention_records_the_fit(tiny_models, tmp_path):
     assert "fit: attention (key weight 0.5)" in result.stdout and "KL (nats/token)" in result.stdout
     record = json.loads((out / "qkvconv.json").read_text())["history"][-1]
     assert record["fit"] == ["attention", "attention"] and record["key_weight"] == 0.5
+    assert record["rope_average"] == "relative positions of a 32-token causal window"  # the model's own frequencies
     assert record["options"]["fit"] == "attention" and record["options"]["key_weight"] == 0.5
     assert TRANSFORMS["latent-kv"](kv_rank=8, fit="attention", key_weight=0.3).key_weight == 0.3  # recipe step
     kv = runner.invoke(app, ["latent-kv", str(tiny_models["qwen2"]), "-o", str(tmp_path / "kv"), "--kv-rank", "16",

@@ -79,7 +79,8 @@ ROPE_PAIRS_AFTER_SHARE_KV = ("--rope-pairs needs a stock checkpoint, not a share
                              "share-kv without --rope-pairs)")
 ALLOCATIONS = ("uniform", "greedy", "kl")
 FITS = ("kv", "attention")  # what the latent is fitted to: K and V themselves, or attention's use of them
-# --fit attention's λ: SmolLM2-135M at rank 128, held-out KL 0.49 (fit kv) → λ 3: 0.489, 1: 0.364, 0.3: 0.300, 0.1: 0.303
+# --fit attention's λ, picked by held-out KL on SmolLM2-135M at rank 128 (fit kv: 0.490): λ 1 0.294, 0.3 0.257, 0.1 0.302
+# (LAMBADA first 500: 0.182, 0.226, 0.246; fit kv 0.200): convert.latent_kv_checkpoint has the measurements
 KEY_WEIGHT = 0.3
 RIDGE = 1e-6  # relative to the mean eigenvalue tr(H)/d
 MIN_RANK_FRACTION = 0.25  # greedy: every layer keeps at least this share of the average rank
