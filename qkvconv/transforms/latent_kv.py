@@ -40,17 +40,17 @@ paper heals it by training). Partial rotary: pairs are those of the rotary dims,
     M_V = Σ_{h of g} W_O[h]·W_O[h]ᵀ   (a value error dv reaches the output as dv·W_O[h]; W_O[h]: head h's dh rows)
     M_K = λ·s²·Σ_{h of g} Var(v_g·W_O[h])·Q_h   (a key error dk moves logit s·q_h·R(dk), which moves the output by
           about the spread of the value outputs: first-order softmax; s = head_dim^-½, λ = key_weight, default
-          KEY_WEIGHT = 0.3, measured: below 1 because a value error along the mean input adds up over the attended
-          tokens while a key error's effect, through centred value outputs, partly averages out)
+          KEY_WEIGHT = 0.3, measured; plausibly below 1 because a value error along the mean input adds up over the
+          attended tokens while a key error's effect, through centred value outputs, partly averages out)
 
 Q_h = E_Δ[R(Δ)ᵀ·E[q_h q_hᵀ]·R(Δ)], the query moments averaged over the relative RoPE rotations R(Δ) of the query/key
 pairs of a causal window of seq_len tokens (Δ = 0 … −(seq_len − 1), seq_len − |Δ| pairs each): a fast pair (ω_i·seq_len
 ≫ 2π) becomes isotropic, E‖q_{h,i}‖²/2 on both dims, with no cross terms; a slow one (SmolLM2's θ = 1e5: half its
 pairs turn less than a radian over 256 tokens) keeps its block. Without the model's frequencies every pair's angle is
 taken uniform (all isotropic). Non-rotary dims keep their E[q qᵀ] block (with --rope-pairs the latent's key dims are
-all RoPE-free: the full block, no average). K=V (share-kv k=v):
-the shared block is weighted by M_K + M_V. Statistics on the calibration tokens, or under h ~ N(0, I) without them.
-A per-head QK-norm between the rebuilt key and the logit is not modelled: such layers are refused.
+all RoPE-free: the full block, no average). K=V (share-kv k=v): the shared block is weighted by M_K + M_V. Statistics
+on the calibration tokens, or under h ~ N(0, I) without them. A per-head QK-norm between the rebuilt key and the logit
+is not modelled: such layers are refused.
 
 After share-kv (a combination): the latent is fitted over what the share-kv layer projects. After --kv-heads N it is
 [W_K | W_V] of the N pooled heads (2·N·dh columns); after --mode k=v it is the shared W_S alone (N·dh columns: keys
