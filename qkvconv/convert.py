@@ -786,7 +786,9 @@ def latent_kv_checkpoint(
                                 attention λ 1            0.294  70.0 %   0.182  135
                                 attention λ 0.3          0.257  71.3 %   0.226   96.5
                                 attention λ 0.1          0.302  69.2 %   0.246  106
+                                attention λ 0.03         0.377  64.7 %   0.210  170
         kv_rank 192 (½ cache)   fit kv                   0.175  75.6 %   0.286   55.7
+                                attention λ 0.3          0.068  85.0 %   0.270   69.2
                                 attention λ 0.1          0.074  84.6 %   0.272   68.7
 
     (uniform RoPE angles instead of the window's relative positions, rank 128: λ 1 0.364 / 0.138, λ 0.3 0.300 /
