@@ -125,13 +125,16 @@ class LatentKvOptions(ConvertOptions):
     rank_allocation: Literal["uniform", "greedy", "kl"] = "uniform"  # greedy, kl: worse on SmolLM2 (convert.py)
     rope_pairs: Optional[int] = Field(None, ge=0)  # MHA2MLA: RoPE pairs kept per KV head beside the latent
     kl_probe_seqs: Optional[int] = Field(None, ge=1)  # kl: fitting sequences the per-layer KL is measured on (None: 4)
+    fit: Literal["kv", "attention"] = "kv"  # the latent fitted to K and V, or weighted by attention's use of them
+    key_weight: Optional[float] = Field(None, ge=0)  # fit attention: λ, key errors against value errors (None: 0.3)
 
     def _library(self):
         from qkvconv.convert import latent_kv_checkpoint
 
         return latent_kv_checkpoint, dict(kv_rank=self.kv_rank, groups=self.groups,
                                           rank_allocation=self.rank_allocation, rope_pairs=self.rope_pairs,
-                                          kl_probe_seqs=self.kl_probe_seqs, num_seqs=self.num_seqs,
+                                          kl_probe_seqs=self.kl_probe_seqs, fit=self.fit,
+                                          key_weight=self.key_weight, num_seqs=self.num_seqs,
                                           seq_len=self.seq_len, **self._common())
 
 

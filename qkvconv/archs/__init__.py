@@ -107,6 +107,27 @@ def rotary_fraction(config) -> float:
     return 1.0
 
 
+def rope_inv_freq(config, dims: Dims):
+    """The RoPE frequencies ω_i of the rotary pairs, (rotary_dim/2,) float64 tensor, as transformers computes them
+    (the default θ^(−2i/rotary_dim), or its ROPE_INIT_FUNCTIONS for scaled types); None without RoPE, where the
+    layers' RoPE differs (per-layer-type parameters), or for a type whose frequencies depend on the sequence."""
+    import torch
+
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not dims.rotary_dim or any(isinstance(v, dict) for v in params.values()):
+        return None
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if kind == "default" and theta is not None:
+        return float(theta) ** -(torch.arange(0, dims.rotary_dim, 2, dtype=torch.float64) / dims.rotary_dim)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if kind not in ROPE_INIT_FUNCTIONS or kind in ("dynamic", "longrope"):
+        return None
+    inv_freq = ROPE_INIT_FUNCTIONS[kind](config, "cpu")[0].double()
+    return inv_freq if len(inv_freq) == dims.rotary_dim // 2 else None
+
+
 def dims_of(config, spec: ArchSpec) -> Dims:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

@@ -32,6 +32,26 @@ seconds | RoPE-free dims] (q·k is unchanged by one permutation of both). Cache 
 With every pair kept and full rank it is the original model; with fewer pairs the dropped rotation is the loss (the
 paper heals it by training). Partial rotary: pairs are those of the rotary dims, the pass-through dims are RoPE-free.
 
+--fit attention weights the fit by what attention does with K and V, per KV head g (the rest as above):
+
+    E‖(h·W − h·A·B)·D‖²,  D·Dᵀ = blockdiag(M_K, M_V) per KV head (+ RIDGE·tr/size),  Lᵀ·W·D = U·Σ·Vᵀ,
+    A = L⁻ᵀ·U_r·Σ_r,  B = V_rᵀ·D⁻¹                  (D: the Cholesky factor; full rank: A·B = W, exact)
+
+    M_V = Σ_{h of g} W_O[h]·W_O[h]ᵀ   (a value error dv reaches the output as dv·W_O[h]; W_O[h]: head h's dh rows)
+    M_K = λ·s²·Σ_{h of g} Var(v_g·W_O[h])·Q_h   (a key error dk moves logit s·q_h·R(dk), which moves the output by
+          about the spread of the value outputs: first-order softmax; s = head_dim^-½, λ = key_weight, default
+          KEY_WEIGHT = 0.3, measured; plausibly below 1 because a value error along the mean input adds up over the
+          attended tokens while a key error's effect, through centred value outputs, partly averages out)
+
+Q_h = E_Δ[R(Δ)ᵀ·E[q_h q_hᵀ]·R(Δ)], the query moments averaged over the relative RoPE rotations R(Δ) of the query/key
+pairs of a causal window of seq_len tokens (Δ = 0 … −(seq_len − 1), seq_len − |Δ| pairs each): a fast pair (ω_i·seq_len
+≫ 2π) becomes isotropic, E‖q_{h,i}‖²/2 on both dims, with no cross terms; a slow one (SmolLM2's θ = 1e5: half its
+pairs turn less than a radian over 256 tokens) keeps its block. Without the model's frequencies every pair's angle is
+taken uniform (all isotropic). Non-rotary dims keep their E[q qᵀ] block (with --rope-pairs the latent's key dims are
+all RoPE-free: the full block, no average). K=V (share-kv k=v): the shared block is weighted by M_K + M_V. Statistics
+on the calibration tokens, or under h ~ N(0, I) without them. A per-head QK-norm between the rebuilt key and the logit
+is not modelled: such layers are refused.
+
 After share-kv (a combination): the latent is fitted over what the share-kv layer projects. After --kv-heads N it is
 [W_K | W_V] of the N pooled heads (2·N·dh columns); after --mode k=v it is the shared W_S alone (N·dh columns: keys
 and values are one tensor S), so keys and values are rebuilt from the same up-projection, B_K = B_V = V_rᵀ and
@@ -58,6 +78,10 @@ SHARE_KV_KEYS = {"query", "attn_input", "kv", "kv_heads"}
 ROPE_PAIRS_AFTER_SHARE_KV = ("--rope-pairs needs a stock checkpoint, not a share-kv output (latent-kv follows "
                              "share-kv without --rope-pairs)")
 ALLOCATIONS = ("uniform", "greedy", "kl")
+FITS = ("kv", "attention")  # what the latent is fitted to: K and V themselves, or attention's use of them
+# --fit attention's λ, picked by held-out KL on SmolLM2-135M at rank 128 (fit kv: 0.490): λ 1 0.294, 0.3 0.257, 0.1 0.302
+# (LAMBADA first 500: 0.182, 0.226, 0.246; fit kv 0.200): convert.latent_kv_checkpoint has the measurements
+KEY_WEIGHT = 0.3
 RIDGE = 1e-6  # relative to the mean eigenvalue tr(H)/d
 MIN_RANK_FRACTION = 0.25  # greedy: every layer keeps at least this share of the average rank
 KL_LADDER = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # kl: the candidate ranks of each layer, as multiples of kv_rank
@@ -178,6 +202,147 @@ def _group_weights(k: Proj, v: Proj | None, dims: Dims, groups: int) -> list[tor
     return [torch.cat([k.W[:, j * wk:(j + 1) * wk]] + ([] if v is None else [v.W[:, j * wv:(j + 1) * wv]]), 1)
             for j in range(groups)]
 
+# ------------------------------------------------------------------------------------- --fit attention
+def check_attention_fit(sd: dict, spec: ArchSpec, i: int) -> None:
+    """--fit attention weights key errors by the raw queries, which a per-head QK-norm between them and the logits
+    would change: refused where the layer has one (stock or share-kv layout)."""
+    attn = _attn_prefix(spec, i)
+    names = [spec.layer(i, n) for n in spec.qk_norm] + [f"{attn}.q_norm", f"{attn}.k_norm"]
+    normed = [n for n in names if any(k.startswith(f"{n}.") for k in sd)]
+    if normed:
+        raise TransformError(f"--fit attention: layer {i} normalises queries/keys per head ({normed[-1]}), which "
+                             "the attention weighting does not model; use --fit kv")
+
+
+def _second_moments(p: Proj, heads: int, attn_input: torch.Tensor | None) -> torch.Tensor:
+    """E[x_h x_hᵀ] of x = h·W + b for each head: (heads, w, w), w = W's columns per head; on the calibration tokens,
+    or WᵀW + bbᵀ under h ~ N(0, I)."""
+    if attn_input is None:
+        w = p.W if p.b is None else torch.cat([p.W, p.b[None]], 0)  # (d (+1), heads·w)
+        w = w.reshape(len(w), heads, -1)
+        return torch.einsum("nhi,nhj->hij", w, w)
+    x = attn_input.double().reshape(-1, p.W.shape[0]) @ p.W
+    x = (x if p.b is None else x + p.b).view(len(x), heads, -1)  # (n, heads, w)
+    return torch.einsum("nhi,nhj->hij", x, x) / len(x)
+
+
+def rope_distance_angles(inv_freq: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The relative rotation angles ω_i·Δ (window, P) of the query/key pairs of a causal window of `window` tokens,
+    Δ = key − query position = 0, −1, … −(window − 1), and their weights (window − |Δ| pairs each, summing to 1)."""
+    delta = -torch.arange(window, dtype=torch.float64)
+    weights = window + delta
+    return delta[:, None] * inv_freq.double()[None], weights / weights.sum()
+
+
+def _rope_average(Q: torch.Tensor, rotary_dim: int, angles: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """E_Δ[R(Δ)ᵀ·Q·R(Δ)] for Q (heads, dh, dh): the query moments as a key error dk meets them, q·R(Δ)·dk, RoPE
+    rotating pair i (dims i, i + rotary_dim/2) by ω_i·Δ (R_i = c_i·I + s_i·J, J = [[0, −1], [1, 0]]). angles: (ω_i·Δ
+    (n, P), weights (n,)), rope_distance_angles; None: every pair's angle uniform and independent (each rotary pair
+    isotropic, E‖q_i‖²/2 on both dims, no cross term with a rotary dim). The non-rotary block stays."""
+    half, heads, dh = rotary_dim // 2, Q.shape[0], Q.shape[1]
+    if angles is None:  # E[c_i c_j] = E[s_i s_j] = δ_ij/2, every other moment 0
+        cc = ss = torch.eye(half, dtype=torch.float64) / 2
+        cs = torch.zeros(half, half, dtype=torch.float64)
+        c = s = torch.zeros(half, dtype=torch.float64)
+    else:
+        theta, w = angles
+        cos, sin = theta.cos(), theta.sin()  # (n, P)
+        cc, ss, cs = (cos.T * w) @ cos, (sin.T * w) @ sin, (cos.T * w) @ sin  # E[c_i c_j], E[s_i s_j], E[c_i s_j]
+        c, s = w @ cos, w @ sin  # E[c_i], E[s_i]
+    J = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    out = Q.clone()
+    # rotary × rotary as (heads, 2, P, 2, P) = [h, α, i, β, j]; R_iᵀ = c_i·I − s_i·J:
+    # E[R_iᵀ·Q_ij·R_j] = E[c_i c_j]·Q_ij + E[c_i s_j]·Q_ij·J − E[s_i c_j]·J·Q_ij − E[s_i s_j]·J·Q_ij·J
+    Qr = Q[:, :rotary_dim, :rotary_dim].reshape(heads, 2, half, 2, half)
+    QJ = torch.einsum("haibj,bc->haicj", Qr, J)
+    JQ = torch.einsum("ca,haibj->hcibj", J, Qr)
+    JQJ = torch.einsum("ca,haibj,bd->hcidj", J, Qr, J)
+
+    def grid(m):  # (P, P) over the [i, j] axes
+        return m[None, None, :, None, :]
+
+    rr = grid(cc) * Qr + grid(cs) * QJ - grid(cs.T) * JQ - grid(ss) * JQJ
+    out[:, :rotary_dim, :rotary_dim] = rr.reshape(heads, rotary_dim, rotary_dim)
+    if dh > rotary_dim:  # non-rotary x × rotary pair j: E[Q_xj·R_j] = Q_xj·(E[c_j]·I + E[s_j]·J), and its transpose
+        Qx = Q[:, rotary_dim:, :rotary_dim].reshape(heads, dh - rotary_dim, 2, half)  # [h, x, β, j]
+        xr = c * Qx + s * torch.einsum("hxbj,bc->hxcj", Qx, J)
+        out[:, rotary_dim:, :rotary_dim] = xr.reshape(heads, dh - rotary_dim, rotary_dim)
+        out[:, :rotary_dim, rotary_dim:] = out[:, rotary_dim:, :rotary_dim].transpose(1, 2)
+    return out
+
+
+def _value_spread(v: Proj, o: Proj, dims: Dims, attn_input: torch.Tensor | None) -> torch.Tensor:
+    """Var(v_g·W_O[h]) for each query head h (g its KV head), summed over the output dims: (H,). = tr(W_O[h]ᵀ·
+    W_V,gᵀ·Cov(h)·W_V,g·W_O[h]) (the bias does not spread); Cov(h) on the calibration tokens, I without them."""
+    H, G, dh, d = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim, dims.hidden_size
+    if attn_input is None:
+        cov = torch.eye(d, dtype=torch.float64)
+    else:
+        x = attn_input.double().reshape(-1, d)
+        x = x - x.mean(0)
+        cov = x.T @ x / len(x)  # (d, d)
+    wv = v.W.reshape(d, G, dh)
+    wo = o.W.reshape(H, dh, d)
+    spread = []
+    for h in range(H):
+        vo = wv[:, h // (H // G)] @ wo[h]  # (d, d): h ↦ v_g·W_O[h]
+        spread.append((vo * (cov @ vo)).sum())
+    return torch.stack(spread)
+
+
+def attention_weights(q: Proj, parts: list[Proj], o: Proj, dims: Dims, attn_input: torch.Tensor | None,
+                      key_weight: float = KEY_WEIGHT, rotary: bool = True,
+                      angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The right weight of the latent's columns for --fit attention (module docstring), per KV head g: [M_K, M_V]
+    (e × e, dh × dh; e = q's columns per head, the RoPE-free key width with --rope-pairs) of [k, v] parts, or
+    [M_K + M_V] of a K=V layer's [s]. rotary: average the query moments over RoPE (False: the key dims are RoPE-free)."""
+    H, G, dh = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
+    k, v = _kv(parts)
+    Q = _second_moments(q, H, attn_input)  # (H, e, e)
+    if rotary and dims.rotary_dim:
+        Q = _rope_average(Q, dims.rotary_dim, angles)
+    spread = _value_spread(v or k, o, dims, attn_input)  # (H,)
+    wo = o.W.reshape(H, dh, -1)
+    # M_K = λ·s²·Σ_h Var(v_g·W_O[h])·Q_h ; M_V = Σ_h W_O[h]·W_O[h]ᵀ, over the query heads h of g
+    MK = (key_weight / dh * spread[:, None, None] * Q).reshape(G, H // G, *Q.shape[1:]).sum(1)
+    MV = (wo @ wo.transpose(1, 2)).view(G, H // G, dh, dh).sum(1)
+    return [[MK[g] + MV[g]] if v is None else [MK[g], MV[g]] for g in range(G)]
+
+
+def _group_metric(weights: list[list[torch.Tensor]], groups: int) -> list[torch.Tensor]:
+    """Each group's D·Dᵀ in _group_weights' column order, [its heads' M_K … | their M_V …] (K=V: [M …]), plus a
+    ridge of RIDGE·tr/size."""
+    per = len(weights) // groups
+    out = []
+    for j in range(groups):
+        heads = weights[j * per:(j + 1) * per]
+        M = torch.block_diag(*[w[0] for w in heads], *[w[1] for w in heads if len(w) > 1])
+        out.append(M + RIDGE * M.trace() / len(M) * torch.eye(len(M), dtype=torch.float64))
+    return out
+
+
+def fit_metrics(sd: dict, spec: ArchSpec, i: int, q: Proj, parts: list[Proj], o: Proj, dims: Dims,
+                attn_input: torch.Tensor | None, groups: int, fit: str, key_weight: float,
+                rope_pairs: int | None, rope_angles: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> list[torch.Tensor | None]:
+    """Each group's D·Dᵀ for _whiten: None for --fit kv; parts as the latent sees them ([k^nope, v] with rope_pairs,
+    q then in split_rope_pairs' layout, its RoPE-free columns [2P:] of each head matching k^nope); rope_angles: the
+    relative rotations the query moments are averaged over (rope_distance_angles; None: uniform angles)."""
+    if fit not in FITS:
+        raise TransformError(f"unknown --fit {fit!r}; use one of {', '.join(FITS)}")
+    if fit == "kv":
+        return [None] * groups
+    if not key_weight >= 0:
+        raise TransformError(f"--key-weight {key_weight} must be a non-negative number")
+    check_attention_fit(sd, spec, i)
+    if rope_pairs is not None:
+        H, dh = dims.num_attention_heads, dims.head_dim
+        q = _columns(q, torch.cat([torch.arange(2 * rope_pairs, dh) + h * dh for h in range(H)]))
+    weights = attention_weights(q, parts, o, dims, attn_input, key_weight, rope_pairs is None, rope_angles)
+    return _group_metric(weights, groups)
+
+
 # ------------------------------------------------------------------------------------ --rope-pairs (MHA2MLA)
 def _columns(p: Proj, cols: torch.Tensor) -> Proj:
     return Proj(p.W[:, cols], None if p.b is None else p.b[cols])
@@ -246,30 +411,43 @@ def split_rope_pairs(q: Proj, k: Proj, dims: Dims, pairs: int, attn_input: torch
 
 @dataclass
 class _Whitened:
-    """The whitened SVD of one group: Lᵀ·W = U·Σ·Vᵀ, and Lᵀ to undo the whitening."""
+    """The whitened SVD of one group: Lᵀ·W·D = U·Σ·Vᵀ, and Lᵀ, D to undo the whitening (D None: the identity)."""
 
     Lt: torch.Tensor  # (d, d) upper triangular
     U: torch.Tensor  # (d, m)
     S: torch.Tensor  # (m,)
     Vh: torch.Tensor  # (m, 2·Gg·dh)
+    D: torch.Tensor | None = None  # (2·Gg·dh, 2·Gg·dh) lower triangular, --fit attention
+
+    def up(self, r: int) -> torch.Tensor:
+        """[B_K | B_V] = V_rᵀ·D⁻¹: (r, 2·Gg·dh)."""
+        Vr = self.Vh[:r]
+        return Vr if self.D is None else torch.linalg.solve_triangular(self.D, Vr, upper=False, left=False)
 
 
-def _whiten(H: torch.Tensor, W: torch.Tensor) -> _Whitened:
+def _whiten(H: torch.Tensor, W: torch.Tensor, M: torch.Tensor | None = None) -> _Whitened:
     L = torch.linalg.cholesky(H)  # H = L·Lᵀ
-    U, S, Vh = torch.linalg.svd(L.T @ W, full_matrices=False)  # Lᵀ·W = U·Σ·Vᵀ
-    return _Whitened(L.T, U, S, Vh)
+    D = None if M is None else torch.linalg.cholesky(M)  # M = D·Dᵀ: ‖e·D‖² = e·M·eᵀ
+    U, S, Vh = torch.linalg.svd(L.T @ W if D is None else L.T @ W @ D, full_matrices=False)  # Lᵀ·W·D = U·Σ·Vᵀ
+    return _Whitened(L.T, U, S, Vh, D)
 
 
 def layer_spectrum(sd: dict, spec: ArchSpec, dims: Dims, i: int, attn_input: torch.Tensor | None,
-                   groups: int = 1, rope_pairs: int | None = None, entry: dict | None = None) -> list[torch.Tensor]:
+                   groups: int = 1, rope_pairs: int | None = None, entry: dict | None = None, fit: str = "kv",
+                   key_weight: float = KEY_WEIGHT, rope_angles: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> list[torch.Tensor]:
     """Layer i's whitened squared singular values per group, σ_j² (each (min(d, 2·Gg·dh),), float64): what rank j
     removes from E‖h·W − h·A·B‖² (their sum is E‖h·[W_K | W_V]‖², the layer's K/V output energy; [W_K^nope | W_V]
-    with rope_pairs). entry: the layer's share-kv entry where the input is a share-kv output."""
-    q, parts, _, dims, _ = read_kv_source(sd, spec, dims, i, entry)
+    with rope_pairs; E‖(h·W − h·A·B)·D‖² with fit "attention"). entry: the layer's share-kv entry where the input is
+    a share-kv output."""
+    q, parts, o, dims, _ = read_kv_source(sd, spec, dims, i, entry)
     if rope_pairs is not None:
-        parts = [split_rope_pairs(q, parts[0], dims, rope_pairs, attn_input).k_nope, *parts[1:]]
+        split = split_rope_pairs(q, parts[0], dims, rope_pairs, attn_input)
+        q, parts = split.q, [split.k_nope, *parts[1:]]
     H = _gram(attn_input, dims.hidden_size)
-    return [_whiten(H, W).S.pow(2) for W in _group_weights(*_kv(parts), dims, groups)]
+    metrics = fit_metrics(sd, spec, i, q, parts, o, dims, attn_input, groups, fit, key_weight, rope_pairs,
+                          rope_angles)
+    return [_whiten(H, W, M).S.pow(2) for W, M in zip(_group_weights(*_kv(parts), dims, groups), metrics)]
 
 
 def _kv(parts: list[Proj]) -> tuple[Proj, Proj | None]:
@@ -359,12 +537,15 @@ def kept_energy(spectra: list[torch.Tensor], ranks: list[int]) -> float:
 # ----------------------------------------------------------------------------------------- one layer
 def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, rank: int | list[int],
                     attn_input: torch.Tensor | None, groups: int = 1, rope_pairs: int | None = None,
-                    entry: dict | None = None) -> LayerResult:
+                    entry: dict | None = None, fit: str = "kv", key_weight: float = KEY_WEIGHT,
+                    rope_angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> LayerResult:
     """Layer i of latent-kv (the unit the streaming driver calls). rank: the layer's latent size (split evenly over
     the groups) or one rank per group; attn_input (n, d): the original's attention inputs (None: plain SVD);
     rope_pairs: P, the MHA2MLA variant (module docstring), None for reconstruct-then-rotate; entry: the layer's entry
     in the input's qkvconv block where the input is a share-kv output (the latent is then over its pooled heads'
-    [W_K | W_V], or its shared W_S with B_K = B_V).
+    [W_K | W_V], or its shared W_S with B_K = B_V); fit: "kv" (E‖h·W − h·A·B‖²) or "attention" (weighted by what
+    attention does with K and V, module docstring; key_weight: λ, the weight of the key errors; rope_angles: the
+    relative rotations its query moments are averaged over, rope_distance_angles, None: uniform angles).
 
     Writes, under the attention block: q_proj, kv_a_proj (A: d → r), k_b_proj (B_K: r → G·dh, b_K),
     v_b_proj (B_V, b_V), o_proj, and the QK-norms; fused QKV families are split (the block is replaced at load).
@@ -385,21 +566,24 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
         split = split_rope_pairs(q, k, dims, rope_pairs, attn_input)
         q, k = split.q, split.k_nope  # the latent covers the RoPE-free key dims and the values
     H = _gram(attn_input, dims.hidden_size)
+    metrics = fit_metrics(sd, spec, i, q, parts if split is None else [k, *parts[1:]], o, dims, attn_input, groups,
+                          fit, key_weight, rope_pairs, rope_angles)
     vw = k.W if v is None else v.W  # K=V: the values' up-projection is the keys' (B_V = B_K)
     d, wk, wv, r = dims.hidden_size, k.W.shape[1] // groups, vw.shape[1] // groups, sum(ranks)
     A = torch.zeros(d, r, dtype=torch.float64)
     Bk = torch.zeros(r, k.W.shape[1], dtype=torch.float64)
     Bv = torch.zeros(r, vw.shape[1], dtype=torch.float64)
     kept, start = [], 0
-    for j, (W, rj) in enumerate(zip(_group_weights(k, v, dims, groups), ranks)):
-        f = _whiten(H, W)
+    for j, (W, M, rj) in enumerate(zip(_group_weights(k, v, dims, groups), metrics, ranks)):
+        f = _whiten(H, W, M)
         if rj > len(f.S):
             raise TransformError(f"layer {i}: rank {rj} exceeds the group's full rank {len(f.S)}")
         rows = slice(start, start + rj)
-        # A = L⁻ᵀ·U_r·Σ_r ; [B_K | B_V] = V_rᵀ (K=V: B_K = B_V = V_rᵀ)
+        # A = L⁻ᵀ·U_r·Σ_r ; [B_K | B_V] = V_rᵀ·D⁻¹ (K=V: B_K = B_V)
         A[:, rows] = torch.linalg.solve_triangular(f.Lt, f.U[:, :rj] * f.S[:rj], upper=True)
-        Bk[rows, j * wk:(j + 1) * wk] = f.Vh[:rj, :wk]
-        Bv[rows, j * wv:(j + 1) * wv] = f.Vh[:rj, wk:] if v is not None else f.Vh[:rj, :wk]
+        B = f.up(rj)
+        Bk[rows, j * wk:(j + 1) * wk] = B[:, :wk]
+        Bv[rows, j * wv:(j + 1) * wv] = B[:, wk:] if v is not None else B[:, :wk]
         kept.append(float(f.S[:rj].pow(2).sum() / f.S.pow(2).sum().clamp_min(1e-300)))
         start += rj
     attn = _attn_prefix(spec, i)
@@ -415,12 +599,14 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
     move_qk_norms(sd, spec, i, attn, out, removed)  # a share-kv input has them in place already: nothing moves
     removed = [key for key in removed if key not in out]
     latent: dict = {"rank": r}
-    fit = {"rank": r, "group_ranks": ranks, "kept_energy": kept}
+    stats = {"rank": r, "group_ranks": ranks, "kept_energy": kept, "fit": fit}
+    if fit == "attention":
+        stats["key_weight"] = key_weight
     if split is not None:
         latent["rope_pairs"] = split.selected.tolist()
-        fit |= {"rope_pairs": split.selected.tolist(), "rope_score_kept": split.score_kept}
+        stats |= {"rope_pairs": split.selected.tolist(), "rope_score_kept": split.score_kept}
     entry = {"query": "projection", "attn_input": "norm", "kv_latent": latent}
-    return LayerResult(out, removed, entry, {"fit": fit})
+    return LayerResult(out, removed, entry, {"fit": stats})
 
 
 def kv_cache_ratio(ranks: list[int], dims: Dims, rope_pairs: int | None = None) -> float:
