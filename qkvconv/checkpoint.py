@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from qkvconv.archs import ArchSpec, spec_for
-from qkvconv.errors import CheckpointError, QkvconvError
+from qkvconv.errors import CheckpointError, QkvconvError, first_line
 from qkvconv import __version__
 from qkvconv.manifest import hash_path, manifest
 
@@ -130,7 +130,7 @@ def _load_config(source: Source, trust_remote_code: bool):
     except QkvconvError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"cannot read the config of {source.path}: {first}") from None
 
 
@@ -189,7 +189,7 @@ def load(
     except QkvconvError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"cannot load {source.path}: {first}") from None
     model.to(device).eval()
     return Loaded(model, tok, spec, source, hash_path(source.path) if with_hash else None)

@@ -21,7 +21,7 @@ import torch
 from qkvconv.archs import ArchSpec, dims_of, rope_inv_freq, spec_for
 from qkvconv.checkpoint import check_output, history_record, load, qkvconv_block, resolve_source, write_metadata
 from qkvconv.compat import no_init_weights
-from qkvconv.errors import QkvconvError, TransformError, VerificationError
+from qkvconv.errors import QkvconvError, TransformError, VerificationError, first_line
 from qkvconv.modeling import FORMAT
 from qkvconv.modeling.modeling_qkvconv import restore_folded, to_dtype_keeping_folded
 from qkvconv.transforms.absorb_query import absorb_query_layer
@@ -81,7 +81,7 @@ def verify_decoding(original, converted, ids: torch.Tensor, name: str) -> Decode
     try:
         check = decode_check(original, converted, ids)
     except RuntimeError as e:  # e.g. the shipped modeling code refusing to decode without its cache
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if next(converted.parameters()).dtype == torch.float64 and "Double" in first:
             # transformers' kernels without a float64 path (gpt_oss's experts run grouped_mm): say so, not the kernel
             raise VerificationError(

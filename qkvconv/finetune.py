@@ -43,7 +43,7 @@ import torch
 from qkvconv.archs import ArchSpec, dims_of
 from qkvconv.checkpoint import check_output, load, qkvconv_block, read_record, resolve_source, write_with_history
 from qkvconv import engine
-from qkvconv.errors import CheckpointError, QkvconvError
+from qkvconv.errors import CheckpointError, QkvconvError, first_line
 from qkvconv.textstream import WindowCycle, WindowStream
 from qkvconv.transforms.attach import added_module_prefixes, attention_parts, stock_layers
 
@@ -168,7 +168,7 @@ def _iter_hub(name: str, split: str) -> Iterator[tuple[str, bool]]:
     except QkvconvError:
         raise
     except Exception as e:  # noqa: BLE001 (datasets raises many kinds; one line is what the user needs)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise QkvconvError(f"cannot read HF dataset {name!r} (split {split}): {first}") from None
 
 
