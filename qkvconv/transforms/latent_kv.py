@@ -283,12 +283,10 @@ def _value_spread(v: Proj, o: Proj, dims: Dims, attn_input: torch.Tensor | None)
         x = x - x.mean(0)
         cov = x.T @ x / len(x)  # (d, d)
     wv = v.W.reshape(d, G, dh)
-    wo = o.W.reshape(H, dh, d)
-    spread = []
-    for h in range(H):
-        vo = wv[:, h // (H // G)] @ wo[h]  # (d, d): h ↦ v_g·W_O[h]
-        spread.append((vo * (cov @ vo)).sum())
-    return torch.stack(spread)
+    wo = o.W.reshape(G, H // G, dh, d)  # query head h = g·(H/G) + m
+    C = torch.einsum("dgi,de,egj->gij", wv, cov, wv)  # (G, dh, dh): Cov(v_g) = W_V,gᵀ·Cov(h)·W_V,g
+    # tr(W_O[h]ᵀ·Cov(v_g)·W_O[h]) per head: dh × dh products, never a (d, d) one per head
+    return torch.einsum("gmie,gij,gmje->gm", wo, C, wo).reshape(H)
 
 
 def attention_weights(q: Proj, parts: list[Proj], o: Proj, dims: Dims, attn_input: torch.Tensor | None,
