@@ -1020,12 +1020,17 @@ def read_layer(plan: Plan, i: int, device="cpu") -> tuple[dict[str, torch.Tensor
     return tensors, Float64View(tensors, device)
 
 
+def cast_layer(tensors: dict[str, torch.Tensor], dtype: torch.dtype, keep: dict[str, torch.dtype]
+               ) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to `dtype`, the folded maps to the dtype `keep` gives them (full key -> dtype, see
+    folded_dtypes): a layer as a model in `dtype` holds it, and as it is written."""
+    return {k: x.to(keep.get(k, dtype)) if x.is_floating_point() else x for k, x in tensors.items()}
+
+
 def load_layer(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype,
                keep: dict[str, torch.dtype], device="cpu") -> nn.Module:
-    """materialize() layer `module` with `tensors` (full keys under `prefix`): floating tensors cast to `dtype`, the
-    folded maps to the dtype `keep` gives them (full key -> dtype, see folded_dtypes)."""
-    cast = {k: x.to(keep.get(k, dtype)) if x.is_floating_point() else x for k, x in tensors.items()}
-    materialize(module, _relative(cast, prefix), device)
+    """materialize() layer `module` with `tensors` (full keys under `prefix`) cast by cast_layer."""
+    materialize(module, _relative(cast_layer(tensors, dtype, keep), prefix), device)
     return module
 
 
@@ -1167,8 +1172,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
             infos.append(res.info)
             keep = converted.keep(res.entry, dtype)
             kept = {k: x for k, x in layer_src.items() if k not in set(res.removed)}
-            out = {k: x.to(keep.get(k, dtype)) for k, x in kept.items()}
-            out.update({k: x.to(keep.get(k, dtype)) for k, x in res.tensors.items()})
+            out = cast_layer(kept | res.tensors, dtype, keep)
             if writer is not None:
                 t = time.perf_counter()
                 for k, x in out.items():
