@@ -289,6 +289,7 @@ def _pipeline(
                 ids=ids if (verify or calibrate) else None, verify_rows=verify_rows if verify else [],
                 calib_rows=calib_rows, exact=exact and verify, device=device,
                 max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=progress, source_label=calib_source,
+                direct_io=skip is not None,  # the decode check reads the output back: through the page cache then
             )
         t["stream"] = streamed.timings
         infos = streamed.infos

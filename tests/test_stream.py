@@ -259,6 +259,125 @@ def test_disk_filling_up_mid_write_is_one_line(tiny_models, small_disk, monkeypa
     assert "no space left on the device" in line and list(small_disk.iterdir()) == []
 
 
+def _loop_ext4(path: Path, size_mb: int) -> bool:
+    """An ext4 file system of size_mb at `path` (loop-mounted: it has O_DIRECT, which tmpfs lacks)."""
+    path.mkdir()
+    img = path.with_suffix(".img")
+    if os.geteuid() != 0 or not (shutil.which("mount") and shutil.which("mkfs.ext4")):
+        return False
+    with open(img, "wb") as f:
+        f.truncate(size_mb << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", str(img)], capture_output=True).returncode == 0
+    return made and subprocess.run(["mount", "-o", "loop", str(img), str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_ext4(tmp_path):
+    disk = tmp_path / "ext4"
+    if not _loop_ext4(disk, 4):
+        pytest.skip("loop-mounting an ext4 image needs root, mkfs.ext4 and a loop device")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def _o_direct_works(directory: Path) -> bool:
+    probe = directory / "o_direct_probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+        return True
+    except (OSError, AttributeError):
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _awkward_tensors() -> dict[str, torch.Tensor]:
+    """Sizes around the 4 KiB O_DIRECT block and across the (shrunk) staging buffer, a scalar, an empty tensor."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "one_byte": torch.tensor([7], dtype=torch.uint8),
+        "block_minus_1": torch.randint(0, 255, (4095,), dtype=torch.uint8, generator=g),
+        "block_plus_1": torch.randint(0, 255, (4097,), dtype=torch.uint8, generator=g),
+        "bf16": torch.randn(37, 51, generator=g).bfloat16(),
+        "big": torch.randn(300, 257, generator=g, dtype=torch.float64),  # 617 KB: many staging buffers
+        "f32": torch.randn(1000, generator=g),
+    }
+
+
+def test_direct_shards_are_byte_identical_to_buffered_ones(tmp_path, monkeypatch):
+    """The O_DIRECT writer (staged, written in aligned blocks, tail and header through an ordinary descriptor) writes
+    the same bytes as the buffered one, for tensors that straddle blocks and the staging buffer, across shards."""
+    from qkvconv import stream
+
+    if not _o_direct_works(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
+    monkeypatch.setattr(stream, "_STAGE_BYTES", 3 * stream._BLOCK)
+    made, real = [], stream._DirectShardFile
+    monkeypatch.setattr(stream, "_DirectShardFile", lambda path: (made.append(path), real(path))[1])
+    tensors = _awkward_tensors()
+    for direct in (False, True):
+        out = tmp_path / f"direct-{direct}"
+        out.mkdir()
+        w = stream.ShardWriter(out, max_shard_bytes=300_000, direct=direct)
+        for k, t in tensors.items():
+            w.add(k, t)
+        w.finish()
+    names = sorted(p.name for p in (tmp_path / "direct-True").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "direct-False").iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) >= 3 and len(made) >= 3  # direct files were made
+    for n in names:
+        assert (tmp_path / "direct-True" / n).read_bytes() == (tmp_path / "direct-False" / n).read_bytes(), n
+    index = json.loads((tmp_path / "direct-True" / "model.safetensors.index.json").read_text())
+    for k, t in tensors.items():
+        with safe_open(tmp_path / "direct-True" / index["weight_map"][k], "pt") as f:
+            assert torch.equal(f.get_tensor(k), t), k
+
+
+def test_direct_writes_fall_back_where_the_file_system_has_none(tmp_path, monkeypatch):
+    """Where O_DIRECT is refused (tmpfs: EINVAL at open), the shard is written through the page cache instead."""
+    from qkvconv import stream
+
+    real_open = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(stream.os, "open", no_direct)
+    tensors = _awkward_tensors()
+    w = stream.ShardWriter(tmp_path, max_shard_bytes=1 << 30, direct=True)
+    for k, t in tensors.items():
+        w.add(k, t)
+    assert w.finish() == ["model.safetensors"]
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), t) for k, t in tensors.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_disk_filling_up_mid_direct_write_is_one_line(tiny_models, small_ext4, monkeypatch):
+    """The same on a file system with O_DIRECT (a loop-mounted ext4), which --no-verify writes around the page cache:
+    one line, the temporary files removed, the disk as it was."""
+    from qkvconv import stream
+
+    monkeypatch.setattr(stream, "disk_free", lambda path: 1 << 40)
+    made, real = [], stream._DirectShardFile
+    monkeypatch.setattr(stream, "_DirectShardFile", lambda path: (made.append(path), real(path))[1])
+    fd = os.open(small_ext4 / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:  # leave ~64 KB free: less than the tiny model's output
+        os.posix_fallocate(fd, 0, shutil.disk_usage(small_ext4).free - (64 << 10))
+    finally:
+        os.close(fd)
+    assert shutil.disk_usage(small_ext4).free < 256 << 10
+    result = run("absorb-query", tiny_models["llama"], "-o", small_ext4 / "o", "--no-verify")
+    line = one_error_line(result)
+    print("\n" + line)
+    assert "no space left on the device" in line and made  # the direct writer met the full disk
+    assert sorted(p.name for p in small_ext4.iterdir()) == ["filler", "lost+found"]
+
+
 # ------------------------------------------------------------------------------------------ dry run
 def test_dry_run_reports_and_writes_nothing(tiny_models, tmp_path):
     src = tiny_models["llama"]
