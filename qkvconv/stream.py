@@ -1266,9 +1266,10 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
             writer.add(k, check_finite(k, src.get(k)).to(dtype))
         timings["io"] += time.perf_counter() - t
     heap = HeapTrimmer()
-    # layer i + 1 is read (paged in, checked finite) by one thread while layer i is converted
-    with ThreadPoolExecutor(1, thread_name_prefix="qkvconv-layer-reader", initializer=torch.set_num_threads,
-                            initargs=(1,)) as reader:
+    # layer i + 1 is read (paged in, checked finite) by one thread while layer i is converted. That thread must not
+    # call torch.set_num_threads: MKL's thread count is process-wide, and changing it while this thread is inside
+    # LAPACK broke a solve ("oneMKL ERROR: Parameter 6 was incorrect on entry to DLASWP", SmolLM2 share-kv calibrated)
+    with ThreadPoolExecutor(1, thread_name_prefix="qkvconv-layer-reader") as reader:
         ahead = reader.submit(read_layer, plan, 0, device) if n_layers else None
         for i in range(n_layers):
             if progress:
