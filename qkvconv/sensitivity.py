@@ -22,8 +22,8 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from qkvconv.stream import (Float64View, HeapTrimmer, LayerSkeletons, Plan, Stream, folded_dtypes,
-                            heap_for_temporaries, load_layer, read_layer, release)
+from qkvconv.stream import (Float64View, LayerSkeletons, Plan, Stream, folded_dtypes, heap_for_temporaries,
+                            layer_heap, load_layer, read_layer, release)
 
 Candidates = Callable[[Float64View, int, torch.Tensor], dict]  # (layer tensors, i, attn_input) -> {key: LayerResult}
 
@@ -69,7 +69,7 @@ def _layer_sensitivity(plan, ids, fit_rows, probe_rows, candidates, config_for, 
     probes: dict[tuple[int, Hashable], torch.Tensor] = {}  # (layer, candidate) -> its probe hidden states
     timings = {"original": 0.0, "candidates": 0.0, "fit": 0.0}
 
-    heap = HeapTrimmer()
+    heap = layer_heap(plan)
     for i in range(n_layers):
         if progress:
             progress(f"sensitivity: layer {i + 1}/{n_layers}")

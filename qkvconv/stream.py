@@ -441,7 +441,7 @@ def _anonymous_bytes() -> int | None:
     return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
 
 
-HEAP_SLACK_BYTES = 256 << 20
+HEAP_SLACK_BYTES = 128 << 20  # at least; a layer of the checkpoint when that is larger (see layer_heap)
 
 
 class HeapTrimmer:
@@ -449,8 +449,8 @@ class HeapTrimmer:
     `slack` bytes past what the last trim left. A layer's temporaries land on the heap (see heap_for_temporaries) and
     fragment it: with no trim at all RssAnon grew by ~360 MB over the 44 layers of a 4 GiB bf16 LLaMA. A trim after
     every layer kept it flat but gave back pages the next layer at once faulted in and zeroed again: absorb-query
-    --no-verify there spent 9.3 s of system time on it (1.9 s with this; 34.0 -> 29.8 s wall, writing nothing) at the
-    same peak RssAnon. Without /proc it trims after every layer."""
+    --no-verify there spent 9.3 s of system time on it (2.9 s with a 256 MiB slack: 34.0 -> 30.1 s wall, writing
+    nothing). Without /proc it trims after every layer."""
 
     def __init__(self, slack: int = HEAP_SLACK_BYTES):
         self.slack = slack
@@ -461,6 +461,13 @@ class HeapTrimmer:
         if now is None or self.floor is None or now > self.floor + self.slack:
             return_freed_memory()
             self.floor = _anonymous_bytes()
+
+
+def layer_heap(plan: "Plan") -> HeapTrimmer:
+    """The trimmer of a pass over `plan`'s layers: a slack of one layer's bytes in the checkpoint, at least
+    HEAP_SLACK_BYTES (on the 4 GiB benchmark 256 MiB put peak RSS at 26-27 % of the checkpoint, over the 25 % goal;
+    128 MiB at 24-25 %, for ~5 s more of its ~45 s)."""
+    return HeapTrimmer(max(HEAP_SLACK_BYTES, sum(plan.tensors.nbytes(k) for k in plan.layer_keys(0))))
 
 
 @contextlib.contextmanager
@@ -1265,7 +1272,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         for k in plan.rest_keys():
             writer.add(k, check_finite(k, src.get(k)).to(dtype))
         timings["io"] += time.perf_counter() - t
-    heap = HeapTrimmer()
+    heap = layer_heap(plan)
     # layer i + 1 is read (paged in, checked finite) by one thread while layer i is converted. That thread must not
     # call torch.set_num_threads: MKL's thread count is process-wide, and changing it while this thread is inside
     # LAPACK broke a solve ("oneMKL ERROR: Parameter 6 was incorrect on entry to DLASWP", SmolLM2 share-kv calibrated)

@@ -306,6 +306,26 @@ def _awkward_tensors() -> dict[str, torch.Tensor]:
     }
 
 
+def test_heap_is_trimmed_only_past_its_slack(monkeypatch):
+    """HeapTrimmer gives freed pages back only once anonymous memory grew past the slack since the last trim (and
+    after every layer where /proc cannot say)."""
+    from qkvconv import stream
+
+    anon, trims = [1000], []
+    monkeypatch.setattr(stream, "_anonymous_bytes", lambda: anon[0])
+    monkeypatch.setattr(stream, "return_freed_memory", lambda: (trims.append(anon[0]), anon.__setitem__(0, 1000)))
+    heap = stream.HeapTrimmer(slack=500)
+    for grown in (1200, 1500, 1501, 1400, 1600):
+        anon[0] = grown
+        heap.layer_done()
+    assert trims == [1501, 1600]
+    monkeypatch.setattr(stream, "_anonymous_bytes", lambda: None)
+    heap = stream.HeapTrimmer(slack=500)
+    heap.layer_done()
+    heap.layer_done()
+    assert len(trims) == 4
+
+
 def test_direct_shards_are_byte_identical_to_buffered_ones(tmp_path, monkeypatch):
     """The O_DIRECT writer (staged, written in aligned blocks, tail and header through an ordinary descriptor) writes
     the same bytes as the buffered one, for tensors that straddle blocks and the staging buffer, across shards."""
