@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import os
 import shutil
@@ -730,11 +731,26 @@ class _DirectShardFile:
         """Write the first n (a multiple of _BLOCK) staged bytes and move the rest to the front."""
         done = 0
         while done < n:
-            done += os.write(self._fd, self._view[done:n])
+            try:
+                done += os.write(self._fd, self._view[done:n])
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self._drop_direct():
+                    raise
         self._pos += n
         rest = self._fill - n
         self._view[:rest] = self._view[n : self._fill]
         self._fill = rest
+
+    def _drop_direct(self) -> bool:
+        """A file system that opened the file with O_DIRECT but refuses a direct write (EINVAL: an alignment it needs
+        beyond _BLOCK): the rest goes through the page cache. False if the flag was already off."""
+        import fcntl
+
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        if not flags & os.O_DIRECT:
+            return False
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        return True
 
     def close(self, header: bytes) -> None:
         self._flush(self._fill // _BLOCK * _BLOCK)

@@ -377,6 +377,34 @@ def test_direct_writes_fall_back_where_the_file_system_has_none(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+def test_a_direct_write_refused_mid_shard_goes_on_through_the_page_cache(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses a direct write (EINVAL) gets the rest buffered."""
+    from qkvconv import stream
+
+    if not _o_direct_works(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
+    monkeypatch.setattr(stream, "_STAGE_BYTES", 2 * stream._BLOCK)
+    real_write, refused = os.write, []
+
+    def picky(fd, data):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(22, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(stream.os, "write", picky)
+    tensors = _awkward_tensors()
+    w = stream.ShardWriter(tmp_path, max_shard_bytes=1 << 30, direct=True)
+    for k, t in tensors.items():
+        w.add(k, t)
+    w.finish()
+    assert refused  # the direct write was tried, refused once, and the shard finished buffered
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), t) for k, t in tensors.items())
+
+
 def test_disk_filling_up_mid_direct_write_is_one_line(tiny_models, small_ext4, monkeypatch):
     """The same on a file system with O_DIRECT (a loop-mounted ext4), which --no-verify writes around the page cache:
     one line, the temporary files removed, the disk as it was."""
