@@ -702,16 +702,20 @@ class _DirectShardFile:
     """One shard written around the page cache (O_DIRECT): the bytes are gathered in a page-aligned staging buffer and
     written in large aligned blocks, the unaligned tail and the header through an ordinary descriptor at close.
 
-    A buffered write of a large file costs the CPU a copy into the page cache and the kernel's writeback of it (on the
-    2-core benchmark machine, 4 GiB: ~7-9 s of system time and 12-14 s with fsync); a direct one costs neither (4 GiB:
-    <1 s of system time, ~5 s). open() raises OSError where the file system has no O_DIRECT (tmpfs)."""
+    A buffered write of a large file costs the CPU a copy into the page cache and the kernel's writeback of it (dd of
+    4 GiB on the 2-core benchmark machine: 6.7-9.1 s of system time, 12-14 s with fsync); a direct one costs neither
+    (0.7 s of system time, 5.2 s). open() raises OSError where the file system has no O_DIRECT (tmpfs)."""
 
     def __init__(self, path: Path):
         import mmap
 
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        self._buf = mmap.mmap(-1, _STAGE_BYTES)  # anonymous mappings are page-aligned, as O_DIRECT needs
+        try:
+            self._buf = mmap.mmap(-1, _STAGE_BYTES)  # anonymous mappings are page-aligned, as O_DIRECT needs
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._view = memoryview(self._buf)
         self._fill = 0  # bytes staged
         self._pos = 0  # file offset of the staging buffer's first byte
