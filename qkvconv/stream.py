@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from qkvconv.archs import ArchSpec, Dims, dims_of, spec_for
-from qkvconv.errors import CheckpointError, TransformError
+from qkvconv.errors import CheckpointError, TransformError, first_line
 from qkvconv.modeling.modeling_qkvconv import _set_module
 
 # ------------------------------------------------------------------------------------------ reading
@@ -198,7 +198,7 @@ class MappedSource(TensorSource):
         except (RuntimeError, ValueError, IndexError) as e:
             n = len(self._members[key])
             raise CheckpointError(f"{self._members[key][0][0]} and the other {n - 1} tensors that make {key} do not "
-                                  f"stack ({str(e).splitlines()[0]}); is an expert's tensor missing?") from None
+                                  f"stack ({first_line(e)}); is an expert's tensor missing?") from None
 
     @property
     def changes_names(self) -> bool:
