@@ -134,7 +134,8 @@ def test_singular_wq_is_refused(tiny_models):
 @pytest.mark.parametrize("decades", [1, 3, 6, 12])
 def test_condition_number_estimate(decades):
     """The LU-based estimate of cond₂(W_Q) against the SVD's σ_max/σ_min, on the hardest spectra for power iteration
-    (log-spaced singular values: no gap at either end): from below and within 6 % at every condition number."""
+    (log-spaced singular values: no gap at either end): from below and within 3 % at every condition number (the block
+    Krylov estimate is 1.2 % low at 1e1 on 512², the single-vector power iteration it replaced was 2-4 % low)."""
     import importlib
 
     aq = importlib.import_module("qkvconv.transforms.absorb_query")
@@ -147,7 +148,7 @@ def test_condition_number_estimate(decades):
     true = float(s[0] / s[-1])
     est = aq.condition_number(W)
     print(f"cond 1e{decades}: SVD {true:.4g}, estimate {est:.4g} ({(est - true) / true:+.2%})")
-    assert 0.94 * true <= est <= true * (1 + 1e-9)
+    assert 0.97 * true <= est <= true * (1 + 1e-9)
 
 
 @pytest.mark.slow
