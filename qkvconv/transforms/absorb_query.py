@@ -124,15 +124,16 @@ def _fold_norm(sd: dict, spec: ArchSpec, i: int, q: Proj, dtype: torch.dtype) ->
     weight = sd[f"{key}.weight"].double()  # (d,)
     gamma = spec.norm_gain_offset + weight
     beta = sd.get(f"{key}.bias")
-    M = gamma[:, None] * q.W  # diag(γ)·W_Q, (d, d)
-    c = torch.zeros(M.shape[1], dtype=torch.float64)
+    M_t = torch.mul(q.W.T, gamma, out=torch.empty_like(q.W, memory_format=torch.contiguous_format))  # (diag(γ)·W_Q)ᵀ:
+    # nn.Linear's (d_out, d_in), written once into a new buffer (q.W may be a view of the caller's tensor)
+    c = torch.zeros(M_t.shape[0], dtype=torch.float64)
     if beta is not None:
         c = c + beta.double() @ q.W
     if q.b is not None:
         c = c + q.b
     out = {
         f"{key}.norm.weight": torch.full_like(weight, 1 - spec.norm_gain_offset).to(dtype),  # unit gain
-        f"{key}.affine.weight": M.T.contiguous().to(dtype),  # nn.Linear stores (d_out, d_in)
+        f"{key}.affine.weight": M_t.to(dtype),
         f"{key}.affine.bias": c.to(dtype),
     }
     if beta is not None:
