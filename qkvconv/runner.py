@@ -67,7 +67,7 @@ def step_key(kind: str, inputs: list[str], options: dict) -> str:
 
 
 def _expand(path: str | None) -> str | None:
-    """$VARS and ~ in a recipe path (heal data, teacher)."""
+    """$VARS and ~ in a recipe path (heal data, teacher, a step's calibration text)."""
     return None if path is None else os.path.expanduser(os.path.expandvars(path))
 
 
@@ -143,6 +143,8 @@ def make_plan(recipe: Recipe, *, base_id: str | None = None) -> Plan:
             unset = {"device": device, "seed": recipe.seed}  # the recipe's, where the step does not say
             opts = opts.model_copy(update={k: v for k, v in unset.items() if k not in opts.model_fields_set})
             options = {"transform": s.transform, **opts.model_dump(mode="json")}
+            if options.get("calib") not in (None, "sample"):  # a calibration file, like the heal data: $VARS and ~
+                options["calib"] = _expand(options["calib"])
             key = add(Step("convert", v.name, options, [key], title=f"{s.transform} → {v.name}"))
             keys.append(key)
             transforms.append(s.describe())

@@ -166,6 +166,17 @@ def test_kill_9_mid_heal_then_resume_equals_an_uninterrupted_run(setup, tmp_path
     assert comparable(after)["control"] == comparable(whole)["control"]
 
 
+def test_a_steps_calibration_path_expands_like_the_heal_data(monkeypatch, tmp_path):
+    """`calib: $QKVCONV_DATA_DIR/...` in a step reads the variable, as heal.data does (it was passed on verbatim)."""
+    monkeypatch.setenv("QKVCONV_DATA_DIR", str(tmp_path))
+    plan = make_plan(parse_recipe("name: c\nbase: some/model\nvariants:\n"
+                                  "  - name: l\n    steps: [latent-kv: {kv_rank: 8, calib: $QKVCONV_DATA_DIR/g.txt}]\n"
+                                  "  - name: s\n    steps: [share-kv: {mode: k=v, calib: sample}]\n"),
+                     base_id="some/model")
+    calibs = [s.options["calib"] for s in plan.steps if s.kind == "convert"]
+    assert calibs == [str(tmp_path / "g.txt"), "sample"]
+
+
 def test_an_existing_run_dir_needs_resume(setup, tmp_path):
     (tmp_path / "x").mkdir()
     result = CliRunner().invoke(app, ["run", str(recipe(setup)), "--output", str(tmp_path / "x")])
