@@ -76,7 +76,7 @@ def condition_number(W: torch.Tensor, lu: tuple[torch.Tensor, torch.Tensor] | No
     machine's threads cost to wake. The single-vector power and inverse iteration this replaces took 15 + 15 steps
     on a flat spectrum and, while a conversion's reader, writer and hash threads ran, ~10 ms a vector solve where
     alone it is 1 ms: 12.9 s of a 25.8 s absorb-query of bench_stream's 4 GiB checkpoint (44 layers of 2048²); the
-    Krylov estimate took 4.5-5.0 s there and is closer. Both estimates are Rayleigh quotients, from below and exact
+    Krylov estimate took 4.5-6.6 s there and is closer. Both estimates are Rayleigh quotients, from below and exact
     for a singular W; on log-spaced spectra (no gap at either end, the hardest case) 7 steps of 4 columns are
     within 2.1 % at n = 2048, 1.2 % at n = 512 (the power iterations: 3.3 %, 3.9 %;
     tests/test_absorb_query.py::test_condition_number_estimate)."""
