@@ -143,8 +143,7 @@ def make_plan(recipe: Recipe, *, base_id: str | None = None) -> Plan:
             unset = {"device": device, "seed": recipe.seed}  # the recipe's, where the step does not say
             opts = opts.model_copy(update={k: v for k, v in unset.items() if k not in opts.model_fields_set})
             options = {"transform": s.transform, **opts.model_dump(mode="json")}
-            if options.get("calib") not in (None, "sample"):  # a calibration file, like the heal data: $VARS and ~
-                options["calib"] = _expand(options["calib"])
+            options["calib"] = _expand(options["calib"])  # $VARS and ~, as in the heal data (None, "sample" stay)
             key = add(Step("convert", v.name, options, [key], title=f"{s.transform} → {v.name}"))
             keys.append(key)
             transforms.append(s.describe())
