@@ -110,6 +110,36 @@ def test_cache_holds_only_the_latent_and_cached_equals_uncached(tiny_models, tmp
     _check_cached_equals_uncached(model, ids, 8, per_token)  # measured cache bytes = held tokens × per_token
 
 
+def test_grouped_latent_rebuilds_keys_per_group_as_the_dense_block_diagonal_weights(tiny_models, tmp_path):
+    """--groups records each layer's group ranks; the modeling then rebuilds each group's keys from its own latent
+    slice (fewer products). The same weights read as one dense latent (no "group_ranks") give the same model: the
+    off-diagonal blocks are zeros. Compared in float64, prefill and cached decoding."""
+    out = tmp_path / "g2"
+    report = latent_kv_checkpoint(tiny_models["qwen2"], out, kv_rank=9, groups=2, dtype=torch.float64, **FAST)
+    block = json.loads((out / "config.json").read_text())["qkvconv"]
+    group_ranks = [layer["kv_latent"]["group_ranks"] for layer in block["layers"]]
+    assert [sum(r) for r in group_ranks] == report.options["kv_ranks"] and all(len(r) == 2 for r in group_ranks)
+    assert all(r == [5, 4] for r in group_ranks), group_ranks  # uneven: the blocks are not one batched product
+    grouped, tok = qkvconv.load(out)
+    for layer in block["layers"]:
+        del layer["kv_latent"]["group_ranks"]
+    config = json.loads((out / "config.json").read_text())
+    config["qkvconv"] = block
+    (out / "config.json").write_text(json.dumps(config))
+    dense, _ = qkvconv.load(out)
+    assert all(m.group_ranks is None for m in dense.modules() if hasattr(m, "group_ranks"))
+    assert sum(m.group_ranks is not None for m in grouped.modules() if hasattr(m, "group_ranks")) == len(group_ranks)
+    ids = tok(["The quick brown fox jumps over the lazy dog."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = grouped(ids).logits, dense(ids).logits
+        err = (a - b).abs().max().item()
+        ga = grouped.generate(ids, max_new_tokens=8, do_sample=False)
+        gb = dense.generate(ids, max_new_tokens=8, do_sample=False)
+    print(f"grouped vs dense rebuild, float64: max |Δlogit| {err:.2e}")
+    assert err < 1e-10 * max(1.0, a.abs().max().item())
+    assert torch.equal(ga, gb)
+
+
 def test_plain_transformers_with_remote_code_equals_qkvconv_load(tiny_models, tmp_path):
     cases = {"llama": dict(kv_rank=8), "qwen2": dict(kv_rank=16), "gpt_neox": dict(kv_rank=24),
              "qwen2-rp": dict(kv_rank=12, rope_pairs=3), "gpt_neox-rp": dict(kv_rank=20, rope_pairs=2)}

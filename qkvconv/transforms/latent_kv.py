@@ -597,6 +597,8 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
     move_qk_norms(sd, spec, i, attn, out, removed)  # a share-kv input has them in place already: nothing moves
     removed = [key for key in removed if key not in out]
     latent: dict = {"rank": r}
+    if groups > 1:  # B_K, B_V block-diagonal: the modeling rebuilds each group's keys from its own slice of c
+        latent["group_ranks"] = ranks
     stats = {"rank": r, "group_ranks": ranks, "kept_energy": kept, "fit": fit}
     if fit == "attention":
         stats["key_weight"] = key_weight
