@@ -12,7 +12,10 @@ ignores them; the context grows by --steps tokens, or twice that with --rebuilt,
 
 The reconstruct-then-rotate variant rebuilds every cached key at each step (values are absorbed: (p·c)·B_V); the
 --rope-pairs variant rebuilds nothing (B_K absorbed into the query). --rebuilt also times each converted model
-rebuilding keys and values (the decode path before the absorbed one). Cache bytes/token is what the cache object
+rebuilding keys and values (the decode path before the absorbed one). The last three columns are the key rebuild
+alone: its GFLOP and its measured time per decoded token at that context (each layer's up-projection timed on its
+own), and the ceiling it sets, base step / (base step + rebuild): the best × base possible if everything else in
+the converted model's step cost exactly what the base's does. Cache bytes/token is what the cache object
 holds after the prefill divided by N, next to the arithmetic from the config (describe.kv_cache_bytes_per_token).
 """
 
@@ -56,6 +59,33 @@ def set_absorb(model, absorb) -> None:
     for m in model.modules():
         if hasattr(m, "absorb"):
             m.absorb = absorb
+
+
+def rebuild_cost(model, n: int, repeats: int = 5) -> tuple[float, float]:
+    """(GFLOP, seconds) per decoded token of rebuilding every cached key at context n: the key up-projection of each
+    reconstruct-then-rotate layer timed alone on random latents of n positions (median of `repeats`), summed over
+    layers. With it a ceiling: even if everything else cost what the base's step costs, a step is this much longer."""
+    import torch
+
+    flop, seconds = 0.0, 0.0
+    for m in model.modules():
+        if not hasattr(m, "group_ranks") or m.rope_pairs is not None:
+            continue
+        w = m.k_b_proj.weight
+        c = torch.randn(1, n, m.rank, dtype=w.dtype, device=w.device)
+        per = m.kv_heads // len(m.group_ranks or [m.rank])
+        flop += 2 * n * sum(m.group_ranks or [m.rank]) * per * m.head_dim if m.group_ranks else 2 * n * w.numel()
+        sync = torch.cuda.synchronize if w.is_cuda else (lambda: None)
+        m._rebuilt_keys(c)
+        times = []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            m._rebuilt_keys(c)
+            sync()
+            times.append(time.perf_counter() - t)
+        seconds += statistics.median(times)
+    return flop / 1e9, seconds
 
 
 def main() -> None:
@@ -109,12 +139,19 @@ def main() -> None:
             for name in runs:
                 best[name]["tokens_per_s"] = 1 / statistics.median(times[name])
                 best[name]["step_s"] = sorted(times[name])
+            base_step = statistics.median(times["base"])
+            for label, (name, absorb) in runs.items():
+                gflop, seconds = rebuild_cost(models[name], n) if name != "base" and absorb is None else (0.0, 0.0)
+                best[label] |= {"rebuild_gflop_per_token": gflop, "rebuild_s_per_token": seconds,
+                                "ceiling_x_base": base_step / (base_step + seconds)}
         base = best["base"]["tokens_per_s"]
         print(f"\ncontext {n}, {args.steps} decode steps per model (interleaved, median), batch 1, {where}, {dtype}")
-        print(f"{'model':<38} {'cache B/token':>13} {'arithmetic':>10} {'prefill s':>9} {'tokens/s':>9} {'× base':>7}")
+        print(f"{'model':<38} {'cache B/token':>13} {'arithmetic':>10} {'prefill s':>9} {'tokens/s':>9} {'× base':>7}"
+              f" {'rebuild GFLOP/tok':>17} {'rebuild ms/tok':>14} {'ceiling':>7}")
         for name, b in best.items():
             print(f"{name:<38} {b['held']:>13,.0f} {b['arithmetic']:>10,} {b['prefill_s']:>9.1f} "
-                  f"{b['tokens_per_s']:>9.2f} {b['tokens_per_s'] / base:>7.2f}")
+                  f"{b['tokens_per_s']:>9.2f} {b['tokens_per_s'] / base:>7.2f} {b['rebuild_gflop_per_token']:>17.2f} "
+                  f"{1e3 * b['rebuild_s_per_token']:>14.1f} {b['ceiling_x_base']:>7.2f}")
             rows.append({"model": name, "context": n, **b, "x_base": b["tokens_per_s"] / base})
         del state
     if args.json:
