@@ -273,21 +273,69 @@ ALGEBRA_TOKENS = 32  # leading tokens of the first verified sequence that the fl
 _FINITE_CHUNK = 1 << 22  # elements per sum in check_finite
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def _all_finite(t: torch.Tensor, release: bool = False) -> bool:
     """No NaN/Inf in `t`, without a tensor-sized temporary: a NaN or Inf makes a sum non-finite, so a finite sum of
-    each chunk proves it clean; a non-finite one (also an overflow of finite values) is checked element-wise."""
+    each chunk proves it clean; a non-finite one (also an overflow of finite values) is checked element-wise.
+    release: unmap each checked chunk's pages where `t` lies in a safetensors file mapping (release_file_pages)."""
     flat = t.reshape(-1)
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    release = release and flat.data_ptr() == t.data_ptr() and _in_file_mapping(t)
     for s in range(0, flat.numel(), _FINITE_CHUNK):
         chunk = flat[s : s + _FINITE_CHUNK]
         if not bool(torch.isfinite(chunk.sum(dtype=acc))) and not bool(torch.isfinite(chunk).all()):
             return False
+        if release:
+            release_file_pages(chunk)
     return True
 
 
-def check_finite(key: str, t: torch.Tensor) -> torch.Tensor:
-    """Refuse a NaN or Inf weight, naming the tensor (nothing is written)."""
-    if t.is_floating_point() and not _all_finite(t):
+_MADV_DONTNEED = 4  # sys/mman.h (Linux)
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """The whole pages inside t's bytes (t contiguous): [first page start, last page end), empty when none."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    return -(-start // page) * page, end // page * page
+
+
+def _in_file_mapping(t: torch.Tensor) -> bool:
+    """Whether t's bytes lie in one mapping of a *.safetensors file (/proc/self/maps), so that dropping its pages
+    loses nothing: they are the file's. Anonymous memory (a dequantized or stacked tensor) is never released: there
+    MADV_DONTNEED would zero it. False without /proc or for a non-contiguous tensor."""
+    lo, hi = _byte_range(t) if t.device.type == "cpu" and t.is_contiguous() else (0, 0)
+    if hi <= lo:  # nothing to release (or not a contiguous CPU tensor): /proc/self/maps is not read
+        return False
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= start and end <= hi:
+                    return len(fields) == 6 and fields[4] != "0" and fields[5].rstrip().endswith(".safetensors")
+    except OSError:
+        return False
+    return False
+
+
+def release_file_pages(t: torch.Tensor) -> None:
+    """Unmap the resident pages of t, a contiguous tensor in a safetensors file mapping that nothing has written to
+    (madvise MADV_DONTNEED): the pages stay in the page cache and the next read maps them again (minor faults, no
+    disk read), but until then they are not this process's RSS. The layer read ahead (by the reader thread, while
+    the layer before it is converted) is held that way instead of resident."""
+    lib = _glibc()
+    lo, hi = _byte_range(t)
+    if lib is not None and hi > lo:
+        import ctypes
+
+        lib.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def check_finite(key: str, t: torch.Tensor, release: bool = False) -> torch.Tensor:
+    """Refuse a NaN or Inf weight, naming the tensor (nothing is written). release: leave t's pages unmapped once
+    checked where t is read from a safetensors file (see release_file_pages)."""
+    if t.is_floating_point() and not _all_finite(t, release):
         bad = int((~torch.isfinite(t)).sum())
         raise CheckpointError(f"{key} holds {bad} NaN/Inf value{'s' if bad > 1 else ''} of {t.numel()}; "
                               "the checkpoint is corrupt (re-download or re-export it); nothing written")
@@ -588,7 +636,7 @@ class Stream:
         head_key = output_embedding_key(self.model)
         tied = getattr(config, "tie_word_embeddings", False) or head_key not in source.keys()
         w_key = emb_key if tied else head_key
-        head_w = check_finite(w_key, source.get(w_key))
+        head_w = check_finite(w_key, source.get(w_key), release=True)  # mapped again at the logits, at the end
         bias_key = head_key.removesuffix("weight") + "bias"
         head_b = source.get(bias_key) if bias_key in source.keys() else None
         rest = {k: check_finite(k, source.get(k)) for k in source.keys()
@@ -673,6 +721,7 @@ _HEADER_BYTES = (1 << 16) - 8  # header room reserved at the start of each shard
 # full): with the 8-byte length in front, the tensor data starts 64 KiB in, on a block boundary
 _BLOCK = 4096  # O_DIRECT alignment of buffer address, length and file offset (any logical block size up to 4 KiB)
 _STAGE_BYTES = 32 << 20  # the direct writer's staging buffer: the disk gets writes of this size
+_RELEASE_CHUNK = 16 << 20  # bytes of an input tensor written before its pages are released (release_file_pages)
 
 
 class _BufferedShardFile:
@@ -847,7 +896,14 @@ class ShardWriter:
         self._f = _shard_file(self.dir / name, self.direct)
 
     def _w_write(self, t: torch.Tensor) -> None:
-        self._f.write(memoryview(t.view(torch.uint8).numpy() if t.dim() else t.reshape(1).view(torch.uint8).numpy()))
+        data = (t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)).reshape(-1)
+        if not _in_file_mapping(t):
+            self._f.write(memoryview(data.numpy()))
+            return
+        for s in range(0, len(data), _RELEASE_CHUNK):  # an input tensor passing through: its pages leave as written
+            chunk = data[s : s + _RELEASE_CHUNK]
+            self._f.write(memoryview(chunk.numpy()))
+            release_file_pages(chunk)
 
     def _w_close(self, header: bytes) -> None:
         self._f.close(struct.pack("<Q", _HEADER_BYTES) + header)  # on an error the file stays for abort() to close
@@ -1171,8 +1227,10 @@ def _relative(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 # run it, release it.
 def read_layer(plan: Plan, i: int, device="cpu") -> tuple[dict[str, torch.Tensor], Float64View]:
     """Layer i's tensors (full keys), each checked finite (a NaN/Inf is named, see check_finite), and a float64
-    view of them for the transform."""
-    tensors = {k: check_finite(k, plan.tensors.get(k)) for k in plan.layer_keys(i)}
+    view of them for the transform. A tensor mapped from a safetensors file is left unmapped once checked (its pages
+    stay in the page cache): the reader thread reads layer i + 1 while layer i is converted, and so its pages are
+    not held resident beside layer i's until they are used."""
+    tensors = {k: check_finite(k, plan.tensors.get(k), release=True) for k in plan.layer_keys(i)}
     return tensors, Float64View(tensors, device)
 
 
@@ -1290,7 +1348,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
     if writer is not None:  # the non-layer tensors (embeddings, final norm, LM head) pass through
         t = time.perf_counter()
         for k in plan.rest_keys():
-            writer.add(k, check_finite(k, src.get(k)).to(dtype))
+            writer.add(k, check_finite(k, src.get(k), release=True).to(dtype))
         timings["io"] += time.perf_counter() - t
     heap = layer_heap(plan)
     # layer i + 1 is read (paged in, checked finite) by one thread while layer i is converted. That thread must not

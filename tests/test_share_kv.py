@@ -151,7 +151,8 @@ def _per_candidate_error(c, cand, y: torch.Tensor, H: int, bias: bool) -> float:
 def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kvh, monkeypatch):
     """--init calibrated scores and fits all candidates of a layer in one batched float32 attention and normal-equations
     solve: scores equal the per-candidate float64 evaluation (to 1e-9 when batched in float64, 1e-4 in float32), and
-    the winner is its argmin (up to that float32 tolerance)."""
+    the winner is its argmin (up to that float32 tolerance), whether the candidates are scored in one batch or one
+    at a time (the memory budget's choice at large widths)."""
     import importlib
 
     from qkvconv.checkpoint import load
@@ -186,6 +187,15 @@ def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kv
             assert min(abs(info["relative_error"] / float(r) - 1) for r in ref) < 1e-4
             if margin == float("inf"):
                 assert info["relative_error"] == pytest.approx(float(ref.min()), rel=1e-4)
+            # a batch of one candidate at a time (what a 2048-wide layer gets, _score_batches): the same choice
+            monkeypatch.setattr(skv, "SCORE_BATCH_BYTES", 1)
+            _, one = skv._choose(c, cands, y, H, bias)
+            assert one["relative_error"] == pytest.approx(info["relative_error"], rel=1e-9)
+            monkeypatch.setattr(skv, "SCORE_BATCH_BYTES", 256 << 20)
+        monkeypatch.setattr(skv, "SCORE_WINDOWS", 16)
+        monkeypatch.setattr(skv, "SCORE_BATCH_BYTES", 1)  # every window scored, one candidate at a time
+        _, one = skv._choose(c, cands, y, H, bias)
+        assert one["relative_error"] == pytest.approx(float(ref.min()), rel=1e-4)
         monkeypatch.undo()
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -173,6 +173,44 @@ def test_nan_weight_is_named(tiny_models, tmp_path):
     print("\n" + line)
 
 
+def _mapping_rss_kib(t: torch.Tensor) -> int:
+    """Resident KiB of the /proc/self/smaps mapping that holds t."""
+    p, rss, inside = t.data_ptr(), None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= p < hi
+            elif inside and head == "Rss:":
+                rss = int(line.split()[1])
+    return rss
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_read_ahead_pages_are_released_after_the_finite_check_and_nothing_else_is(tmp_path):
+    """The reader thread checks layer i + 1 while layer i converts; its file pages leave this process's RSS once
+    checked (MADV_DONTNEED on the safetensors mapping) and read back intact. An anonymous tensor is never released
+    (there MADV_DONTNEED would zero it)."""
+    from qkvconv.stream import SafetensorsSource, _in_file_mapping, check_finite
+
+    w = torch.randn(1024, 1024)
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    src = SafetensorsSource(tmp_path)
+    t = src.get("w")
+    assert _in_file_mapping(t) and torch.equal(t, w)  # the comparison maps every page
+    before = _mapping_rss_kib(t)
+    check_finite("w", t, release=True)
+    after = _mapping_rss_kib(t)
+    print(f"file mapping RSS {before} KiB -> {after} KiB after the check")
+    assert before >= 4000 and after <= 8, (before, after)
+    assert torch.equal(t, w)  # mapped again from the page cache
+    anon = w.clone()
+    assert not _in_file_mapping(anon)
+    check_finite("anon", anon, release=True)
+    assert torch.equal(anon, w)
+
+
 def test_shape_mismatch_names_tensor_and_dimension(tiny_models, tmp_path):
     src = _copy(tiny_models["llama"], tmp_path / "in")
 

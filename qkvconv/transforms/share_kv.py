@@ -333,6 +333,7 @@ def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, 
 SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+1e-6) of the best are decided in float64
 SCORE_WINDOWS = 16  # candidates are scored on at most this many calibration windows (every k-th), see _choose
 SCORE_TIE_SAMPLED = 0.03  # ... and those within this relative margin of the best are refit on all windows
+SCORE_BATCH_BYTES = 256 << 20  # candidates scored together hold at most about this much (see _score_batches)
 
 
 def _every_kth_window(c: _Calib, cands: list[_Candidate], y: torch.Tensor, k: int):
@@ -343,10 +344,20 @@ def _every_kth_window(c: _Calib, cands: list[_Candidate], y: torch.Tensor, k: in
     return sub, [replace(cd, q=cd.q[rows], k=cd.k[rows], v=cd.v[rows]) for cd in cands], y[rows]
 
 
+def _score_batches(C: int, n: int, p: int, d: int) -> int:
+    """How many candidates to score at once: each holds its attention outputs (n, p) three times over (stacked
+    queries, rotated, attended; float32) and, in _fit_o, float64 (p, p) Grams and (p, d) right-hand sides about five
+    times over. All of them at SmolLM2's width (p = d = 576: ~60 MB each); one at a time at 2048 (~270 MB each),
+    where five at once held 3 GB beside a 92 MB layer (4 GiB LLaMA benchmark)."""
+    each = 3 * 4 * n * p + 5 * 8 * p * (p + d)
+    return max(1, min(C, SCORE_BATCH_BYTES // each))
+
+
 def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: bool) -> tuple[dict, dict]:
     """The candidate whose refit W_O leaves the smallest relative error, with that W_O (step 4).
 
-    The candidates are scored together (one batched attention, batched Gram products, the activations' dtype) on
+    The candidates are scored together (batched attention and Gram products, the activations' dtype, in batches of
+    about SCORE_BATCH_BYTES: see _score_batches) on
     at most SCORE_WINDOWS of the calibration windows, every k-th; the best — and any within SCORE_TIE_SAMPLED of it
     (SCORE_TIE when every window was scored, where only float32 rounding could decide) — are attended on every
     window and refit with float64 Grams, which pick the winner and give its W_O. At 40×256 calibration tokens the
@@ -355,23 +366,37 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
     if len(cands) > 1 and c.h.dtype != torch.float64:
         k = -(-c.B // SCORE_WINDOWS)
         sc, scands, sy = _every_kth_window(c, cands, y, k) if k > 1 else (c, cands, y)
-        Xs = _head_outputs(sc, scands, H, c.h.dtype)  # (C, n', H·dh)
-        _, score = _fit_o(Xs, sy, bias)
+        step = _score_batches(len(cands), len(sy), H * c.dh, sy.shape[-1])
+        scores, outputs = [], []
+        for a in range(0, len(cands), step):
+            Xs = _head_outputs(sc, scands[a : a + step], H, c.h.dtype)  # (C', n', H·dh)
+            scores.append(_fit_o(Xs, sy, bias)[1])
+            if k == 1 and step == len(cands):  # every window scored at once: the winner's outputs are these
+                outputs.append(Xs)
+            del Xs
+        score = torch.cat(scores)
         best = float(score.min())  # near 0 (more weights than tokens) float32 scores can even come out < 0
         close = score <= best + (SCORE_TIE if k == 1 else SCORE_TIE_SAMPLED) * abs(best) + 1e-6
         if close.any():  # else keep them all: a score is not finite
             keep = [j for j in keep if close[j]]
-        X = Xs[keep] if k == 1 else None
-        del Xs
-    if X is None:
-        X = _head_outputs(c, [cands[j] for j in keep], H, c.h.dtype)
-    sol, err = _fit_o(X.double(), y.double(), bias)
-    best = int(torch.nan_to_num(err, nan=float("inf")).argmin())
-    s = sol[best]
+        X = outputs[0][keep] if outputs else None
+        del outputs
+    y64, step = y.double(), _score_batches(len(keep), len(y), 3 * H * c.dh, y.shape[-1])  # 3×: float64 copies
+    best_err, best, s = float("inf"), keep[0], None
+    for a in range(0, len(keep), step):  # the float64 refit, in batches (one: X from full scoring above)
+        idx = keep[a : a + step] if X is None else keep
+        Xk = _head_outputs(c, [cands[j] for j in idx], H, c.h.dtype) if X is None else X
+        sol, err = _fit_o(Xk.double(), y64, bias)
+        del Xk
+        j = int(torch.nan_to_num(err, nan=float("inf")).argmin())
+        if s is None or float(err[j]) < best_err:
+            best_err, best, s = float(err[j]), idx[j], sol[j]
+        if X is not None:
+            break
     o = Proj(s[:-1], s[-1]) if bias else Proj(s, None)
-    chosen = cands[keep[best]]
+    chosen = cands[best]
     w = {name: p() if callable(p) else p for name, p in chosen.w.items()}  # deferred weights (W_Q') now
-    return w | {"o": o}, chosen.info | {"relative_error": float(err[best])}
+    return w | {"o": o}, chosen.info | {"relative_error": best_err}
 
 
 def _value_directions(x: torch.Tensor) -> torch.Tensor:
