@@ -619,8 +619,8 @@ class LatentKVAttention(SharedProjectionAttention):
     """Attention whose KV cache holds one low-rank latent per token (latent-kv, METHODS.md §6).
 
     Layer key "kv_latent": {"rank": r} (+ "group_ranks": [r_1 … r_g] with --groups: B_K, B_V block-diagonal, each
-    group of KV heads rebuilt from its own r_j latent values). c = h·A (kv_a_proj, d → r, no bias) is all the cache stores: (B, 1, T, r) in
-    the key slot, a zero-width tensor in the value slot. Over all cached positions:
+    group of KV heads rebuilt from its own r_j latent values). c = h·A (kv_a_proj, d → r, no bias) is all the cache
+    stores: (B, 1, T, r) in the key slot, a zero-width tensor in the value slot. Over all cached positions:
         keys = RoPE(k_norm(c·B_K + b_K))   (k_b_proj; rebuilt, THEN rotated at absolute cache indices)
         values = c·B_V + b_V               (v_b_proj)
     Values are never rebuilt where that is cheaper (decoding): a softmax row p sums to its mass m (1, or less beside a
@@ -667,8 +667,8 @@ class LatentKVAttention(SharedProjectionAttention):
     def _rebuilt_keys(self, c_all: torch.Tensor) -> torch.Tensor:
         """c_all·B_K + b_K over the cached latents (B, S, r) as (B, G, S, dh). With "group_ranks" (--groups)
         B_K is block-diagonal and each group's KV heads are rebuilt from that group's slice of the latent alone:
-        `groups` times fewer products than the dense B_K (SmolLM2 rank 192, 3 groups, 1k tokens: decoding at 0.78× of
-        the base's tokens/s instead of 0.69×, CPU)."""
+        `groups` times fewer products than the dense B_K (SmolLM2 rank 192, 3 groups, 1k tokens: decoding at 0.72-0.78×
+        of the base's tokens/s instead of 0.65-0.71×, 2-core CPU)."""
         if self.group_ranks is None:  # one dense product (a view, not head-major: faster than the batched one)
             return self._heads(self.k_b_proj(c_all))
         w, b = self._per_kv_head(self.k_b_proj)  # (G, r, dh), (G, 1, dh)

@@ -382,15 +382,16 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
         X = outputs[0][keep] if outputs else None
         del outputs
     y64, step = y.double(), _score_batches(len(keep), len(y), 3 * H * c.dh, y.shape[-1])  # 3×: float64 copies
-    best_err, best, s = float("inf"), keep[0], None
+    rank, best_err, best, s = float("inf"), float("nan"), keep[0], None  # rank: the error with NaN as +inf
     for a in range(0, len(keep), step):  # the float64 refit, in batches (one: X from full scoring above)
         idx = keep[a : a + step] if X is None else keep
         Xk = _head_outputs(c, [cands[j] for j in idx], H, c.h.dtype) if X is None else X
         sol, err = _fit_o(Xk.double(), y64, bias)
         del Xk
-        j = int(torch.nan_to_num(err, nan=float("inf")).argmin())
-        if s is None or float(err[j]) < best_err:
-            best_err, best, s = float(err[j]), idx[j], sol[j]
+        finite = torch.nan_to_num(err, nan=float("inf"))
+        j = int(finite.argmin())
+        if s is None or float(finite[j]) < rank:
+            rank, best_err, best, s = float(finite[j]), float(err[j]), idx[j], sol[j]
         if X is not None:
             break
     o = Proj(s[:-1], s[-1]) if bias else Proj(s, None)
