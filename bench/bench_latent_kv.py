@@ -73,8 +73,8 @@ def rebuild_cost(model, n: int, repeats: int = 5) -> tuple[float, float]:
             continue
         w = m.k_b_proj.weight
         c = torch.randn(1, n, m.rank, dtype=w.dtype, device=w.device)
-        per = m.kv_heads // len(m.group_ranks or [m.rank])
-        flop += 2 * n * sum(m.group_ranks or [m.rank]) * per * m.head_dim if m.group_ranks else 2 * n * w.numel()
+        ranks = m.group_ranks or [m.rank]  # group j rebuilds its kv_heads / groups heads from its r_j latent values
+        flop += 2 * n * sum(ranks) * (m.kv_heads // len(ranks)) * m.head_dim
         sync = torch.cuda.synchronize if w.is_cuda else (lambda: None)
         m._rebuilt_keys(c)
         times = []

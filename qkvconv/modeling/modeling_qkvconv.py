@@ -673,15 +673,10 @@ class LatentKVAttention(SharedProjectionAttention):
             return self._heads(self.k_b_proj(c_all))
         w, b = self._per_kv_head(self.k_b_proj)  # (G, r, dh), (G, 1, dh)
         per, start, blocks = self.kv_heads // len(self.group_ranks), 0, []
-        for j, rj in enumerate(self.group_ranks):
-            blocks.append((c_all[:, None, :, start:start + rj], w[j * per:(j + 1) * per, start:start + rj]))
+        for j, rj in enumerate(self.group_ranks):  # group j: its heads from its own latent slice, (B, per, S, dh)
+            blocks.append(c_all[:, None, :, start:start + rj] @ w[j * per:(j + 1) * per, start:start + rj])
             start += rj
-        if torch.is_grad_enabled() and (c_all.requires_grad or w.requires_grad):
-            k = torch.cat([c @ wj for c, wj in blocks], 1)
-        else:  # each block's product straight into its heads of one new tensor
-            k = c_all.new_empty(c_all.shape[0], self.kv_heads, c_all.shape[1], w.shape[-1])
-            for j, (c, wj) in enumerate(blocks):
-                torch.matmul(c, wj, out=k[:, j * per:(j + 1) * per])
+        k = torch.cat(blocks, 1)
         return k if b is None else k + b
 
     def _per_kv_head(self, linear: nn.Linear):

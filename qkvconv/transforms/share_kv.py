@@ -383,17 +383,16 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
         del outputs
     y64, step = y.double(), _score_batches(len(keep), len(y), 3 * H * c.dh, y.shape[-1])  # 3×: float64 copies
     rank, best_err, best, s = float("inf"), float("nan"), keep[0], None  # rank: the error with NaN as +inf
-    for a in range(0, len(keep), step):  # the float64 refit, in batches (one: X from full scoring above)
-        idx = keep[a : a + step] if X is None else keep
-        Xk = _head_outputs(c, [cands[j] for j in idx], H, c.h.dtype) if X is None else X
+    batches = [(keep, X)] if X is not None else [(keep[a : a + step], None) for a in range(0, len(keep), step)]
+    for idx, Xk in batches:  # the float64 refit, in batches (one: X from full scoring above)
+        if Xk is None:
+            Xk = _head_outputs(c, [cands[j] for j in idx], H, c.h.dtype)
         sol, err = _fit_o(Xk.double(), y64, bias)
         del Xk
         finite = torch.nan_to_num(err, nan=float("inf"))
         j = int(finite.argmin())
         if s is None or float(finite[j]) < rank:
             rank, best_err, best, s = float(finite[j]), float(err[j]), idx[j], sol[j]
-        if X is not None:
-            break
     o = Proj(s[:-1], s[-1]) if bias else Proj(s, None)
     chosen = cands[best]
     w = {name: p() if callable(p) else p for name, p in chosen.w.items()}  # deferred weights (W_Q') now
