@@ -552,6 +552,7 @@ def finetune_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per micro-batch (per process).")] = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW; linear warmup, cosine decay to 0).")] = 1e-4,
+    lr_new: Annotated[Optional[float], typer.Option("--lr-new", help="Peak learning rate of the modules qkvconv added (latent projections, query MLP, ...; default --lr).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="Warmup steps (default 5% of steps).")] = None,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip the gradient norm (0: off).")] = 1.0,
@@ -585,7 +586,7 @@ def finetune_cmd(
 
     options = _options(
         FinetuneOptions, data=data, eval_data=eval_data, train=train, steps=steps, tokens=tokens, seq_len=seq_len,
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_new=lr_new, warmup_steps=warmup_steps, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, seed=seed, precision=precision, eval_every=eval_every, eval_seqs=eval_seqs,
         save_every=save_every, distill=distill, teacher=teacher, eval_kl=eval_kl, hf_split=hf_split, lora=lora,
         lora_alpha=lora_alpha, gradient_checkpointing=gradient_checkpointing, stream=stream,

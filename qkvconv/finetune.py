@@ -65,6 +65,7 @@ class FinetuneConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-4
+    lr_new: float | None = None  # peak lr of the modules qkvconv added (`--train new`'s selection); default: lr
     warmup_steps: int | None = None  # default: 5% of steps
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
@@ -234,6 +235,18 @@ def trainable_names(model, spec: ArchSpec, train: str) -> list[str]:
     return [n for n in names if n.startswith(tuple(prefixes))]
 
 
+def param_groups(net, spec: ArchSpec, cfg: FinetuneConfig) -> list[dict]:
+    """The optimizer's parameter groups: with `lr_new`, the trained weights of the modules qkvconv added (latent
+    projections, query MLP, ...) at that peak lr and the rest at `lr`; otherwise one group."""
+    trained = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    if cfg.lr_new is None:
+        return [{"params": [p for _, p in trained]}]
+    prefixes = tuple(added_module_prefixes(layout_layers(net, spec), spec))  # () on an unmodified model
+    new = [p for n, p in trained if n.startswith(prefixes)]
+    rest = [p for n, p in trained if not n.startswith(prefixes)]
+    return [g for g in ({"params": new, "lr": cfg.lr_new}, {"params": rest}) if g["params"]]
+
+
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to 0 at `steps`."""
     if step < warmup:
@@ -372,6 +385,10 @@ def _check(cfg: FinetuneConfig) -> None:
     for name in ("seq_len", "batch_size", "grad_accum", "eval_seqs", "shuffle_buffer"):
         if getattr(cfg, name) < 1:
             raise QkvconvError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.lr_new is not None and cfg.lr_new <= 0:
+        raise QkvconvError("--lr-new must be positive")
+    if cfg.lr_new is not None and cfg.lora:
+        raise QkvconvError("--lr-new sets the lr of the added modules' own weights; it does not combine with --lora")
     if cfg.precision not in ("fp32", "bf16"):
         raise QkvconvError(f"--precision must be fp32 or bf16, not {cfg.precision!r}")
     if not 0.0 <= cfg.distill <= 1.0:
@@ -469,6 +486,7 @@ def finetune(
         engine.shard(net, layers, dev)
     params = [p for p in net.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
+    groups = param_groups(net, spec, cfg)
     teacher = None
     if cfg.distill or cfg.eval_kl:
         teacher = load_teacher(model, cfg, net.config.vocab_size, dev, allow_pickle, sharded=sharded)
@@ -478,7 +496,7 @@ def finetune(
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
     data, evals, data_what, data_fingerprint = _data(cfg, loaded.tokenizer, steps * per_step)
 
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     train_model, step_opt = (net, opt) if how == "fsdp-cpu" else acc.prepare(net, opt)
     eval_model = train_model if how in ("fsdp", "deepspeed") else net  # a sharded model runs only wrapped

@@ -203,6 +203,7 @@ class FinetuneOptions(Options):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
+    lr_new: Optional[float] = Field(None, gt=0)  # the added modules' peak lr (default: lr)
     warmup_steps: Optional[int] = Field(None, ge=0)
     weight_decay: float = 0.0
     max_grad_norm: float = Field(1.0, ge=0)  # 0: off

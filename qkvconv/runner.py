@@ -99,7 +99,8 @@ def _heal_of(recipe: Recipe, variant: Variant | None) -> FinetuneOptions | None:
         return None
     train = control_train(recipe) if variant is None else (variant.train or recipe.heal.train)
     seed = recipe.heal.seed if "seed" in recipe.heal.model_fields_set else recipe.seed
-    return recipe.heal.model_copy(update={"train": train, "seed": seed})
+    update = {"train": train, "seed": seed} | ({"lr_new": None} if variant is None else {})  # the control adds nothing
+    return recipe.heal.model_copy(update=update)
 
 
 def _device(recipe: Recipe) -> str:
@@ -130,6 +131,8 @@ def make_plan(recipe: Recipe, *, base_id: str | None = None) -> Plan:
         options = {**options, "data": _expand(options["data"]), "eval_data": _expand(options["eval_data"]),
                    "eval_kl": eval_kl,
                    "teacher": _expand(options["teacher"]) or (base if heal.distill or eval_kl else None)}
+        if options["lr_new"] is None:  # unset: the step keeps the key it had before the option existed
+            del options["lr_new"]
         return add(Step("finetune", name, options, [source_key], title=f"heal {name}" + (" (control)" * control)))
 
     def eval_step(name: str, source_key: str) -> str:

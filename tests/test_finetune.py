@@ -241,3 +241,29 @@ def test_distill_bad_options(tiny_models, corpus, tmp_path, kw, match):
     with pytest.raises(QkvconvError, match=match):
         finetune(tiny_models["llama"], tmp_path / "ft", cfg(corpus, train="attention", **kw), control=control)
     assert not (tmp_path / "ft").exists()
+
+
+def test_lr_new_sets_the_added_modules_lr_and_leaves_the_rest_at_lr(tiny_models, corpus, tmp_path):
+    """--lr-new: the latent projections latent-kv added train at lr_new while the rest of the attention, at an lr too
+    small to move an fp32 weight, stays bit-identical; on an unmodified model (a control) there is nothing new, so it
+    is one group at --lr; with LoRA it is refused."""
+    from qkvconv.convert import latent_kv_checkpoint
+    from qkvconv.finetune import param_groups
+    from qkvconv.checkpoint import load
+
+    latent_kv_checkpoint(tiny_models["llama"], tmp_path / "lat", kv_rank=8, num_seqs=3, seq_len=32, calib="sample")
+    res = finetune(tmp_path / "lat", tmp_path / "ft", cfg(corpus, train="attention", steps=4, lr=1e-15, lr_new=1e-2))
+    before, after = load_file(tmp_path / "lat" / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
+    moved = sorted(k for k in after if not torch.equal(before[k], after[k]))
+    print(f"moved at lr_new 1e-2 with lr 1e-15: {len(moved)} tensors, e.g. {moved[:2]}; "
+          f"held-out {res.first_eval:.4f} -> {res.last_eval:.4f}")
+    assert moved and all(any(f".{m}." in k for m in ("kv_a_proj", "k_b_proj", "v_b_proj")) for k in moved)
+    assert any(".q_proj." in k for k in after)  # the rest of the attention was there to move, and did not
+
+    base = load(tiny_models["llama"], dtype=torch.float32)
+    for p in base.model.parameters():
+        p.requires_grad_(True)
+    groups = param_groups(base.model, base.spec, cfg(corpus, lr_new=1.0))
+    assert len(groups) == 1 and "lr" not in groups[0]  # nothing added: every weight at --lr
+    with pytest.raises(QkvconvError, match="--lr-new"):
+        finetune(tmp_path / "lat", tmp_path / "ft2", cfg(corpus, lr_new=1e-2, lora=4))

@@ -177,6 +177,19 @@ def test_a_steps_calibration_path_expands_like_the_heal_data(monkeypatch, tmp_pa
     assert calibs == [str(tmp_path / "g.txt"), "sample"]
 
 
+def test_lr_new_reaches_the_variants_heal_and_leaves_the_controls_key_alone():
+    """heal.lr_new is the lr of the modules a conversion added: the control (the unmodified base) has none, so its heal
+    step, and its key, are those of the same recipe without lr_new; the variant's heal carries it."""
+    text = ("name: c\nbase: some/model\nheal: {data: d.txt, steps: 2, train: attention%s}\n"
+            "variants:\n  - name: l\n    steps: [latent-kv: {kv_rank: 8}]\n")
+    plain = make_plan(parse_recipe(text % ""), base_id="some/model")
+    fast = make_plan(parse_recipe(text % ", lr_new: 0.001"), base_id="some/model")
+    heals = {p: {s.model: s for s in plan.steps if s.kind == "finetune"} for p, plan in (("plain", plain), ("fast", fast))}
+    assert heals["fast"]["control"].key == heals["plain"]["control"].key
+    assert "lr_new" not in heals["fast"]["control"].options and "lr_new" not in heals["plain"]["l"].options
+    assert heals["fast"]["l"].options["lr_new"] == 0.001 and heals["fast"]["l"].key != heals["plain"]["l"].key
+
+
 def test_an_existing_run_dir_needs_resume(setup, tmp_path):
     (tmp_path / "x").mkdir()
     result = CliRunner().invoke(app, ["run", str(recipe(setup)), "--output", str(tmp_path / "x")])

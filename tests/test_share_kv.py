@@ -133,8 +133,7 @@ def test_data_free_inits(tiny_models):
 def _per_candidate_error(c, cand, y: torch.Tensor, H: int, bias: bool) -> float:
     """One candidate the unbatched float64 way: masked-softmax attention, ridge W_O, explicit residual."""
     n, dh = len(c.h), c.dh
-    q = cand.q.double().repeat_interleave(H // cand.q.shape[1], 1)
-    k, v = (x.double().repeat_interleave(H // x.shape[1], 1) for x in (cand.k, cand.v))  # (n, H, dh)
+    q, k, v = (x.double().repeat_interleave(H // x.shape[1], 1) for x in cand.at(slice(None)))  # (n, H, dh)
     y = y.double()
     q, k, v = (x.reshape(c.B, c.L, H, dh).transpose(1, 2) for x in (q, k, v))
     logits = c.rope(q) @ c.rope(k).transpose(-1, -2) * dh**-0.5

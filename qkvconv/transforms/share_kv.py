@@ -42,8 +42,7 @@ the same choice as full scoring in all 30 layers; with a 2 % margin, another val
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Callable
 
@@ -249,8 +248,14 @@ class _Calib:
         torch.mul(x2, cos[:, f:], out=o2).addcmul_(x1, sin[:, f:])
         return out
 
+    def window_rows(self, windows: list[int]) -> torch.Tensor | slice:
+        """The token rows of these calibration windows: a slice (a view) where they are consecutive."""
+        if windows == list(range(windows[0], windows[-1] + 1)):
+            return slice(windows[0] * self.L, (windows[-1] + 1) * self.L)
+        return (torch.tensor(windows)[:, None] * self.L + torch.arange(self.L)).reshape(-1)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Causal softmax attention; q (C·B, Hq, L, dh), k/v (C·B, N, L, dh) -> head outputs (C, B·L, Hq·dh)."""
+        """Causal softmax attention; q (C·B, Hq, L, dh), k/v (C·B, N, L, dh) -> head outputs (C·B, L, Hq·dh)."""
         rep = q.shape[1] // k.shape[1]
         if self.softcap is None and self.window is None:  # softmax(q·kᵀ·scale + causal)·v, query heads grouped
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
@@ -263,136 +268,177 @@ class _Calib:
             i = torch.arange(self.L)
             seen = (i[None] <= i[:, None]) & (i[:, None] - i[None] < (self.window or self.L + 1))  # (L, L) query, key
             o = logits.masked_fill(~seen, float("-inf")).softmax(-1) @ v
-        return o.transpose(1, 2).reshape(-1, self.B * self.L, q.shape[1] * self.dh)
+        return o.transpose(1, 2).reshape(q.shape[0], self.L, q.shape[1] * self.dh)
 
 
 @dataclass
 class _Candidate:
     """One choice of projections (W_O still to be refit) and what attention reads from it on the calibration tokens,
     before RoPE, in the activations' dtype: q (n, Hq, dh) after q_norm (Hq = H, or N where queries come from S: one
-    per group); k, v (n, N, dh), k after k_norm."""
+    per group); k, v (n, N, dh), k after k_norm. Refitted queries are not stored: `q` is then the original queries
+    (shared by every candidate) and `q_map` the per-head maps T, applied to the rows in use (`at`)."""
 
     w: dict  # name -> Proj, or a function returning it (built only if the candidate wins)
     info: dict
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    q_map: torch.Tensor | None = None  # (Hq, dh, dh): the queries are q·Tᵀ per head
+
+    def at(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v on these token rows."""
+        q = self.q[rows]
+        if self.q_map is not None:
+            q = torch.einsum("nhd,hed->nhe", q, self.q_map.to(q.dtype))
+        return q, self.k[rows], self.v[rows]
 
 
-def _head_outputs(c: _Calib, cands: list[_Candidate], H: int, dtype: torch.dtype) -> torch.Tensor:
-    """Attention outputs of all candidates in one batched causal attention in `dtype`: (C, n, H·dh)."""
-    def stack(name: str) -> torch.Tensor:
-        return c.heads(torch.stack([getattr(cd, name).reshape(len(c.h), -1) for cd in cands]).to(dtype))
+def _head_outputs(c: _Calib, cands: list[_Candidate], H: int, dtype: torch.dtype,
+                  rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """Attention outputs of all candidates on these token rows (whole windows) in one batched causal attention in
+    `dtype`: (C, rows, H·dh)."""
+    qkv = [cd.at(rows) for cd in cands]
+    n = len(qkv[0][0])
 
-    q, k = c.rope(stack("q")), c.rope(stack("k"))
-    o = c.attend(q, k, stack("v"), c.scale)  # (C, n, Hq·dh)
-    Hq = q.shape[1]
+    def stack(j: int) -> torch.Tensor:
+        return c.heads(torch.stack([x[j].reshape(n, -1) for x in qkv]).to(dtype))
+
+    q, k = c.rope(stack(0)), c.rope(stack(1))
+    o = c.attend(q, k, stack(2), c.scale).reshape(len(cands), n, -1)  # (C, n, Hq·dh)
+    Hq = o.shape[-1] // c.dh
     if Hq < H:  # queries shared from S: the H/Hq query heads of a group see the same logits and values
         o = o.reshape(len(cands), -1, Hq, 1, c.dh).expand(-1, -1, -1, H // Hq, -1).reshape(len(cands), -1, H * c.dh)
     return o
 
 
-def _gram(X: torch.Tensor, blocks: int = 3) -> torch.Tensor:
-    """XᵀX (C, p, p) for X (C, n, p), from the upper block triangle only (column blocks i ≤ j, mirrored): 2/3 of the
-    products of a full batched matmul, whose cost dominates the fit."""
-    C, _, p = X.shape
-    A = torch.empty(C, p, p, dtype=X.dtype, device=X.device)
-    edges = [round(i * p / blocks) for i in range(blocks + 1)]
-    for a, b in zip(edges[:-1], edges[1:]):
-        row = X[:, :, a:b].transpose(1, 2) @ X[:, :, a:]  # (C, b−a, p−a): block row i, blocks j ≥ i
-        A[:, a:b, a:] = row
-        A[:, a:, a:b] = row.transpose(1, 2)
-    return A
+GRAM_BLOCKS = 3  # XᵀX from its upper block triangle: 2/3 of a full batched matmul's products (see _Normal.add)
+
+
+def _gram_edges(p: int) -> list[tuple[int, int]]:
+    edges = [round(i * p / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@dataclass
+class _Normal:
+    """The normal equations of X_c·W + b ≈ y for C candidates, summed in float64 over chunks of rows: XᵀX (C, p, p),
+    Xᵀy (C, p, d), Xᵀ1 (C, p), the row count, ‖y‖² and 1ᵀy (d,)."""
+
+    A: torch.Tensor
+    b: torch.Tensor
+    s: torch.Tensor
+    n: int
+    yy: torch.Tensor
+    y1: torch.Tensor
+
+    @classmethod
+    def zeros(cls, C: int, p: int, d: int) -> "_Normal":
+        z = dict(dtype=torch.float64)
+        return cls(torch.zeros(C, p, p, **z), torch.zeros(C, p, d, **z), torch.zeros(C, p, **z), 0,
+                   torch.zeros((), **z), torch.zeros(d, **z))
+
+    def add(self, X: torch.Tensor, y: torch.Tensor) -> "_Normal":
+        """Add rows X (C, n, p), y (n, d): the products in X's dtype (float32 only to score candidates), summed in
+        place. XᵀX gets only its upper block triangle (column blocks i ≤ j; solve mirrors it): the Gram's cost
+        dominates the fit."""
+        for a, b in _gram_edges(X.shape[-1]):
+            self.A[:, a:b, a:] += X[:, :, a:b].transpose(1, 2) @ X[:, :, a:]
+        self.b += torch.bmm(X.transpose(1, 2), y.to(X.dtype).expand(len(X), -1, -1))
+        self.s += X.sum(1)
+        self.n += X.shape[1]
+        self.yy += y.double().pow(2).sum()
+        self.y1 += y.double().sum(0)
+        return self
+
+    def solve(self, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ridge solutions (C, p(+1 with a bias), d) and relative errors ‖Δy‖²/‖y‖² (C,), the latter from the normal
+        equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩, and XᵀX·W = Xᵀy − ridge·W at the ridge solution.
+        The Gram's memory is reused for the regularised system (the equations are spent)."""
+        A, b, C = self.A, self.b, len(self.A)
+        for a, e in _gram_edges(A.shape[-1])[:-1]:  # the lower block triangle from the upper (no overlap)
+            A[:, e:, a:e] = A[:, a:e, e:].transpose(1, 2)
+        if bias:  # a column of ones: Xᵀ1 and 1ᵀ1 = n, 1ᵀy
+            A = torch.cat([torch.cat([A, self.s[:, :, None]], 2),
+                           torch.cat([self.s, torch.full((C, 1), float(self.n), dtype=torch.float64)], 1)[:, None]], 1)
+            b = torch.cat([b, self.y1.expand(C, 1, -1)], 1)
+        self.A = self.b = None  # their memory now belongs to A and b alone
+        ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # (C,)
+        A.diagonal(dim1=1, dim2=2).add_(ridge[:, None])  # positive definite: Cholesky (LU if rounding broke it)
+        chol, info = torch.linalg.cholesky_ex(A)
+        sol = torch.cholesky_solve(b, chol) if not info.any() else torch.linalg.solve(A, b)
+        del chol, A
+        fit, norm = (torch.einsum("cpd,cpd->c", sol, x) for x in (b, sol))  # ⟨W, Xᵀy⟩, ‖W‖²: no (C, p, d) temporary
+        err = (self.yy - fit - ridge * norm) / self.yy.clamp_min(1e-30)
+        return sol, err
 
 
 def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge least squares X_c·W + b ≈ y for each of C candidates at once; X (C, n, p), y (n, d).
-
-    The Gram XᵀX and Xᵀy are formed in X's dtype (float32 only to score candidates), the solve is float64.
-    Returns the solutions (C, p+1 with bias, d) and the relative errors ‖Δy‖²/‖y‖² (C,), the latter from the normal
-    equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩, and XᵀX·W = Xᵀy − ridge·W at the ridge solution.
-    """
-    C, n, p = X.shape
-    A = _gram(X).double()  # (C, p, p)
-    b = torch.bmm(X.transpose(1, 2), y.to(X.dtype).expand(C, -1, -1)).double()  # (C, p, d)
-    if bias:  # a column of ones: Xᵀ1 and 1ᵀ1 = n, 1ᵀy
-        s = X.sum(1).double()  # (C, p)
-        A = torch.cat([torch.cat([A, s[:, :, None]], 2),
-                       torch.cat([s, torch.full((C, 1), float(n), dtype=torch.float64)], 1)[:, None]], 1)
-        b = torch.cat([b, y.sum(0).double().expand(C, 1, -1)], 1)
-    eye = torch.eye(A.shape[-1], dtype=torch.float64)
-    ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # (C,)
-    M = A + ridge[:, None, None] * eye  # symmetric positive definite: Cholesky, LU only if rounding broke it
-    chol, info = torch.linalg.cholesky_ex(M)
-    sol = torch.cholesky_solve(b, chol) if not info.any() else torch.linalg.solve(M, b)
-    yy = y.double().pow(2).sum()
-    err = (yy - (sol * b).sum((1, 2)) - ridge * sol.pow(2).sum((1, 2))) / yy.clamp_min(1e-30)
-    return sol, err
+    """Ridge least squares X_c·W + b ≈ y for each of C candidates at once; X (C, n, p), y (n, d). Returns the
+    solutions (C, p+1 with bias, d) and the relative errors ‖Δy‖²/‖y‖² (C,): see _Normal."""
+    return _Normal.zeros(X.shape[0], X.shape[-1], y.shape[-1]).add(X, y).solve(bias)
 
 
 SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+1e-6) of the best are decided in float64
 SCORE_WINDOWS = 16  # candidates are scored on at most this many calibration windows (every k-th), see _choose
 SCORE_TIE_SAMPLED = 0.03  # ... and those within this relative margin of the best are refit on all windows
-SCORE_BATCH_BYTES = 256 << 20  # candidates scored together hold at most about this much (see _score_batches)
+SCORE_BATCH_BYTES = 256 << 20  # a fit's working memory: candidates × (normal equations + a chunk of windows' outputs)
 
 
-def _every_kth_window(c: _Calib, cands: list[_Candidate], y: torch.Tensor, k: int):
-    """The calibration windows 0, k, 2k, …: a _Calib, candidates and target y restricted to their tokens."""
-    rows = torch.arange(c.B * c.L).reshape(c.B, c.L)[::k].reshape(-1)
-    sub = copy.copy(c)
-    sub.h, sub.B = c.h[rows], len(rows) // c.L
-    return sub, [replace(cd, q=cd.q[rows], k=cd.k[rows], v=cd.v[rows]) for cd in cands], y[rows]
+def _batches(C: int, L: int, p: int, d: int, itemsize: int) -> tuple[int, int]:
+    """How many candidates to fit at once, and over how many calibration windows at a time, within SCORE_BATCH_BYTES.
+    Each candidate holds float64 normal equations XᵀX (p, p) and Xᵀy (p, d), about as much again while solving,
+    and a chunk's products (a third of XᵀX and Xᵀy) in the Gram's dtype; each window of its attention outputs (L, p)
+    is held three times in float32 (stacked queries, rotated, attended) and once in the Gram's dtype.
+    SmolLM2 (p = d = 576): all 5 k=v candidates at once, 13–17 windows at a time (float64 / float32 Grams); a
+    2048-wide layer: one candidate, 8–13 windows (five at once over every window held 3 GB beside a 92 MB layer)."""
+    eq = 8 * p * (2 * p + 2 * d) + itemsize * p * (p // GRAM_BLOCKS + d)
+    window = (3 * 4 + itemsize) * L * p
+    step = max(1, min(C, SCORE_BATCH_BYTES // (eq + window)))
+    return step, max(1, (SCORE_BATCH_BYTES - step * eq) // (step * window))
 
 
-def _score_batches(C: int, n: int, p: int, d: int) -> int:
-    """How many candidates to score at once: each holds its attention outputs (n, p) three times over (stacked
-    queries, rotated, attended; float32) and, in _fit_o, float64 (p, p) Grams and (p, d) right-hand sides about five
-    times over. All of them at SmolLM2's width (p = d = 576: ~60 MB each); one at a time at 2048 (~270 MB each),
-    where five at once held 3 GB beside a 92 MB layer (4 GiB LLaMA benchmark)."""
-    each = 3 * 4 * n * p + 5 * 8 * p * (p + d)
-    return max(1, min(C, SCORE_BATCH_BYTES // each))
+def _fit_windows(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, dtype: torch.dtype,
+                 windows: list[int], bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_O fits (_fit_o) of these candidates on these calibration windows, with Grams in `dtype`: the attention
+    outputs are formed and their normal equations summed a chunk of windows at a time (_batches)."""
+    _, per = _batches(len(cands), c.L, H * c.dh, y.shape[-1], torch.finfo(dtype).bits // 8)
+    eq = _Normal.zeros(len(cands), H * c.dh, y.shape[-1])
+    for a in range(0, len(windows), per):
+        rows = c.window_rows(windows[a : a + per])
+        eq.add(_head_outputs(c, cands, H, c.h.dtype, rows).to(dtype), y[rows])
+    return eq.solve(bias)
 
 
 def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: bool) -> tuple[dict, dict]:
     """The candidate whose refit W_O leaves the smallest relative error, with that W_O (step 4).
 
-    The candidates are scored together (batched attention and Gram products, the activations' dtype, in batches of
-    about SCORE_BATCH_BYTES: see _score_batches) on
-    at most SCORE_WINDOWS of the calibration windows, every k-th; the best — and any within SCORE_TIE_SAMPLED of it
-    (SCORE_TIE when every window was scored, where only float32 rounding could decide) — are attended on every
-    window and refit with float64 Grams, which pick the winner and give its W_O. At 40×256 calibration tokens the
-    candidates are scored on half the fitting tokens; the winner's W_O still sees every token."""
-    keep, X = list(range(len(cands))), None
+    The candidates are scored with float32 Grams on at most SCORE_WINDOWS of the calibration windows, every k-th;
+    the best — and any within SCORE_TIE_SAMPLED of it (SCORE_TIE when every window was scored, where only float32
+    rounding could decide) — are refit on every window with float64 Grams, which pick the winner and give its W_O.
+    At 40×256 calibration tokens the candidates are scored on half the fitting tokens; the winner's W_O still sees
+    every token. Both passes go a batch of candidates and a chunk of windows at a time (_batches), so their memory
+    is bounded by SCORE_BATCH_BYTES, not by the number of calibration tokens."""
+    keep, p, d = list(range(len(cands))), H * c.dh, y.shape[-1]
+    every = list(range(c.B))
     if len(cands) > 1 and c.h.dtype != torch.float64:
         k = -(-c.B // SCORE_WINDOWS)
-        sc, scands, sy = _every_kth_window(c, cands, y, k) if k > 1 else (c, cands, y)
-        step = _score_batches(len(cands), len(sy), H * c.dh, sy.shape[-1])
-        scores, outputs = [], []
-        for a in range(0, len(cands), step):
-            Xs = _head_outputs(sc, scands[a : a + step], H, c.h.dtype)  # (C', n', H·dh)
-            scores.append(_fit_o(Xs, sy, bias)[1])
-            if k == 1 and step == len(cands):  # every window scored at once: the winner's outputs are these
-                outputs.append(Xs)
-            del Xs
-        score = torch.cat(scores)
+        step, _ = _batches(len(cands), c.L, p, d, 4)
+        score = torch.cat([_fit_windows(c, cands[a : a + step], y, H, c.h.dtype, every[::k], bias)[1]
+                           for a in range(0, len(cands), step)])
         best = float(score.min())  # near 0 (more weights than tokens) float32 scores can even come out < 0
         close = score <= best + (SCORE_TIE if k == 1 else SCORE_TIE_SAMPLED) * abs(best) + 1e-6
         if close.any():  # else keep them all: a score is not finite
             keep = [j for j in keep if close[j]]
-        X = outputs[0][keep] if outputs else None
-        del outputs
-    y64, step = y.double(), _score_batches(len(keep), len(y), 3 * H * c.dh, y.shape[-1])  # 3×: float64 copies
+    step, _ = _batches(len(keep), c.L, p, d, 8)
     rank, best_err, best, s = float("inf"), float("nan"), keep[0], None  # rank: the error with NaN as +inf
-    batches = [(keep, X)] if X is not None else [(keep[a : a + step], None) for a in range(0, len(keep), step)]
-    for idx, Xk in batches:  # the float64 refit, in batches (one: X from full scoring above)
-        if Xk is None:
-            Xk = _head_outputs(c, [cands[j] for j in idx], H, c.h.dtype)
-        sol, err = _fit_o(Xk.double(), y64, bias)
-        del Xk
+    for a in range(0, len(keep), step):  # the float64 refit
+        idx = keep[a : a + step]
+        sol, err = _fit_windows(c, [cands[j] for j in idx], y, H, torch.float64, every, bias)
         finite = torch.nan_to_num(err, nan=float("inf"))
         j = int(finite.argmin())
         if s is None or float(finite[j]) < rank:
             rank, best_err, best, s = float(finite[j]), float(err[j]), idx[j], sol[j]
+        del sol
     o = Proj(s[:-1], s[-1]) if bias else Proj(s, None)
     chosen = cands[best]
     w = {name: p() if callable(p) else p for name, p in chosen.w.items()}  # deferred weights (W_Q') now
@@ -482,10 +528,12 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
     # the original layer's projections (each computed once) and attention output y
     q_flat, k_act, v_act = _act(h, L.q), _act(h, L.k), _act(h, L.v)  # (n, H·dh), (n, G·dh), (n, G·dh)
     k_old = split(k_act, L.k_norm)  # (n, G, dh) keys before RoPE
-    if target is None:
-        o0 = c.attend(c.rope(c.heads(split(q_flat, L.q_norm).reshape(n, -1))), c.rope(c.heads(k_old.reshape(n, -1))),
-                      c.heads(v_act), c.scale)[0]
-        y = _act(o0, L.o)  # (n, d)
+    q_old = split(q_flat, L.q_norm)  # (n, H, dh): q_flat itself without QK-norm
+    if target is None:  # a chunk of windows at a time, like the fits (_batches)
+        per = _batches(1, c.L, H * dh, dims.hidden_size, 4)[1]
+        chunks = [c.window_rows(list(range(a, min(a + per, c.B)))) for a in range(0, c.B, per)]
+        y = torch.cat([_act(c.attend(c.rope(c.heads(q_old[rows].flatten(1))), c.rope(c.heads(k_old[rows].flatten(1))),
+                                     c.heads(v_act[rows]), c.scale).flatten(0, 1), L.o) for rows in chunks])
     else:
         y = target.to(h.dtype)
 
@@ -502,11 +550,12 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
     K_act = _act(h, K) if G > N else k_act  # (n, N·dh)
     V_act = _act(h, V) if G > N else v_act
 
-    def refit_queries(s_keys: torch.Tensor) -> tuple[Callable[[], Proj], torch.Tensor]:
+    def refit_queries(s_keys: torch.Tensor) -> tuple[Callable[[], Proj], torch.Tensor | None]:
         """Per query head, W_Q·Tᵀ with k_orig ≈ k_new·T (RoPE-commuting); identity under QK-norm.
-        s_keys (n, N, dh): the new keys before RoPE. Returns W_Q' (deferred) and its queries (n, H, dh)."""
+        s_keys (n, N, dh): the new keys before RoPE. Returns W_Q' (deferred) and the maps T (H, dh, dh) that give
+        its queries from the original ones, q' = q·Tᵀ per head (None: the same queries)."""
         if L.q_norm is not None:
-            return lambda: L.q, split(q_flat, L.q_norm)
+            return lambda: L.q, None
         T = {pair: _rope_commuting_refit(s_keys[:, pair[0]].double(), k_old[:, pair[1]].double(), r)
              for pair in {(j // (H // N), j // (H // G)) for j in range(H)}}
         Tj = torch.stack([T[j // (H // N), j // (H // G)] for j in range(H)])  # (H, dh, dh)
@@ -514,7 +563,7 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
         def weights() -> Proj:  # built for the chosen candidate only
             return _cat([_times(_head(L.q, j, dh), Tj[j].T) for j in range(H)])
 
-        return weights, torch.einsum("nhd,hed->nhe", q_flat.reshape(n, H, dh), Tj.to(h.dtype))  # q' = q·Tᵀ per head
+        return weights, Tj
 
     def mix(lam: float) -> tuple[Proj, torch.Tensor]:  # q=k: between keys and group-mean queries at the logit scale
         Qbar = _pool(L.q, H, H, N, dh)
@@ -539,14 +588,14 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
 
     cands: list[_Candidate] = []
     if mode is None:
-        Q, qa = refit_queries(split(K_act, L.k_norm))
-        cands.append(_Candidate({"q": Q, "k": K, "v": V}, {}, qa, split(K_act, L.k_norm), split(V_act)))
+        Q, T = refit_queries(split(K_act, L.k_norm))
+        cands.append(_Candidate({"q": Q, "k": K, "v": V}, {}, q_old, split(K_act, L.k_norm), split(V_act), T))
     elif mode == "k=v":
         for frac in REPLACE_FRACTIONS:
             S, S_act = with_values(K, K_act, frac)
-            Q, qa = refit_queries(split(S_act, L.k_norm))
-            cands.append(_Candidate({"q": Q, "s": S}, {"value_fraction": frac}, qa, split(S_act, L.k_norm),
-                                    split(S_act)))
+            Q, T = refit_queries(split(S_act, L.k_norm))
+            cands.append(_Candidate({"q": Q, "s": S}, {"value_fraction": frac}, q_old, split(S_act, L.k_norm),
+                                    split(S_act), T))
     elif mode == "q=k":
         for lam in QK_MIX:
             S, S_act = mix(lam)
