@@ -586,8 +586,8 @@ def finetune_cmd(
 
     options = _options(
         FinetuneOptions, data=data, eval_data=eval_data, train=train, steps=steps, tokens=tokens, seq_len=seq_len,
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_new=lr_new, warmup_steps=warmup_steps, weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm, seed=seed, precision=precision, eval_every=eval_every, eval_seqs=eval_seqs,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_new=lr_new, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, precision=precision, eval_every=eval_every, eval_seqs=eval_seqs,
         save_every=save_every, distill=distill, teacher=teacher, eval_kl=eval_kl, hf_split=hf_split, lora=lora,
         lora_alpha=lora_alpha, gradient_checkpointing=gradient_checkpointing, stream=stream,
         shuffle_buffer=shuffle_buffer, device=device,

@@ -244,7 +244,8 @@ def param_groups(net, spec: ArchSpec, cfg: FinetuneConfig) -> list[dict]:
     prefixes = tuple(added_module_prefixes(layout_layers(net, spec), spec))  # () on an unmodified model
     new = [p for n, p in trained if n.startswith(prefixes)]
     rest = [p for n, p in trained if not n.startswith(prefixes)]
-    return [g for g in ({"params": new, "lr": cfg.lr_new}, {"params": rest}) if g["params"]]
+    # group 0 first: train.jsonl logs its lr, --lr's wherever more than the added modules train
+    return [g for g in ({"params": rest}, {"params": new, "lr": cfg.lr_new}) if g["params"]]
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:

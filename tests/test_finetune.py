@@ -267,3 +267,26 @@ def test_lr_new_sets_the_added_modules_lr_and_leaves_the_rest_at_lr(tiny_models,
     assert len(groups) == 1 and "lr" not in groups[0]  # nothing added: every weight at --lr
     with pytest.raises(QkvconvError, match="--lr-new"):
         finetune(tmp_path / "lat", tmp_path / "ft2", cfg(corpus, lr_new=1e-2, lora=4))
+
+
+def test_a_resumed_run_keeps_lr_news_two_parameter_groups(tiny_models, corpus, tmp_path):
+    """The optimizer state of both groups (added modules at --lr-new, the rest at --lr) and their schedules come back
+    from state.pt: killed and resumed equals uninterrupted."""
+    from qkvconv.convert import latent_kv_checkpoint
+
+    latent_kv_checkpoint(tiny_models["llama"], tmp_path / "lat", kv_rank=8, num_seqs=3, seq_len=32, calib="sample")
+    c = cfg(corpus, train="attention", steps=4, save_every=2, lr=1e-3, lr_new=1e-2)
+    full = finetune(tmp_path / "lat", tmp_path / "full", c)
+
+    def kill(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tmp_path / "lat", tmp_path / "part", c, on_step=kill)
+    resumed = finetune(tmp_path / "lat", tmp_path / "part", c, resume=True)
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert [r["lr"] for r in resumed.train_curve] == [r["lr"] for r in full.train_curve]
+    assert max(r["lr"] for r in full.train_curve) == pytest.approx(1e-3)  # the logged lr is --lr's

@@ -346,8 +346,9 @@ class _Normal:
         self.b += torch.bmm(X.transpose(1, 2), y.to(X.dtype).expand(len(X), -1, -1))
         self.s += X.sum(1)
         self.n += X.shape[1]
-        self.yy += y.double().pow(2).sum()
-        self.y1 += y.double().sum(0)
+        y64 = y.double()
+        self.y1 += y64.sum(0)
+        self.yy += y64.pow_(2).sum()
         return self
 
     def solve(self, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
