@@ -587,14 +587,14 @@ class _LazyHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
-        parts = []
+        out = x.new_empty(*x.shape[:-1], self.w.shape[0])  # filled chunk by chunk: no list of parts to concatenate
         for s in range(0, self.w.shape[0], self.chunk):
             w = self.w[s : s + self.chunk].to(device=x.device, dtype=self.dtype)
-            y = x @ w.T
+            y = out[..., s : s + len(w)]
+            y.copy_(x @ w.T)
             if self.b is not None:
-                y = y + self.b[s : s + self.chunk].to(device=x.device, dtype=self.dtype)
-            parts.append(y)
-        return torch.cat(parts, -1)
+                y += self.b[s : s + self.chunk].to(device=x.device, dtype=self.dtype)
+        return out
 
 
 def _real_tensors_to(model: nn.Module, device) -> None:

@@ -516,3 +516,26 @@ def test_interrupt_wrapped_by_a_library_is_still_an_interrupt(tiny_models, tmp_p
     result = CliRunner().invoke(app, ["share-kv", str(tiny_models["llama"]), "-o", str(out), "--mode", "k=v"])
     assert result.exit_code == 130 and "interrupted" in result.output, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_logit_statistics_over_position_blocks_equal_the_whole_tensor_at_once(monkeypatch):
+    """The verification's LogitError is accumulated over blocks of positions (_Accumulator.POSITIONS) so no
+    (batch, positions, vocab) float64 tensor is held: max, mean |Δlogit|, KL and top-1 equal one float64 pass over
+    the whole tensor (a block size that does not divide the positions, and one wider than them)."""
+    from qkvconv.verify import _Accumulator, compare_logits
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(3, 70, 50, generator=g)
+    new = ref + 0.3 * torch.randn(3, 70, 50, generator=g)
+    r, n = ref.double(), new.double()
+    lp, lq = r.log_softmax(-1), n.log_softmax(-1)
+    want = dict(max_abs=float((r - n).abs().max()), mean_abs=float((r - n).abs().mean()),
+                kl=float((lp.exp() * (lp - lq)).sum(-1).mean()),
+                top1=float((r.argmax(-1) == n.argmax(-1)).double().mean()))
+    for block in (32, 1000):
+        monkeypatch.setattr(_Accumulator, "POSITIONS", block)
+        got = compare_logits(ref, new, "test")
+        print(f"block {block}: kl {got.kl:.6f} (whole {want['kl']:.6f}), top-1 {got.top1_agreement:.4f}")
+        assert got.tokens == 3 * 70 and got.max_abs == want["max_abs"] and got.top1_agreement == want["top1"]
+        assert got.mean_abs == pytest.approx(want["mean_abs"], rel=1e-12)
+        assert got.kl == pytest.approx(want["kl"], rel=1e-12)
