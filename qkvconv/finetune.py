@@ -485,9 +485,9 @@ def finetune(
     net.to(dev)
     if how == "fsdp-cpu":
         engine.shard(net, layers, dev)
-    params = [p for p in net.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
     groups = param_groups(net, spec, cfg)
+    params = [p for g in groups for p in g["params"]]  # every trained parameter
+    n_trainable = sum(p.numel() for p in params)
     teacher = None
     if cfg.distill or cfg.eval_kl:
         teacher = load_teacher(model, cfg, net.config.vocab_size, dev, allow_pickle, sharded=sharded)

@@ -254,6 +254,10 @@ class _Calib:
             return slice(windows[0] * self.L, (windows[-1] + 1) * self.L)
         return (torch.tensor(windows)[:, None] * self.L + torch.arange(self.L)).reshape(-1)
 
+    def chunks(self, windows: list[int], per: int) -> list[torch.Tensor | slice]:
+        """The token rows of `windows`, `per` windows at a time (window_rows)."""
+        return [self.window_rows(windows[a : a + per]) for a in range(0, len(windows), per)]
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal softmax attention; q (C·B, Hq, L, dh), k/v (C·B, N, L, dh) -> head outputs (C·B, L, Hq·dh)."""
         rep = q.shape[1] // k.shape[1]
@@ -404,8 +408,7 @@ def _fit_windows(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, dt
     outputs are formed and their normal equations summed a chunk of windows at a time (_batches)."""
     _, per = _batches(len(cands), c.L, H * c.dh, y.shape[-1], torch.finfo(dtype).bits // 8)
     eq = _Normal.zeros(len(cands), H * c.dh, y.shape[-1])
-    for a in range(0, len(windows), per):
-        rows = c.window_rows(windows[a : a + per])
+    for rows in c.chunks(windows, per):
         eq.add(_head_outputs(c, cands, H, c.h.dtype, rows).to(dtype), y[rows])
     return eq.solve(bias)
 
@@ -532,9 +535,9 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
     q_old = split(q_flat, L.q_norm)  # (n, H, dh): q_flat itself without QK-norm
     if target is None:  # a chunk of windows at a time, like the fits (_batches)
         per = _batches(1, c.L, H * dh, dims.hidden_size, 4)[1]
-        chunks = [c.window_rows(list(range(a, min(a + per, c.B)))) for a in range(0, c.B, per)]
         y = torch.cat([_act(c.attend(c.rope(c.heads(q_old[rows].flatten(1))), c.rope(c.heads(k_old[rows].flatten(1))),
-                                     c.heads(v_act[rows]), c.scale).flatten(0, 1), L.o) for rows in chunks])
+                                     c.heads(v_act[rows]), c.scale).flatten(0, 1), L.o)
+                       for rows in c.chunks(list(range(c.B)), per)])
     else:
         y = target.to(h.dtype)
 
