@@ -58,6 +58,7 @@ def test_input_checkpoint_is_never_modified(tiny_models, tmp_path):
 
 
 def test_loads_in_plain_transformers_without_importing_qkvconv(tiny_models, tmp_path):
+    """float32 as written, and bfloat16 with from_pretrained(dtype=): the folded maps keep their float64 there."""
     for family in ("llama", "gpt2", "gpt_neox"):
         absorb_query_checkpoint(tiny_models[family], tmp_path / family, num_seqs=1, seq_len=16)
     originals = {f: str(tiny_models[f]) for f in ("llama", "gpt2", "gpt_neox")}
@@ -72,6 +73,17 @@ def test_loads_in_plain_transformers_without_importing_qkvconv(tiny_models, tmp_
             assert (m(ids).logits - o(ids).logits).abs().max() < 1e-3
             g = m.generate(ids, max_new_tokens=6, do_sample=False)
             assert g.tolist() == o.generate(ids, max_new_tokens=6, do_sample=False).tolist(), f
+            # loaded in bfloat16 the plain transformers way (dtype=): the folded maps stay float64, and the logits
+            # round like the original's own in bfloat16 (against the float32 original; measured ratio 0.84-0.95)
+            x = torch.randint(3, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+            m16 = transformers.AutoModelForCausalLM.from_pretrained(
+                {str(tmp_path)!r} + "/" + f, trust_remote_code=True, dtype=torch.bfloat16)
+            o16 = transformers.AutoModelForCausalLM.from_pretrained(original, dtype=torch.bfloat16)
+            assert {{p.dtype for p in m16.parameters()}} == {{torch.bfloat16, torch.float64}}, f
+            ref = o(x).logits.double()
+            err_c, err_o = ((mod(x).logits.double() - ref).abs() for mod in (m16, o16))
+            print(f, "bf16 rounding ratio", float(err_c.mean() / err_o.mean()), float(err_c.max() / err_o.max()))
+            assert err_c.mean() <= 2 * err_o.mean() and err_c.max() <= 8 * err_o.max(), f
         assert "qkvconv" not in sys.modules
         print("ok")
         """

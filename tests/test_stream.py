@@ -364,6 +364,26 @@ def test_heap_is_trimmed_only_past_its_slack(monkeypatch):
     assert len(trims) == 4
 
 
+def test_heap_is_trimmed_within_a_layer_only_during_a_streamed_pass(tiny_models, tmp_path, monkeypatch):
+    """trim_heap (between the phases of a layer's transform) uses the pass's own trimmer: a calibrated share-kv fit
+    trims at least three times a layer (where every check trims); outside a pass, and after it, it does nothing."""
+    from qkvconv import stream
+
+    trims = []
+    monkeypatch.setattr(stream, "return_freed_memory", lambda: trims.append(stream._pass_heap))
+    stream.trim_heap()
+    assert trims == []
+    monkeypatch.setattr(stream, "_anonymous_bytes", lambda: None)  # no /proc: every check trims
+    share_kv_checkpoint(tiny_models["llama"], tmp_path / "kv", mode="k=v", init="calibrated", num_seqs=5,
+                        seq_len=32, verify=False)
+    n_layers = 2
+    assert len(trims) >= 3 * n_layers and all(t is not None for t in trims)  # candidates, score fit, float64 fit
+    assert stream._pass_heap is None
+    before = len(trims)
+    stream.trim_heap()
+    assert len(trims) == before
+
+
 def test_direct_shards_are_byte_identical_to_buffered_ones(tmp_path, monkeypatch):
     """The O_DIRECT writer (staged, written in aligned blocks, tail and header through an ordinary descriptor) writes
     the same bytes as the buffered one, for tensors that straddle blocks and the staging buffer, across shards."""

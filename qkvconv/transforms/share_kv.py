@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from qkvconv.archs import ArchSpec, Dims
 from qkvconv.archs.layout import Proj, qkv_keys, read_qkv
 from qkvconv.errors import TransformError
+from qkvconv.stream import trim_heap
 from qkvconv.transforms.absorb_query import _rope_commuting_refit
 from qkvconv.transforms.layer import LayerResult, layer_dtype
 
@@ -410,6 +411,7 @@ def _fit_windows(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, dt
     eq = _Normal.zeros(len(cands), H * c.dh, y.shape[-1])
     for rows in c.chunks(windows, per):
         eq.add(_head_outputs(c, cands, H, c.h.dtype, rows).to(dtype), y[rows])
+    trim_heap()  # the chunks' outputs are spent; the solve needs about as much again as the equations
     return eq.solve(bias)
 
 
@@ -533,11 +535,13 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
     q_flat, k_act, v_act = _act(h, L.q), _act(h, L.k), _act(h, L.v)  # (n, H·dh), (n, G·dh), (n, G·dh)
     k_old = split(k_act, L.k_norm)  # (n, G, dh) keys before RoPE
     q_old = split(q_flat, L.q_norm)  # (n, H, dh): q_flat itself without QK-norm
-    if target is None:  # a chunk of windows at a time, like the fits (_batches)
+    if target is None:  # a chunk of windows at a time, like the fits (_batches), into one output
         per = _batches(1, c.L, H * dh, dims.hidden_size, 4)[1]
-        y = torch.cat([_act(c.attend(c.rope(c.heads(q_old[rows].flatten(1))), c.rope(c.heads(k_old[rows].flatten(1))),
-                                     c.heads(v_act[rows]), c.scale).flatten(0, 1), L.o)
-                       for rows in c.chunks(list(range(c.B)), per)])
+        y = h.new_empty(n, dims.hidden_size)
+        for rows in c.chunks(list(range(c.B)), per):
+            o = c.attend(c.rope(c.heads(q_old[rows].flatten(1))), c.rope(c.heads(k_old[rows].flatten(1))),
+                         c.heads(v_act[rows]), c.scale).flatten(0, 1)
+            y[rows] = _act(o, L.o)
     else:
         y = target.to(h.dtype)
 
@@ -612,6 +616,7 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
                 S, S_act = with_values(base, base_act, frac)
                 cands.append(_Candidate({"s": S}, {"query_weight": lam, "value_fraction": frac},
                                         split(S_act, L.q_norm), split(S_act, L.k_norm), split(S_act)))
+    trim_heap()  # the projections' and the original attention's temporaries are spent
     return cands, y
 
 
