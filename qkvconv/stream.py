@@ -597,19 +597,27 @@ class _LazyHead(nn.Module):
     """The LM head computed over the vocabulary in chunks from a weight kept in the checkpoint's dtype, so a
     float64 stream never holds a float64 copy of the (vocab, d) matrix."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, rows: int = 8192):
+    CHUNK_BYTES = 32 << 20  # a chunk of the weight in the stream's dtype (a float64 copy: 2048 rows at d 2048)
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.w, self.b, self.dtype, self.chunk = weight, bias, dtype, rows
+        self.w, self.b, self.dtype = weight, bias, dtype
+        self.chunk = max(1, self.CHUNK_BYTES // (weight.shape[1] * torch.finfo(dtype).bits // 8))
+        self.mapped = _in_file_mapping(weight)  # read from the checkpoint's file: its pages are let go chunk by chunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         out = x.new_empty(*x.shape[:-1], self.w.shape[0])  # filled chunk by chunk: no list of parts to concatenate
         for s in range(0, self.w.shape[0], self.chunk):
-            w = self.w[s : s + self.chunk].to(device=x.device, dtype=self.dtype)
+            part = self.w[s : s + self.chunk]
+            w = part.to(device=x.device, dtype=self.dtype)
             y = out[..., s : s + len(w)]
             y.copy_(x @ w.T)
             if self.b is not None:
                 y += self.b[s : s + self.chunk].to(device=x.device, dtype=self.dtype)
+            if self.mapped:  # each stream maps the head itself: resident, it would count once per stream in RSS
+                del w
+                release_file_pages(part)
         return out
 
 
@@ -624,6 +632,33 @@ def _real_tensors_to(model: nn.Module, device) -> None:
         for name, p in m._parameters.items():
             if p is not None and p.device.type != "meta":
                 m._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=False)
+
+
+@contextlib.contextmanager
+def cast_on_use(layer: nn.Module, dtype: torch.dtype):
+    """Inside: each module's own floating parameters that are not in `dtype` are cast to it for the length of that
+    module's forward only. A float64 pass over a layer kept in the checkpoint's dtype then holds one module's
+    float64 copies at a time (an MLP's projections one after another), not the whole layer's (a 2048-wide LLaMA
+    layer: 92 MB in bf16, 361 MB in float64). The casts are exact, so the pass computes what it would with float64
+    weights throughout. The cast runs before the module's other pre-hooks (which may read the weight's dtype)."""
+    def swap_in(module, args):
+        module._qkvconv_stored = {n: p for n, p in module._parameters.items() if p is not None and p.dtype != dtype
+                                  and p.is_floating_point()}
+        for n, p in module._qkvconv_stored.items():
+            module._parameters[n] = nn.Parameter(p.to(dtype), requires_grad=False)
+
+    def swap_out(module, args, output):
+        module._parameters.update(module.__dict__.pop("_qkvconv_stored"))
+
+    handles = []
+    for m in layer.modules():
+        if any(p is not None and p.dtype != dtype and p.is_floating_point() for p in m._parameters.values()):
+            handles += [m.register_forward_pre_hook(swap_in, prepend=True), m.register_forward_hook(swap_out)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _float64_norms(spec: ArchSpec, *modules: nn.Module):
@@ -698,10 +733,13 @@ class Stream:
 
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Layer `layer` (materialized, this stream's dtype) over hidden states (n, L, d), batch by batch."""
+        """Layer `layer` (materialized in this stream's dtype; a float64 stream casts weights held in another dtype as
+        each module runs, see cast_on_use) over hidden states (n, L, d), batch by batch."""
         out = []
-        ctx = _float64_norms(self.spec, layer) if self.dtype == torch.float64 else contextlib.nullcontext()
-        with ctx:
+        with contextlib.ExitStack() as ctx:
+            if self.dtype == torch.float64:  # weights may be held in the checkpoint's dtype: cast_on_use
+                ctx.enter_context(_float64_norms(self.spec, layer))
+                ctx.enter_context(cast_on_use(layer, torch.float64))
             for s in range(0, len(hidden), self.batch_size):
                 h = hidden[s : s + self.batch_size]
                 args, kwargs = self._kwargs_for(len(h))
@@ -1384,8 +1422,8 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
             t = time.perf_counter()
             for v in variants:  # the original layer i on the original streams
                 module = orig_skel[v][i]
-                if v == torch.float64:  # the float64 view's copies (the transform reads the same ones)
-                    load_layer(module, {k: sd64[k] for k in layer_src}, prefix, v, {}, device)
+                if v == torch.float64:  # as read; run_layer casts each module's weights as it runs (cast_on_use)
+                    materialize(module, _relative(layer_src, prefix), device)
                 else:
                     load_layer(module, layer_src, prefix, v, orig_keep, device)
                 captured: list[torch.Tensor] = []
@@ -1400,10 +1438,12 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
                     attn_input = torch.cat(captured)[calib_in_orig].reshape(-1, dims.hidden_size)
                 release(module)
             timings["verify"] += time.perf_counter() - t
+            trim_heap()  # each phase's spent temporaries leave the heap before the next phase's (see trim_heap)
             t = time.perf_counter()
             with torch.device(device):  # the transform's own new tensors (eye, zeros, ...) on the same device
                 res = layer_fn(sd64, i, attn_input)
             timings["transform"] += time.perf_counter() - t
+            trim_heap()
             entries.append(res.entry)
             infos.append(res.info)
             keep = converted.keep(res.entry, dtype)
@@ -1417,8 +1457,8 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
             t = time.perf_counter()
             for v in variants if verify_rows else []:  # the converted layer i on the converted streams
                 module = converted.layers(res.entry, v)[i]
-                if v == torch.float64:
-                    load_layer(module, {k: sd64[k] for k in kept} | res.tensors, prefix, v, {}, device)
+                if v == torch.float64:  # kept tensors as read, the transform's in float64 (cast_on_use)
+                    materialize(module, _relative(kept | res.tensors, prefix), device)
                 else:
                     materialize(module, _relative(out, prefix), device)  # what was written, as written
                 h_conv[v] = streams[v].run_layer(module, h_conv[v])
@@ -1433,6 +1473,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         result.output_bytes = writer.total
         timings["io"] += time.perf_counter() - t
     if variants and verify_rows:
+        trim_heap()
         t = time.perf_counter()
         if progress:
             progress("logits")
