@@ -504,12 +504,32 @@ class HeapTrimmer:
     def __init__(self, slack: int = HEAP_SLACK_BYTES):
         self.slack = slack
         self.floor = _anonymous_bytes()
+        self.started = _clock()  # when the layer under way started
+        self.layer_seconds: float | None = None  # how long the last whole layer took
 
-    def layer_done(self) -> None:
+    def trim(self) -> None:
+        """Trim if anonymous memory grew more than the slack since the last trim."""
         now = _anonymous_bytes()
         if now is None or self.floor is None or now > self.floor + self.slack:
             return_freed_memory()
             self.floor = _anonymous_bytes()
+
+    def layer_done(self) -> None:
+        now = _clock()
+        self.layer_seconds, self.started = now - self.started, now
+        self.trim()
+
+    def phase_done(self) -> None:
+        """Within a layer (trim_heap): the same check, where the last layer took PHASE_TRIM_LAYER_S or more (or
+        none has finished yet). A trim and the re-faulting of what the next phase reuses cost ~50 ms: at SmolLM2's
+        width, layers of ~2 s, trims at every phase made share-kv calibrated 52-54 s -> 55-58 s; a calibrated layer
+        at hidden size 2048 takes ~16 s."""
+        if self.layer_seconds is None or self.layer_seconds >= PHASE_TRIM_LAYER_S:
+            self.trim()
+
+
+PHASE_TRIM_LAYER_S = 5.0
+_clock = time.monotonic
 
 
 _pass_heap: HeapTrimmer | None = None  # the trimmer of the streamed pass under way (layer_heap), for trim_heap
@@ -528,9 +548,10 @@ def trim_heap() -> None:
     """Between the phases of one layer's transform (a calibrated fit's activations, its normal equations, their
     solve): the same trim as between layers, on the pass's own slack. Where a phase's temporaries are spent, their
     pages would otherwise stay in the heap under the next phase's: on the 4 GiB benchmark's share-kv --init
-    calibrated, a trim at the first solve gave back 0.55 GiB of a 1.50 GiB RssAnon. A no-op outside a pass."""
+    calibrated, a trim at the first solve gave back 0.55 GiB of a 1.50 GiB RssAnon. Only where layers take long
+    (HeapTrimmer.phase_done). A no-op outside a pass."""
     if _pass_heap is not None:
-        _pass_heap.layer_done()
+        _pass_heap.phase_done()
 
 
 @contextlib.contextmanager
@@ -636,29 +657,52 @@ def _real_tensors_to(model: nn.Module, device) -> None:
 
 @contextlib.contextmanager
 def cast_on_use(layer: nn.Module, dtype: torch.dtype):
-    """Inside: each module's own floating parameters that are not in `dtype` are cast to it for the length of that
-    module's forward only. A float64 pass over a layer kept in the checkpoint's dtype then holds one module's
-    float64 copies at a time (an MLP's projections one after another), not the whole layer's (a 2048-wide LLaMA
-    layer: 92 MB in bf16, 361 MB in float64). The casts are exact, so the pass computes what it would with float64
-    weights throughout. The cast runs before the module's other pre-hooks (which may read the weight's dtype)."""
+    """Inside: floating parameters of `layer` not in `dtype` are cast to it only while the module that uses them
+    runs. A float64 pass over a layer kept in the checkpoint's dtype then holds one module's float64 copies at a time
+    (an MLP's projections one after another), not the whole layer's (a 2048-wide LLaMA layer: 92 MB in bf16, 361 MB
+    in float64). The casts are exact, so the pass computes what it would with float64 weights throughout.
+
+    A module is cast with everything under it where it may read its children's weights outside their own forward:
+    qkvconv's own modules (AffineNorm reads its affine map's dtype, PreProj's hook its up-projection's) and any
+    module that carries hooks (the branches qkvconv hangs on stock modules run in them). Elsewhere each module casts
+    its own parameters. The cast runs before the module's other pre-hooks, and is undone after its other hooks."""
+    def cast(p) -> bool:
+        return p is not None and p.is_floating_point() and p.dtype != dtype
+
     def swap_in(module, args):
-        module._qkvconv_stored = {n: p for n, p in module._parameters.items() if p is not None and p.dtype != dtype
-                                  and p.is_floating_point()}
-        for n, p in module._qkvconv_stored.items():
-            module._parameters[n] = nn.Parameter(p.to(dtype), requires_grad=False)
+        subs = module.modules() if module._qkvconv_whole else [module]
+        module._qkvconv_stored = [(m, n, p) for m in subs for n, p in m._parameters.items() if cast(p)]
+        for m, n, p in module._qkvconv_stored:
+            m._parameters[n] = nn.Parameter(p.to(dtype), requires_grad=False)
 
     def swap_out(module, args, output):
-        module._parameters.update(module.__dict__.pop("_qkvconv_stored"))
+        for m, n, p in module.__dict__.pop("_qkvconv_stored"):
+            m._parameters[n] = p
 
-    handles = []
-    for m in layer.modules():
-        if any(p is not None and p.dtype != dtype and p.is_floating_point() for p in m._parameters.values()):
-            handles += [m.register_forward_pre_hook(swap_in, prepend=True), m.register_forward_hook(swap_out)]
+    def whole(m: nn.Module) -> bool:
+        hooked = m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None)
+        return m is not layer and next(m.children(), None) is not None and bool(
+            hooked or type(m).__module__.startswith("qkvconv"))
+
+    handles, marked = [], []
+
+    def visit(m: nn.Module) -> None:
+        m._qkvconv_whole = whole(m)
+        marked.append(m)
+        if any(cast(p) for p in (m.parameters() if m._qkvconv_whole else m._parameters.values())):
+            handles.extend([m.register_forward_pre_hook(swap_in, prepend=True), m.register_forward_hook(swap_out)])
+        if not m._qkvconv_whole:
+            for c in m.children():
+                visit(c)
+
+    visit(layer)
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for m in marked:
+            del m._qkvconv_whole
 
 
 def _float64_norms(spec: ArchSpec, *modules: nn.Module):
@@ -1473,7 +1517,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         result.output_bytes = writer.total
         timings["io"] += time.perf_counter() - t
     if variants and verify_rows:
-        trim_heap()
+        heap.trim()  # the logits stage follows the last layer's spent temporaries
         t = time.perf_counter()
         if progress:
             progress("logits")
