@@ -501,11 +501,9 @@ class HeapTrimmer:
     --no-verify there spent 9.3 s of system time on it (2.9 s with a 256 MiB slack: 34.0 -> 30.1 s wall, writing
     nothing). Without /proc it trims after every layer."""
 
-    def __init__(self, slack: int = HEAP_SLACK_BYTES):
-        self.slack = slack
+    def __init__(self, slack: int = HEAP_SLACK_BYTES, phases: bool = True):
+        self.slack, self.phases = slack, phases
         self.floor = _anonymous_bytes()
-        self.started = _clock()  # when the layer under way started
-        self.layer_seconds: float | None = None  # how long the last whole layer took
 
     def trim(self) -> None:
         """Trim if anonymous memory grew more than the slack since the last trim."""
@@ -515,21 +513,15 @@ class HeapTrimmer:
             self.floor = _anonymous_bytes()
 
     def layer_done(self) -> None:
-        now = _clock()
-        self.layer_seconds, self.started = now - self.started, now
         self.trim()
 
     def phase_done(self) -> None:
-        """Within a layer (trim_heap): the same check, where the last layer took PHASE_TRIM_LAYER_S or more (or
-        none has finished yet). A trim and the re-faulting of what the next phase reuses cost ~50 ms: at SmolLM2's
-        width, layers of ~2 s, trims at every phase made share-kv calibrated 52-54 s -> 55-58 s; a calibrated layer
-        at hidden size 2048 takes ~16 s."""
-        if self.layer_seconds is None or self.layer_seconds >= PHASE_TRIM_LAYER_S:
+        """Within a layer (trim_heap): the same check, where `phases` (a pass over large layers, see layer_heap)."""
+        if self.phases:
             self.trim()
 
 
-PHASE_TRIM_LAYER_S = 5.0
-_clock = time.monotonic
+PHASE_TRIM_LAYER_BYTES = 64 << 20  # layers of at least this many bytes in the checkpoint are also trimmed within
 
 
 _pass_heap: HeapTrimmer | None = None  # the trimmer of the streamed pass under way (layer_heap), for trim_heap
@@ -538,9 +530,13 @@ _pass_heap: HeapTrimmer | None = None  # the trimmer of the streamed pass under 
 def layer_heap(plan: "Plan") -> HeapTrimmer:
     """The trimmer of a pass over `plan`'s layers: a slack of one layer's bytes in the checkpoint, at least
     HEAP_SLACK_BYTES (on the 4 GiB benchmark 256 MiB put peak RSS at 26-27 % of the checkpoint, over the 25 % goal;
-    128 MiB at 24-25 %, for ~5 s more of its ~45 s). It is also the one trim_heap uses until the pass ends."""
+    128 MiB at 24-25 %, for ~5 s more of its ~45 s). It is also the one trim_heap uses until the pass ends, there
+    only for layers of PHASE_TRIM_LAYER_BYTES or more: a trim and the re-faulting of what the next phase reuses cost
+    ~50 ms, and at SmolLM2's size (14 MB layers) trims at every phase made share-kv calibrated 52-54 s -> 55-58 s;
+    a 2048-wide layer's float64 copies and calibration activations are hundreds of MB."""
     global _pass_heap
-    _pass_heap = HeapTrimmer(max(HEAP_SLACK_BYTES, sum(plan.tensors.nbytes(k) for k in plan.layer_keys(0))))
+    layer = sum(plan.tensors.nbytes(k) for k in plan.layer_keys(0))
+    _pass_heap = HeapTrimmer(max(HEAP_SLACK_BYTES, layer), phases=layer >= PHASE_TRIM_LAYER_BYTES)
     return _pass_heap
 
 
@@ -548,8 +544,8 @@ def trim_heap() -> None:
     """Between the phases of one layer's transform (a calibrated fit's activations, its normal equations, their
     solve): the same trim as between layers, on the pass's own slack. Where a phase's temporaries are spent, their
     pages would otherwise stay in the heap under the next phase's: on the 4 GiB benchmark's share-kv --init
-    calibrated, a trim at the first solve gave back 0.55 GiB of a 1.50 GiB RssAnon. Only where layers take long
-    (HeapTrimmer.phase_done). A no-op outside a pass."""
+    calibrated, a trim at the first solve gave back 0.55 GiB of a 1.50 GiB RssAnon. Only in a pass over large
+    layers (layer_heap). A no-op outside a pass."""
     if _pass_heap is not None:
         _pass_heap.phase_done()
 

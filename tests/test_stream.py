@@ -362,24 +362,16 @@ def test_heap_is_trimmed_only_past_its_slack(monkeypatch):
     heap.layer_done()
     heap.layer_done()
     assert len(trims) == 4
-    # within a layer (phase_done): only once a layer has been seen to take PHASE_TRIM_LAYER_S or more
-    clock = [0.0]
-    monkeypatch.setattr(stream, "_clock", lambda: clock[0])
-    heap = stream.HeapTrimmer(slack=500)
-    heap.phase_done()  # no layer finished yet: trims
-    clock[0] = stream.PHASE_TRIM_LAYER_S / 2
-    heap.layer_done()
-    heap.phase_done()  # the last layer was short: no trim
-    assert len(trims) == 6
-    clock[0] += stream.PHASE_TRIM_LAYER_S
-    heap.layer_done()
-    heap.phase_done()
-    assert len(trims) == 8
+    # within a layer (phase_done): only in a pass over large layers
+    stream.HeapTrimmer(slack=500, phases=False).phase_done()
+    assert len(trims) == 4
+    stream.HeapTrimmer(slack=500).phase_done()
+    assert len(trims) == 5
 
 
 def test_heap_is_trimmed_within_a_layer_only_during_a_streamed_pass(tiny_models, tmp_path, monkeypatch):
     """trim_heap (between the phases of a layer's transform) uses the pass's own trimmer: a calibrated share-kv fit
-    trims at least three times a layer (where every check trims and layers count as long); outside a pass, and
+    trims at least three times a layer (where every check trims and layers count as large); outside a pass, and
     after it, it does nothing."""
     from qkvconv import stream
 
@@ -388,7 +380,7 @@ def test_heap_is_trimmed_within_a_layer_only_during_a_streamed_pass(tiny_models,
     stream.trim_heap()
     assert trims == []
     monkeypatch.setattr(stream, "_anonymous_bytes", lambda: None)  # no /proc: every check trims
-    monkeypatch.setattr(stream, "PHASE_TRIM_LAYER_S", 0.0)  # however short the layers
+    monkeypatch.setattr(stream, "PHASE_TRIM_LAYER_BYTES", 0)  # however small the layers
     share_kv_checkpoint(tiny_models["llama"], tmp_path / "kv", mode="k=v", init="calibrated", num_seqs=5,
                         seq_len=32, verify=False)
     n_layers = 2
