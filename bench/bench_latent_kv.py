@@ -45,10 +45,13 @@ def step(model, cache, token):
     """One single-token cached forward (greedy): (seconds, the next token)."""
     import torch
 
+    from qkvconv.compat import cache_argument
+
     sync = torch.cuda.synchronize if token.device.type == "cuda" else (lambda: None)
+    kwargs = cache_argument(model, cache)
     sync()
     t = time.perf_counter()
-    out = model(token, past_key_values=cache, use_cache=True)
+    out = model(token, use_cache=True, **kwargs)
     token = out.logits[:, -1:].argmax(-1)
     sync()
     return time.perf_counter() - t, token

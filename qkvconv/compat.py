@@ -114,6 +114,14 @@ def take_cache(kwargs: dict):
     return take(kwargs)
 
 
+def cache_argument(model, cache) -> dict:
+    """A model call's KV-cache keyword argument: `cache=` where its forward takes that name (transformers 5.24 on,
+    where `past_key_values=` is deprecated, to be removed in 5.40), else `past_key_values=` (5.0 ... 5.23)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def output_cache(output):
     """The KV cache a model output or generate() result carries (`.cache` from 5.24, else `.past_key_values`)."""
     from qkvconv.modeling.modeling_qkvconv import output_cache as cache_of

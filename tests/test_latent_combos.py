@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import qkvconv
 from qkvconv.archs import dims_of, spec_for
 from qkvconv.cli import app
+from qkvconv.compat import cache_argument, output_cache
 from qkvconv.convert import absorb_query_checkpoint, latent_kv_checkpoint, share_kv_checkpoint
 from qkvconv.describe import kv_cache_bytes_per_token
 from qkvconv.errors import TransformError
@@ -251,9 +252,9 @@ def test_absorbed_decode_with_attention_sinks_and_value_bias_equals_rebuilding(t
         for m in attn:
             m.absorb = absorb
         with torch.no_grad():
-            cache = model(IDS[:, :6], use_cache=True).past_key_values
+            cache = output_cache(model(IDS[:, :6], use_cache=True))
             for i in range(6, IDS.shape[1]):
-                model(IDS[:, i:i + 1], past_key_values=cache, use_cache=True)
+                model(IDS[:, i:i + 1], use_cache=True, **cache_argument(model, cache))
     assert len(outputs[True]) == len(outputs[False]) == (1 + IDS.shape[1] - 6) * len(attn)
     for rebuilt, absorbed in zip(outputs[False], outputs[True]):
         torch.testing.assert_close(absorbed, rebuilt, atol=1e-5, rtol=1e-5)

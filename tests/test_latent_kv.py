@@ -20,6 +20,7 @@ import qkvconv
 from qkvconv.archs import dims_of, spec_for
 from qkvconv.archs.layout import read_qkv
 from qkvconv.cli import app
+from qkvconv.compat import cache_argument, output_cache
 from qkvconv.convert import latent_kv_checkpoint
 from qkvconv.describe import kv_cache_bytes_per_token
 from qkvconv.errors import QkvconvError, TransformError
@@ -234,9 +235,9 @@ def test_absorbed_decode_equals_rebuilding_keys_and_values_in_float64(tiny_model
         for m in attn:
             m.absorb = absorb
         with torch.no_grad():
-            cache = model(ids[:, :6], use_cache=True).past_key_values
+            cache = output_cache(model(ids[:, :6], use_cache=True))
             for i in range(6, 10):
-                model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+                model(ids[:, i:i + 1], use_cache=True, **cache_argument(model, cache))
     assert len(outputs[True]) == len(outputs[False]) == 5 * len(attn)
     for rebuilt, absorbed in zip(outputs[False], outputs[True]):
         torch.testing.assert_close(absorbed, rebuilt, atol=1e-12, rtol=1e-12)
@@ -246,8 +247,8 @@ def test_absorbed_decode_equals_rebuilding_keys_and_values_in_float64(tiny_model
     for m in attn:
         m.register_forward_hook(lambda mod, args, out: calls.append(out[1] is not None))
     with torch.no_grad():  # (sdpa, the kernel qkvconv.load picks, returns no probabilities)
-        cache = model(ids, use_cache=True).past_key_values
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
+        cache = output_cache(model(ids, use_cache=True))
+        model(ids[:, :1], use_cache=True, **cache_argument(model, cache))
     assert calls == [False] * len(attn) + [True] * len(attn)  # only the absorbed path returns its probabilities
 
 
