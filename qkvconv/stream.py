@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import json
 import os
 import shutil
@@ -505,20 +506,16 @@ class HeapTrimmer:
         self.slack, self.phases = slack, phases
         self.floor = _anonymous_bytes()
 
-    def trim(self) -> None:
-        """Trim if anonymous memory grew more than the slack since the last trim."""
+    def layer_done(self) -> None:
         now = _anonymous_bytes()
         if now is None or self.floor is None or now > self.floor + self.slack:
             return_freed_memory()
             self.floor = _anonymous_bytes()
 
-    def layer_done(self) -> None:
-        self.trim()
-
     def phase_done(self) -> None:
         """Within a layer (trim_heap): the same check, where `phases` (a pass over large layers, see layer_heap)."""
         if self.phases:
-            self.trim()
+            self.layer_done()
 
 
 PHASE_TRIM_LAYER_BYTES = 64 << 20  # layers of at least this many bytes in the checkpoint are also trimmed within
@@ -633,7 +630,6 @@ class _LazyHead(nn.Module):
             if self.b is not None:
                 y += self.b[s : s + self.chunk].to(device=x.device, dtype=self.dtype)
             if self.mapped:  # each stream maps the head itself: resident, it would count once per stream in RSS
-                del w
                 release_file_pages(part)
         return out
 
@@ -665,14 +661,16 @@ def cast_on_use(layer: nn.Module, dtype: torch.dtype):
     def cast(p) -> bool:
         return p is not None and p.is_floating_point() and p.dtype != dtype
 
-    def swap_in(module, args):
-        subs = module.modules() if module._qkvconv_whole else [module]
-        module._qkvconv_stored = [(m, n, p) for m in subs for n, p in m._parameters.items() if cast(p)]
-        for m, n, p in module._qkvconv_stored:
+    stored: dict[nn.Module, list] = {}  # module -> (owner, name, parameter as held) while it runs
+
+    def swap_in(module, args, whole: bool = False):
+        stored[module] = [(m, n, p) for m in (module.modules() if whole else [module])
+                          for n, p in m._parameters.items() if cast(p)]
+        for m, n, p in stored[module]:
             m._parameters[n] = nn.Parameter(p.to(dtype), requires_grad=False)
 
     def swap_out(module, args, output):
-        for m, n, p in module.__dict__.pop("_qkvconv_stored"):
+        for m, n, p in stored.pop(module):
             m._parameters[n] = p
 
     def whole(m: nn.Module) -> bool:
@@ -680,14 +678,14 @@ def cast_on_use(layer: nn.Module, dtype: torch.dtype):
         return m is not layer and next(m.children(), None) is not None and bool(
             hooked or type(m).__module__.startswith("qkvconv"))
 
-    handles, marked = [], []
+    handles = []
 
     def visit(m: nn.Module) -> None:
-        m._qkvconv_whole = whole(m)
-        marked.append(m)
-        if any(cast(p) for p in (m.parameters() if m._qkvconv_whole else m._parameters.values())):
-            handles.extend([m.register_forward_pre_hook(swap_in, prepend=True), m.register_forward_hook(swap_out)])
-        if not m._qkvconv_whole:
+        w = whole(m)
+        if any(cast(p) for p in (m.parameters() if w else m._parameters.values())):
+            handles.extend([m.register_forward_pre_hook(functools.partial(swap_in, whole=w), prepend=True),
+                            m.register_forward_hook(swap_out)])
+        if not w:
             for c in m.children():
                 visit(c)
 
@@ -697,8 +695,6 @@ def cast_on_use(layer: nn.Module, dtype: torch.dtype):
     finally:
         for h in handles:
             h.remove()
-        for m in marked:
-            del m._qkvconv_whole
 
 
 def _float64_norms(spec: ArchSpec, *modules: nn.Module):
@@ -1513,7 +1509,6 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
         result.output_bytes = writer.total
         timings["io"] += time.perf_counter() - t
     if variants and verify_rows:
-        heap.trim()  # the logits stage follows the last layer's spent temporaries
         t = time.perf_counter()
         if progress:
             progress("logits")
