@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import qkvconv
 from qkvconv.archs import dims_of
-from qkvconv.checkpoint import load
+from qkvconv.checkpoint import load, resolve_source
 from qkvconv.convert import absorb_query_checkpoint, share_kv_checkpoint
 from qkvconv.transforms import absorb_query
 from qkvconv.verify import calibration_ids, compare_model, logits_of
@@ -384,11 +384,43 @@ def test_heap_is_trimmed_within_a_layer_only_during_a_streamed_pass(tiny_models,
     share_kv_checkpoint(tiny_models["llama"], tmp_path / "kv", mode="k=v", init="calibrated", num_seqs=5,
                         seq_len=32, verify=False)
     n_layers = 2
-    assert len(trims) >= 3 * n_layers and all(t is not None for t in trims)  # candidates, score fit, float64 fit
+    assert trims[0] is None  # the trim before the first layer (layer_heap), before the pass's trimmer exists
+    assert len(trims) >= 1 + 3 * n_layers and all(t is not None for t in trims[1:])  # candidates, score, float64 fit
     assert stream._pass_heap is None
     before = len(trims)
     stream.trim_heap()
     assert len(trims) == before
+
+
+def test_a_pass_starts_on_a_trimmed_heap_and_maps_large_temporaries_over_large_layers(tiny_models, monkeypatch):
+    """layer_heap trims before the pass's first layer (its slack then counts from what the pass holds, not from what
+    opening and calibration left freed on the heap), and over layers of PHASE_TRIM_LAYER_BYTES or more sets glibc's
+    mmap threshold to LARGE_TEMPORARY_BYTES; over small layers it leaves the threshold where heap_for_temporaries
+    put it. heap_for_temporaries sets the default back on exit."""
+    from qkvconv import stream
+
+    calls = []
+
+    class Lib:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("trim",))
+
+    monkeypatch.setattr(stream, "_glibc", lambda: Lib())
+    plan = stream.open_plan(resolve_source(tiny_models["llama"]))
+    with stream.heap_for_temporaries():
+        calls.clear()
+        stream.layer_heap(plan)
+        assert calls == [("trim",)]  # small layers: the heap keeps every temporary
+        monkeypatch.setattr(stream, "PHASE_TRIM_LAYER_BYTES", 0)
+        calls.clear()
+        heap = stream.layer_heap(plan)
+        assert calls == [("trim",), ("mallopt", stream._M_MMAP_THRESHOLD, stream.LARGE_TEMPORARY_BYTES)]
+        assert heap.phases
+    assert ("mallopt", stream._M_MMAP_THRESHOLD, stream._GLIBC_DEFAULT_THRESHOLD) in calls
+    assert stream._pass_heap is None
 
 
 def test_direct_shards_are_byte_identical_to_buffered_ones(tmp_path, monkeypatch):
