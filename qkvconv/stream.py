@@ -519,6 +519,7 @@ class HeapTrimmer:
 
 
 LARGE_TEMPORARY_BYTES = 8 << 20  # in a pass over large layers, temporaries this large are mapped (see layer_heap)
+MAPPED_PASS_SLACK_BYTES = 32 << 20  # ... and the heap, which then holds only smaller ones, is trimmed past this slack
 PHASE_TRIM_LAYER_BYTES = 64 << 20  # layers of at least this many bytes in the checkpoint are also trimmed within
 
 
@@ -536,17 +537,19 @@ def layer_heap(plan: "Plan") -> HeapTrimmer:
     The heap is trimmed once first: what opening the checkpoint, the calibration text and the streams' set-up
     freed would otherwise stay under the pass and raise the floor its slack counts from (on the benchmark's 3-layer
     slice, 578 MiB of RssAnon at the first layer with 3 MiB of live tensors, where the imported libraries take ~0.31
-    GiB). Over layers
-    of PHASE_TRIM_LAYER_BYTES or more, temporaries of LARGE_TEMPORARY_BYTES or more are mapped for themselves again
-    (glibc's mmap threshold, which heap_for_temporaries raised), so their pages go back the moment they are freed:
-    a float64 copy of a 2048 × 5632 projection is 92 MB, a fit's chunk of attention outputs 26-52 MB."""
+    GiB). Over layers of PHASE_TRIM_LAYER_BYTES or more, temporaries of LARGE_TEMPORARY_BYTES or more are mapped for
+    themselves again (glibc's mmap threshold, which heap_for_temporaries raised), so their pages go back the moment
+    they are freed: a float64 copy of a 2048 × 5632 projection is 92 MB, a fit's chunk of attention outputs 26-52 MB.
+    The heap then holds only the smaller temporaries, and its slack is MAPPED_PASS_SLACK_BYTES: on the 3-layer slice,
+    share-kv --init calibrated peaked at 1.19 GiB of RssAnon with it, 1.26-1.43 GiB with the 128 MiB slack of smaller
+    layers."""
     global _pass_heap
     layer = sum(plan.tensors.nbytes(k) for k in plan.layer_keys(0))
     return_freed_memory()
     large = layer >= PHASE_TRIM_LAYER_BYTES
     if large and (lib := _glibc()):
         lib.mallopt(_M_MMAP_THRESHOLD, LARGE_TEMPORARY_BYTES)
-    _pass_heap = HeapTrimmer(max(HEAP_SLACK_BYTES, layer), phases=large)
+    _pass_heap = HeapTrimmer(MAPPED_PASS_SLACK_BYTES if large else max(HEAP_SLACK_BYTES, layer), phases=large)
     return _pass_heap
 
 
@@ -566,7 +569,8 @@ def heap_for_temporaries():
     pages instead of fresh mmaps, each of which the kernel faults in and zeroes page by page: 28 of 171 CPU seconds
     of SmolLM2's share-kv k=v calibrated fit were that (system time 28.1 s -> 4.9 s with this, same user time).
     HeapTrimmer between layers still gives the pages back, so peak memory stays about one layer's worth; a pass over
-    large layers maps its largest temporaries again (layer_heap). glibc only; the defaults (128 KiB, glibc's dynamic threshold's start) are set back on exit."""
+    large layers maps its largest temporaries again (layer_heap). glibc only; the defaults (128 KiB, glibc's dynamic
+    threshold's start) are set back on exit."""
     lib = _glibc()
     if lib:
         lib.mallopt(_M_MMAP_THRESHOLD, 1 << 30)

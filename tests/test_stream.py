@@ -418,7 +418,7 @@ def test_a_pass_starts_on_a_trimmed_heap_and_maps_large_temporaries_over_large_l
         calls.clear()
         heap = stream.layer_heap(plan)
         assert calls == [("trim",), ("mallopt", stream._M_MMAP_THRESHOLD, stream.LARGE_TEMPORARY_BYTES)]
-        assert heap.phases
+        assert heap.phases and heap.slack == stream.MAPPED_PASS_SLACK_BYTES
     assert ("mallopt", stream._M_MMAP_THRESHOLD, stream._GLIBC_DEFAULT_THRESHOLD) in calls
     assert stream._pass_heap is None
 

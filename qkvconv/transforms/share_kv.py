@@ -327,7 +327,10 @@ def _gram_edges(p: int) -> list[tuple[int, int]]:
 @dataclass
 class _Normal:
     """The normal equations of X_c·W + b ≈ y for C candidates, summed in float64 over chunks of rows: XᵀX (C, p, p),
-    Xᵀy (C, p, d), Xᵀ1 (C, p), the row count, ‖y‖² and 1ᵀy (d,)."""
+    Xᵀy (C, p, d), Xᵀ1 (C, p), the row count, ‖y‖² and 1ᵀy (d,). With a bias, XᵀX and Xᵀy are allocated one row
+    (and column) larger from the start, and solve() writes the column of ones' border (Xᵀ1, n, 1ᵀy) into it: the
+    bordered system is the same, without a (C, p+1, p+1) and a (C, p+1, d) copy beside the equations (64 MiB at a
+    2048-wide layer)."""
 
     A: torch.Tensor
     b: torch.Tensor
@@ -335,20 +338,22 @@ class _Normal:
     n: int
     yy: torch.Tensor
     y1: torch.Tensor
+    p: int
 
     @classmethod
-    def zeros(cls, C: int, p: int, d: int) -> "_Normal":
-        z = dict(dtype=torch.float64)
-        return cls(torch.zeros(C, p, p, **z), torch.zeros(C, p, d, **z), torch.zeros(C, p, **z), 0,
-                   torch.zeros((), **z), torch.zeros(d, **z))
+    def zeros(cls, C: int, p: int, d: int, bias: bool = False) -> "_Normal":
+        z, e = dict(dtype=torch.float64), int(bias)
+        return cls(torch.zeros(C, p + e, p + e, **z), torch.zeros(C, p + e, d, **z), torch.zeros(C, p, **z), 0,
+                   torch.zeros((), **z), torch.zeros(d, **z), p)
 
     def add(self, X: torch.Tensor, y: torch.Tensor) -> "_Normal":
         """Add rows X (C, n, p), y (n, d): the products in X's dtype (float32 only to score candidates), summed in
         place. XᵀX gets only its upper block triangle (column blocks i ≤ j; solve mirrors it): the Gram's cost
         dominates the fit."""
-        for a, b in _gram_edges(X.shape[-1]):
-            self.A[:, a:b, a:] += X[:, :, a:b].transpose(1, 2) @ X[:, :, a:]
-        self.b += torch.bmm(X.transpose(1, 2), y.to(X.dtype).expand(len(X), -1, -1))
+        p = self.p
+        for a, b in _gram_edges(p):
+            self.A[:, a:b, a:p] += X[:, :, a:b].transpose(1, 2) @ X[:, :, a:]
+        self.b[:, :p] += torch.bmm(X.transpose(1, 2), y.to(X.dtype).expand(len(X), -1, -1))
         self.s += X.sum(1)
         self.n += X.shape[1]
         y64 = y.double()
@@ -359,20 +364,28 @@ class _Normal:
     def solve(self, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Ridge solutions (C, p(+1 with a bias), d) and relative errors ‖Δy‖²/‖y‖² (C,), the latter from the normal
         equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩, and XᵀX·W = Xᵀy − ridge·W at the ridge solution.
-        The Gram's memory is reused for the regularised system (the equations are spent)."""
-        A, b, C = self.A, self.b, len(self.A)
-        for a, e in _gram_edges(A.shape[-1])[:-1]:  # the lower block triangle from the upper (no overlap)
-            A[:, e:, a:e] = A[:, a:e, e:].transpose(1, 2)
-        if bias:  # a column of ones: Xᵀ1 and 1ᵀ1 = n, 1ᵀy
-            A = torch.cat([torch.cat([A, self.s[:, :, None]], 2),
-                           torch.cat([self.s, torch.full((C, 1), float(self.n), dtype=torch.float64)], 1)[:, None]], 1)
-            b = torch.cat([b, self.y1.expand(C, 1, -1)], 1)
+        The Gram's memory is reused for the regularised system (the equations are spent), and freed once factored."""
+        A, b, p = self.A, self.b, self.p
+        if bias != (A.shape[-1] > p):
+            raise TransformError("internal: the normal equations were allocated for another bias choice")
+        for a, e in _gram_edges(p)[:-1]:  # the lower block triangle from the upper (no overlap)
+            A[:, e:p, a:e] = A[:, a:e, e:p].transpose(1, 2)
+        if bias:  # the border of a column of ones: Xᵀ1, 1ᵀ1 = n, and 1ᵀy
+            A[:, :p, p] = self.s
+            A[:, p, :p] = self.s
+            A[:, p, p] = float(self.n)
+            b[:, p] = self.y1
         self.A = self.b = None  # their memory now belongs to A and b alone
         ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # (C,)
         A.diagonal(dim1=1, dim2=2).add_(ridge[:, None])  # positive definite: Cholesky (LU if rounding broke it)
         chol, info = torch.linalg.cholesky_ex(A)
-        sol = torch.cholesky_solve(b, chol) if not info.any() else torch.linalg.solve(A, b)
-        del chol, A
+        if not info.any():
+            del A  # only the LU fallback needs it
+            sol = torch.cholesky_solve(b, chol)
+        else:
+            sol = torch.linalg.solve(A, b)
+            del A
+        del chol
         fit, norm = (torch.einsum("cpd,cpd->c", sol, x) for x in (b, sol))  # ⟨W, Xᵀy⟩, ‖W‖²: no (C, p, d) temporary
         err = (self.yy - fit - ridge * norm) / self.yy.clamp_min(1e-30)
         return sol, err
@@ -381,7 +394,7 @@ class _Normal:
 def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares X_c·W + b ≈ y for each of C candidates at once; X (C, n, p), y (n, d). Returns the
     solutions (C, p+1 with bias, d) and the relative errors ‖Δy‖²/‖y‖² (C,): see _Normal."""
-    return _Normal.zeros(X.shape[0], X.shape[-1], y.shape[-1]).add(X, y).solve(bias)
+    return _Normal.zeros(X.shape[0], X.shape[-1], y.shape[-1], bias).add(X, y).solve(bias)
 
 
 SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+1e-6) of the best are decided in float64
@@ -408,7 +421,7 @@ def _fit_windows(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, dt
     """W_O fits (_fit_o) of these candidates on these calibration windows, with Grams in `dtype`: the attention
     outputs are formed and their normal equations summed a chunk of windows at a time (_batches)."""
     _, per = _batches(len(cands), c.L, H * c.dh, y.shape[-1], torch.finfo(dtype).bits // 8)
-    eq = _Normal.zeros(len(cands), H * c.dh, y.shape[-1])
+    eq = _Normal.zeros(len(cands), H * c.dh, y.shape[-1], bias)
     for rows in c.chunks(windows, per):
         eq.add(_head_outputs(c, cands, H, c.h.dtype, rows).to(dtype), y[rows])
     trim_heap()  # the chunks' outputs are spent; the solve needs about as much again as the equations
