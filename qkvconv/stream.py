@@ -1489,6 +1489,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
                 if hook is not None:
                     hook.remove()
                     attn_input = torch.cat(captured)[calib_in_orig].reshape(-1, dims.hidden_size)
+                captured.clear()  # the batches' attention inputs: as many bytes again as attn_input held
                 release(module)
             timings["verify"] += time.perf_counter() - t
             trim_heap()  # each phase's spent temporaries leave the heap before the next phase's (see trim_heap)

@@ -287,7 +287,8 @@ def decode_check(original, converted, ids: torch.Tensor, *, prompts: int = DECOD
     p = ids[:prompts, : min(prompt_tokens, ids.shape[1])]
     L = p.shape[1]
     ref_seq, ref_cached, _ = _greedy(original, p, new_tokens, eos)
-    original_gap = _finite_gap(ref_cached, _uncached(original, ref_seq, L, eos))
+    ref_uncached = _uncached(original, ref_seq, L, eos)
+    original_gap = _finite_gap(ref_cached, ref_uncached)
     seq, cached, held = _greedy(converted, p, new_tokens, eos)
     uncached = _uncached(converted, seq, L, eos)
     chosen = seq[:, L:]  # (B, n)
@@ -296,7 +297,9 @@ def decode_check(original, converted, ids: torch.Tensor, *, prompts: int = DECOD
     tol = max(4 * original_gap, 4 * ulp)
     margin = uncached.max(-1).values - uncached.gather(-1, chosen[..., None])[..., 0]  # ≥ 0; 0 where they agree
     agree = margin == 0
-    ref_next = _uncached(original, seq, L, eos).argmax(-1)  # the original's choice after the converted's prefix
+    # the original's choice after the converted's prefix: its pass over ref_seq where that is the same sequence (the
+    # usual case of an exact conversion), else one over seq
+    ref_next = (ref_uncached if torch.equal(seq, ref_seq) else _uncached(original, seq, L, eos)).argmax(-1)
     return DecodeCheck(
         prompts=p.shape[0], prompt_tokens=L, new_tokens=new_tokens,
         cached_vs_uncached=float(agree.float().mean()), mismatches=int((margin > tol).sum()),
