@@ -541,8 +541,8 @@ def layer_heap(plan: "Plan") -> HeapTrimmer:
     themselves again (glibc's mmap threshold, which heap_for_temporaries raised), so their pages go back the moment
     they are freed: a float64 copy of a 2048 × 5632 projection is 92 MB, a fit's chunk of attention outputs 26-52 MB.
     The heap then holds only the smaller temporaries, and its slack is MAPPED_PASS_SLACK_BYTES: on the 3-layer slice,
-    share-kv --init calibrated peaked at 1.19 GiB of RssAnon with it, 1.26-1.43 GiB with the 128 MiB slack of smaller
-    layers."""
+    share-kv --init calibrated peaked at 1.19 GiB of RssAnon with a 24 MiB slack, 1.26-1.43 GiB with 128 MiB (the
+    slack of smaller layers)."""
     global _pass_heap
     layer = sum(plan.tensors.nbytes(k) for k in plan.layer_keys(0))
     return_freed_memory()
