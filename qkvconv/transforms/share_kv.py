@@ -401,6 +401,7 @@ SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+1e
 SCORE_WINDOWS = 16  # candidates are scored on at most this many calibration windows (every k-th), see _choose
 SCORE_TIE_SAMPLED = 0.03  # ... and those within this relative margin of the best are refit on all windows
 SCORE_BATCH_BYTES = 256 << 20  # a fit's working memory: candidates × (normal equations + a chunk of windows' outputs)
+WIDE_CHUNK_BYTES = 32 << 20  # a wide layer's chunk of windows is at most this (_batches)
 
 
 def _batches(C: int, L: int, p: int, d: int, itemsize: int) -> tuple[int, int]:
@@ -409,11 +410,16 @@ def _batches(C: int, L: int, p: int, d: int, itemsize: int) -> tuple[int, int]:
     and a chunk's products (a third of XᵀX and Xᵀy) in the Gram's dtype; each window of its attention outputs (L, p)
     is held three times in float32 (stacked queries, rotated, attended) and once in the Gram's dtype.
     SmolLM2 (p = d = 576): all 5 k=v candidates at once, 13–17 windows at a time (float64 / float32 Grams); a
-    2048-wide layer: one candidate, 8–13 windows (five at once over every window held 3 GB beside a 92 MB layer)."""
+    2048-wide layer: one candidate (five at once over every window held 3 GB beside a 92 MB layer), 3–4 windows at a
+    time (WIDE_CHUNK_BYTES: with the budget's 8–13, a float64 chunk's X, y and XᵀX temporaries set the peak of the
+    4 GiB benchmark's calibrated share-kv, 1.22–1.36 GiB of RssAnon in every layer)."""
     eq = 8 * p * (2 * p + 2 * d) + itemsize * p * (p // GRAM_BLOCKS + d)
     window = (3 * 4 + itemsize) * L * p
     step = max(1, min(C, SCORE_BATCH_BYTES // (eq + window)))
-    return step, max(1, (SCORE_BATCH_BYTES - step * eq) // (step * window))
+    per = max(1, (SCORE_BATCH_BYTES - step * eq) // (step * window))
+    if 2 * eq > SCORE_BATCH_BYTES:  # a wide layer (one candidate's equations take most of the budget): the chunk's
+        per = min(per, max(1, WIDE_CHUNK_BYTES // window))  # temporaries bound the peak, so they are kept small
+    return step, per
 
 
 def _fit_windows(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, dtype: torch.dtype,
