@@ -361,13 +361,13 @@ class _Normal:
         self.yy += y64.pow_(2).sum()
         return self
 
-    def solve(self, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Ridge solutions (C, p(+1 with a bias), d) and relative errors ‖Δy‖²/‖y‖² (C,), the latter from the normal
         equations: ‖X·W − y‖² = ‖y‖² − 2⟨W, Xᵀy⟩ + ⟨W, XᵀX·W⟩, and XᵀX·W = Xᵀy − ridge·W at the ridge solution.
-        The Gram's memory is reused for the regularised system (the equations are spent), and freed once factored."""
+        With a bias where the equations were allocated with its border (zeros). The Gram's memory is reused for the
+        regularised system (the equations are spent), and freed once factored."""
         A, b, p = self.A, self.b, self.p
-        if bias != (A.shape[-1] > p):
-            raise TransformError("internal: the normal equations were allocated for another bias choice")
+        bias = A.shape[-1] > p
         for a, e in _gram_edges(p)[:-1]:  # the lower block triangle from the upper (no overlap)
             A[:, e:p, a:e] = A[:, a:e, e:p].transpose(1, 2)
         if bias:  # the border of a column of ones: Xᵀ1, 1ᵀ1 = n, and 1ᵀy
@@ -394,7 +394,7 @@ class _Normal:
 def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares X_c·W + b ≈ y for each of C candidates at once; X (C, n, p), y (n, d). Returns the
     solutions (C, p+1 with bias, d) and the relative errors ‖Δy‖²/‖y‖² (C,): see _Normal."""
-    return _Normal.zeros(X.shape[0], X.shape[-1], y.shape[-1], bias).add(X, y).solve(bias)
+    return _Normal.zeros(X.shape[0], X.shape[-1], y.shape[-1], bias).add(X, y).solve()
 
 
 SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+1e-6) of the best are decided in float64
@@ -431,7 +431,7 @@ def _fit_windows(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, dt
     for rows in c.chunks(windows, per):
         eq.add(_head_outputs(c, cands, H, c.h.dtype, rows).to(dtype), y[rows])
     trim_heap()  # the chunks' outputs are spent; the solve needs about as much again as the equations
-    return eq.solve(bias)
+    return eq.solve()
 
 
 def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: bool) -> tuple[dict, dict]:
