@@ -213,6 +213,25 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def check_device(device: str) -> str:
+    """`device` (--device) if this torch can compute there, else one line saying why: the float64 algebra and the
+    verification streams run on the CPU or on a CUDA GPU (cuda, cuda:N)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise QkvconvError(f"unknown --device {device!r}; use cpu or cuda (cuda:N for one GPU of several)") from None
+    if dev.type == "cpu":
+        return device
+    if dev.type != "cuda":
+        raise QkvconvError(f"--device {device}: conversions run on cpu or cuda (their algebra is in float64)")
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        raise QkvconvError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise QkvconvError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return device
+
+
 def _pipeline(
     model, output, *, name: str, options: dict, layer_fn: Callable, exact: bool, calib, num_seqs: int, seq_len: int,
     seed: int, dtype: torch.dtype | None, atol: float | None = None, force: bool, allow_pickle: bool,
@@ -233,6 +252,7 @@ def _pipeline(
     from qkvconv.stream import atomic_output, open_plan, stream_convert
 
     t: dict[str, float] = {}
+    device = check_device(device)
     source = resolve_source(model, allow_pickle=allow_pickle)
     out = check_output(output, force=force, inputs=[source]) if output is not None else None
     with _timed(t, "open", progress):

@@ -141,6 +141,23 @@ def test_existing_output_refused_without_force(tiny_models, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("command", [["absorb-query"], ["share-kv", "--mode", "k=v"], ["latent-kv", "--kv-rank", "16"]])
+def test_a_device_this_torch_cannot_use_is_refused_in_one_line(tiny_models, tmp_path, command):
+    import torch
+
+    cases = [("gpu", "unknown --device"), ("mps", "cpu or cuda")]
+    if not torch.cuda.is_available():  # a CPU-only machine (CI): --device cuda is named as the problem
+        cases.append(("cuda", "--device cuda"))
+    else:
+        cases.append((f"cuda:{torch.cuda.device_count()}", "numbered from 0"))
+    for device, says in cases:
+        out = tmp_path / device.replace(":", "-")
+        result = run(command[0], tiny_models["llama"], "-o", out, *command[1:], "--device", device)
+        assert result.exit_code == 1, result.output
+        assert says in one_error_line(result)
+        assert not out.exists()
+
+
 def test_output_inside_input_refused(tiny_models):
     result = run("absorb-query", tiny_models["llama"], "-o", tiny_models["llama"] / "sub")
     assert result.exit_code != 0

@@ -358,3 +358,25 @@ def test_greedy_generation_matches_an_independent_reference(tiny_models, tmp_pat
         print(f"{family_} {mode} kv_heads={kv_heads}: max |Δlogit| vs reference {err:.2e}")
         assert err < 1e-4
         assert gen[0].tolist() == ref.tolist()
+
+
+def test_value_directions_and_latent_bases_have_one_sign_whatever_the_solver_picks():
+    """LAPACK and cuSOLVER return eigen/singular vectors with different signs; share-kv's value directions go into
+    rotary key units (where a sign is not absorbed by the query refit), so they are canonicalised: the vectors a
+    solver returns with any signs give the same directions. Measured on an H200: without this, share-kv k=v
+    calibrated on SmolLM2 differed between --device cpu and cuda in 6 of 30 layers."""
+    from qkvconv.transforms.latent_kv import _whiten
+    from qkvconv.transforms.layer import column_signs
+    from qkvconv.transforms.share_kv import _value_directions
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    E = _value_directions(x)
+    assert bool((E.gather(0, E.abs().argmax(0, keepdim=True)) > 0).all())
+    flips = torch.where(torch.rand(16, generator=g) < 0.5, -1.0, 1.0).double()
+    assert torch.equal((E * flips) * column_signs(E * flips), E)  # another solver's signs: the same directions
+    H = x.T @ x / len(x)
+    W = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    f = _whiten(H, W)
+    assert bool((f.Vh.gather(1, f.Vh.abs().argmax(1, keepdim=True)) > 0).all())
+    torch.testing.assert_close(f.U * f.S @ f.Vh, torch.linalg.cholesky(H).T @ W, rtol=1e-12, atol=1e-12)

@@ -59,7 +59,8 @@ def query_module(spec: ArchSpec) -> str:
 
 
 def _normal(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=gen, dtype=torch.float64) * fan_in**-0.5
+    # drawn where the generator is (the CPU) whatever device the conversion runs on: one seed, the same weights
+    return torch.randn(shape, generator=gen, dtype=torch.float64, device=gen.device) * fan_in**-0.5
 
 
 def _check_layers(layers: list[dict], dims: Dims, key: str, command: str) -> None:

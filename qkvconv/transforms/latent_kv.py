@@ -69,7 +69,7 @@ import torch
 from qkvconv.archs import ArchSpec, Dims
 from qkvconv.archs.layout import Proj, qkv_keys, read_qkv
 from qkvconv.errors import TransformError
-from qkvconv.transforms.layer import LayerResult, layer_dtype
+from qkvconv.transforms.layer import LayerResult, column_signs, layer_dtype
 from qkvconv.transforms.share_kv import _attn_prefix, _o_key, _put, move_qk_norms, read_o
 
 # the layer keys of a share-kv output that a latent can follow: pooled heads and/or K=V (queries their own)
@@ -427,7 +427,8 @@ def _whiten(H: torch.Tensor, W: torch.Tensor, M: torch.Tensor | None = None) -> 
     L = torch.linalg.cholesky(H)  # H = L·Lᵀ
     D = None if M is None else torch.linalg.cholesky(M)  # M = D·Dᵀ: ‖e·D‖² = e·M·eᵀ
     U, S, Vh = torch.linalg.svd(L.T @ W if D is None else L.T @ W @ D, full_matrices=False)  # Lᵀ·W·D = U·Σ·Vᵀ
-    return _Whitened(L.T, U, S, Vh, D)
+    signs = column_signs(Vh.T)  # each pair (u_j, v_j) with one sign on every device: U·Σ·Vᵀ unchanged
+    return _Whitened(L.T, U * signs, S, Vh * signs[:, None], D)
 
 
 def layer_spectrum(sd: dict, spec: ArchSpec, dims: Dims, i: int, attn_input: torch.Tensor | None,

@@ -27,3 +27,14 @@ class LayerResult:
 def layer_dtype(sd: dict[str, torch.Tensor], prefix: str) -> torch.dtype:
     """The dtype of the layer whose keys start with `prefix` (e.g. "model.layers.3.")."""
     return next(t.dtype for k, t in sd.items() if k.startswith(prefix))
+
+
+def column_signs(vecs: torch.Tensor) -> torch.Tensor:
+    """±1 per column of `vecs` (n, m) that makes each column's largest-magnitude entry positive.
+
+    An eigen- or singular vector is defined up to its sign, and LAPACK (CPU) and cuSOLVER (GPU) pick different ones
+    for the same matrix: multiplying by these signs gives the vectors one sign everywhere, so a fit built from them
+    is the same on every device (a direction placed into a rotary key unit is not a sign-free choice there)."""
+    pivot = vecs.abs().argmax(0, keepdim=True)  # (1, m)
+    signs = vecs.gather(0, pivot).sign().squeeze(0)
+    return torch.where(signs == 0, torch.ones_like(signs), signs)

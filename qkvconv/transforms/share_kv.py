@@ -54,7 +54,7 @@ from qkvconv.archs.layout import Proj, qkv_keys, read_qkv
 from qkvconv.errors import TransformError
 from qkvconv.stream import trim_heap
 from qkvconv.transforms.absorb_query import _rope_commuting_refit
-from qkvconv.transforms.layer import LayerResult, layer_dtype
+from qkvconv.transforms.layer import LayerResult, column_signs, layer_dtype
 
 MODES = ("k=v", "q=k", "q=k=v")
 INITS = ("key", "value", "mean", "calibrated")
@@ -397,7 +397,7 @@ def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, 
     return _Normal.zeros(X.shape[0], X.shape[-1], y.shape[-1], bias).add(X, y).solve()
 
 
-SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+1e-6) of the best are decided in float64
+SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+ score_rounding) of the best: float64
 SCORE_WINDOWS = 16  # candidates are scored on at most this many calibration windows (every k-th), see _choose
 SCORE_TIE_SAMPLED = 0.03  # ... and those within this relative margin of the best are refit on all windows
 SCORE_BATCH_BYTES = 256 << 20  # a fit's working memory: candidates × (normal equations + a chunk of windows' outputs)
@@ -434,6 +434,17 @@ def _fit_windows(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, dt
     return eq.solve()
 
 
+def score_rounding(rows: int) -> float:
+    """How far apart two float32 scores (relative errors from Grams summed over `rows` rows) must be to be ranked
+    without a float64 refit: a score ‖y‖² − ⟨W, Xᵀy⟩ − … cancels, so its rounding relative to ‖y‖² is up to
+    rows·ε₃₂, the bound of a sum taken one row after another, as a GPU GEMM may do (2.4e-4 at 16 windows of 256
+    tokens). It matters only where fits are close to exact: SmolLM2's layers (relative errors 6e-4 to 0.19) choose
+    as before. Measured on an H200 with 1e-6 in its place: on a random-weight SmolLM2-shaped model (errors ~1e-4)
+    cpu and cuda chose different candidates in 20 of 30 layers, cuda's float64 error up to 2.4× cpu's, and cpu's
+    float32 ranking had missed the float64 best in 6 (13-19 % higher error there)."""
+    return rows * torch.finfo(torch.float32).eps
+
+
 def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: bool) -> tuple[dict, dict]:
     """The candidate whose refit W_O leaves the smallest relative error, with that W_O (step 4).
 
@@ -445,13 +456,18 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
     is bounded by SCORE_BATCH_BYTES, not by the number of calibration tokens."""
     keep, p, d = list(range(len(cands))), H * c.dh, y.shape[-1]
     every = list(range(c.B))
-    if len(cands) > 1 and c.h.dtype != torch.float64:
-        k = -(-c.B // SCORE_WINDOWS)
+    k = -(-c.B // SCORE_WINDOWS)
+    # no float32 ranking where the scored rows do not outnumber the weights: the Gram is singular but for the ridge,
+    # and its float32 scores are noise (the tiny test models' moved by 4e-5 between a batched and a one-candidate GEMM)
+    if len(cands) > 1 and c.h.dtype != torch.float64 and len(every[::k]) * c.L > p:
         step, _ = _batches(len(cands), c.L, p, d, 4)
         score = torch.cat([_fit_windows(c, cands[a : a + step], y, H, c.h.dtype, every[::k], bias)[1]
                            for a in range(0, len(cands), step)])
-        best = float(score.min())  # near 0 (more weights than tokens) float32 scores can even come out < 0
-        close = score <= best + (SCORE_TIE if k == 1 else SCORE_TIE_SAMPLED) * abs(best) + 1e-6
+        best = float(score.min())  # near 0 float32 scores can even come out < 0
+        # a float32 score ‖y‖² − ⟨W, Xᵀy⟩ − … cancels: its rounding, relative to ‖y‖², is up to rows·ε₃₂ (a GEMM that
+        # sums its rows one after another), so scores closer than that are not ranked in float32 (score_rounding)
+        close = score <= best + (SCORE_TIE if k == 1 else SCORE_TIE_SAMPLED) * abs(best) + \
+            score_rounding(len(every[::k]) * c.L)
         if close.any():  # else keep them all: a score is not finite
             keep = [j for j in keep if close[j]]
     step, _ = _batches(len(keep), c.L, p, d, 8)
@@ -475,7 +491,8 @@ def _value_directions(x: torch.Tensor) -> torch.Tensor:
     x = x.double()
     x = x - x.mean(0)
     _, vecs = torch.linalg.eigh(x.T @ x)
-    return vecs.flip(1)
+    vecs = vecs.flip(1)
+    return vecs * column_signs(vecs)  # one sign on every device (see column_signs)
 
 
 def _key_units(dh: int, rotary: int) -> list[list[int]]:
