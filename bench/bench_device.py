@@ -191,7 +191,8 @@ def main() -> None:
                      for v in vals]
             cmp = ""
             if j == 0 and "max_rel_diff" in c:
-                cmp = f"  {c['max_rel_diff']:17.3e}  {c['differing']}/{c['tensors']} tensors differ, worst {c['worst_tensor']}"
+                cmp = (f"  {c['max_rel_diff']:17.3e}  {c['differing']}/{c['tensors']} tensors differ, "
+                       f"worst {c['worst_tensor']}")
             elif j == 0 and c:
                 cmp = f"  {'':17s}  outputs differ in keys/shapes: {c}"
             print(f"{row['run']:5s} {d:6s} " + " ".join(cells) + cmp)
