@@ -450,7 +450,9 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
 
     The candidates are scored with float32 Grams on at most SCORE_WINDOWS of the calibration windows, every k-th;
     the best — and any within SCORE_TIE_SAMPLED of it (SCORE_TIE when every window was scored, where only float32
-    rounding could decide) — are refit on every window with float64 Grams, which pick the winner and give its W_O.
+    rounding could decide), plus the scores' rounding bound (score_rounding) — are refit on every window with
+    float64 Grams, which pick the winner and give its W_O. Where the scored rows do not outnumber the weights, no
+    candidate is ranked in float32: all are refit.
     At 40×256 calibration tokens the candidates are scored on half the fitting tokens; the winner's W_O still sees
     every token. Both passes go a batch of candidates and a chunk of windows at a time (_batches), so their memory
     is bounded by SCORE_BATCH_BYTES, not by the number of calibration tokens."""
