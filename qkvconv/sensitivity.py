@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from qkvconv.stream import (Float64View, LayerSkeletons, Plan, Stream, folded_dtypes, heap_for_temporaries,
-                            layer_heap, load_layer, read_layer, release)
+                            layer_heap, load_layer, read_layer, release, transform_device)
 
 Candidates = Callable[[Float64View, int, torch.Tensor], dict]  # (layer tensors, i, attn_input) -> {key: LayerResult}
 
@@ -89,7 +89,7 @@ def _layer_sensitivity(plan, ids, fit_rows, probe_rows, candidates, config_for, 
         release(module)
         timings["original"] += time.perf_counter() - t
         t = time.perf_counter()
-        with torch.device(device):
+        with transform_device(device):
             made = candidates(sd64, i, attn_input)
         timings["fit"] += time.perf_counter() - t
         t = time.perf_counter()

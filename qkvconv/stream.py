@@ -1351,6 +1351,13 @@ def read_layer(plan: Plan, i: int, device="cpu") -> tuple[dict[str, torch.Tensor
     return tensors, Float64View(tensors, device)
 
 
+def transform_device(device) -> contextlib.AbstractContextManager:
+    """The context a layer transform runs in, so that its own new tensors (eye, zeros, ...) are made on `device`; on
+    the CPU, where they are made anyway, none: the device context's Python hook runs on every torch call (0.2-0.5 s
+    of SmolLM2's absorb-query transform)."""
+    return torch.device(device) if torch.device(device).type != "cpu" else contextlib.nullcontext()
+
+
 def cast_layer(tensors: dict[str, torch.Tensor], dtype: torch.dtype, keep: dict[str, torch.dtype]
                ) -> dict[str, torch.Tensor]:
     """Floating tensors cast to `dtype`, the folded maps to the dtype `keep` gives them (full key -> dtype, see
@@ -1504,9 +1511,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
             timings["verify"] += time.perf_counter() - t
             trim_heap()  # each phase's spent temporaries leave the heap before the next phase's (see trim_heap)
             t = time.perf_counter()
-            # the transform's own new tensors (eye, zeros, ...) on the same device; on the CPU, where they are made
-            # anyway, without the device context's Python hook on every torch call (0.2-0.5 s of SmolLM2's transform)
-            with torch.device(device) if torch.device(device).type != "cpu" else contextlib.nullcontext():
+            with transform_device(device):
                 res = layer_fn(sd64, i, attn_input)
             timings["transform"] += time.perf_counter() - t
             trim_heap()
