@@ -459,17 +459,16 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
     keep, p, d = list(range(len(cands))), H * c.dh, y.shape[-1]
     every = list(range(c.B))
     k = -(-c.B // SCORE_WINDOWS)
+    scored = every[::k]
     # no float32 ranking where the scored rows do not outnumber the weights: the Gram is singular but for the ridge,
     # and its float32 scores are noise (the tiny test models' moved by 4e-5 between a batched and a one-candidate GEMM)
-    if len(cands) > 1 and c.h.dtype != torch.float64 and len(every[::k]) * c.L > p:
+    if len(cands) > 1 and c.h.dtype != torch.float64 and len(scored) * c.L > p:
         step, _ = _batches(len(cands), c.L, p, d, 4)
-        score = torch.cat([_fit_windows(c, cands[a : a + step], y, H, c.h.dtype, every[::k], bias)[1]
+        score = torch.cat([_fit_windows(c, cands[a : a + step], y, H, c.h.dtype, scored, bias)[1]
                            for a in range(0, len(cands), step)])
         best = float(score.min())  # near 0 float32 scores can even come out < 0
-        # a float32 score ‖y‖² − ⟨W, Xᵀy⟩ − … cancels: its rounding, relative to ‖y‖², is up to rows·ε₃₂ (a GEMM that
-        # sums its rows one after another), so scores closer than that are not ranked in float32 (score_rounding)
-        close = score <= best + (SCORE_TIE if k == 1 else SCORE_TIE_SAMPLED) * abs(best) + \
-            score_rounding(len(every[::k]) * c.L)
+        margin = (SCORE_TIE if k == 1 else SCORE_TIE_SAMPLED) * abs(best) + score_rounding(len(scored) * c.L)
+        close = score <= best + margin
         if close.any():  # else keep them all: a score is not finite
             keep = [j for j in keep if close[j]]
     step, _ = _batches(len(keep), c.L, p, d, 8)
