@@ -20,7 +20,7 @@ from qkvconv.archs.layout import read_qkv
 from qkvconv.cli import app
 from qkvconv.convert import latent_kv_checkpoint, share_kv_checkpoint
 from qkvconv.errors import TransformError
-from qkvconv.transforms.latent_kv import (_group_weights, _rope_average, attention_weights, fit_metrics, full_rank,
+from qkvconv.transforms.latent_kv import (_group_weights, balance_latent, _rope_average, attention_weights, fit_metrics, full_rank,
                                           latent_kv_layer, layer_spectrum, rope_distance_angles)
 from qkvconv.transforms.share_kv import read_o
 
@@ -199,6 +199,36 @@ def test_attention_weights_blocks(tiny_models):
     kv_of_v = attention_weights(q, [v, v], o, dims, None, 1.0)
     for g in range(G):
         torch.testing.assert_close(shared[g][0], kv_of_v[g][0] + kv_of_v[g][1])
+
+
+@pytest.mark.parametrize("fit,groups", [("kv", 1), ("attention", 1), ("attention", 2)])
+def test_latent_factors_are_balanced(tiny_models, fit, groups):
+    """Each latent coordinate's down-projection column and up-projection row ([B_K | B_V], its group's block) have
+    one RMS, whatever the fit put in each (a finetune's Adam moves every entry by about its lr); the product A·B is
+    what it was before the rescaling, to float64 rounding."""
+    from qkvconv.verify import attention_inputs, calibration_ids
+
+    loaded = qkvconv.checkpoint.load(tiny_models["qwen2"])
+    spec, dims = _dims(loaded.model)
+    ids, _ = calibration_ids(loaded.model, loaded.tokenizer, calib="sample", num_seqs=4, seq_len=32)
+    x = attention_inputs(loaded.model, spec, ids)[1].double()
+    sd = {k: v.double() for k, v in loaded.model.state_dict().items()}
+    res = latent_kv_layer(sd, spec, dims, 1, 12, x, groups=groups, fit=fit)
+    a = "model.layers.1.self_attn."
+    A, Bk, Bv = (res.tensors[a + n + ".weight"].T for n in ("kv_a_proj", "k_b_proj", "v_b_proj"))
+    B = torch.cat([Bk, Bv], 1)
+    rms_a = A.pow(2).mean(0).sqrt()
+    rms_b = (B.pow(2).sum(1) / (B != 0).sum(1)).sqrt()
+    print(f"fit={fit} groups={groups}: RMS(A[:, j]) / RMS(B[j]) in [{(rms_a / rms_b).min():.6f}, "
+          f"{(rms_a / rms_b).max():.6f}]")
+    torch.testing.assert_close(rms_a, rms_b, rtol=1e-12, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    A0 = torch.randn(40, 6, dtype=torch.float64, generator=gen) * torch.logspace(-3, 1, 6, dtype=torch.float64)
+    Bk0, Bv0 = (torch.randn(6, 8, dtype=torch.float64, generator=gen) for _ in range(2))
+    A1, Bk1, Bv1 = A0.clone(), Bk0.clone(), Bv0.clone()
+    balance_latent(A1, Bk1, Bv1)
+    torch.testing.assert_close(A1 @ torch.cat([Bk1, Bv1], 1), A0 @ torch.cat([Bk0, Bv0], 1), rtol=1e-13, atol=1e-15)
+    assert not torch.allclose(A1, A0)
 
 
 # --------------------------------------------------------------------------------- what it buys
