@@ -20,8 +20,8 @@ from qkvconv.archs.layout import read_qkv
 from qkvconv.cli import app
 from qkvconv.convert import latent_kv_checkpoint, share_kv_checkpoint
 from qkvconv.errors import TransformError
-from qkvconv.transforms.latent_kv import (_group_weights, balance_latent, _rope_average, attention_weights, fit_metrics, full_rank,
-                                          latent_kv_layer, layer_spectrum, rope_distance_angles)
+from qkvconv.transforms.latent_kv import (_group_weights, _rope_average, attention_weights, balance_latent,
+                                          fit_metrics, full_rank, latent_kv_layer, layer_spectrum, rope_distance_angles)
 from qkvconv.transforms.share_kv import read_o
 
 FAST = dict(num_seqs=5, seq_len=32, calib="sample")  # text the random model itself writes; 4 fit, 1 held out
