@@ -536,22 +536,18 @@ def kept_energy(spectra: list[torch.Tensor], ranks: list[int]) -> float:
 
 
 # ----------------------------------------------------------------------------------------- one layer
-def balance_latent(A: torch.Tensor, Bk: torch.Tensor, Bv: torch.Tensor) -> None:
-    """Rescale each latent coordinate j in place, A[:, j]·t_j and [B_K | B_V][j]/t_j, so that its down- and
-    up-projection entries have one root-mean-square: c·B is unchanged (exactly so in float64), the cache the same
+def balance_latent(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group's factors with each latent coordinate j rescaled, A[:, j]·t_j and B[j]/t_j, so that its down- and
+    up-projection entries have one root-mean-square: A·B is unchanged (exactly so in float64), the cache the same
     size. The SVD leaves the whole scale in A (Σ) and none in B (orthonormal rows, divided by D with --fit
     attention), 1e-2…1e-3 against A's 0.3…3 on SmolLM2. A finetune's Adam moves every entry by about its lr, so the
     small factor changed by percents a step: healing from there stalled (the 1/6 heal from --fit attention stayed at
     perplexity ~70 for 300 steps; gradient norms 3× those of --fit kv). Balanced, the relative change a step makes
-    in A·B is the least it can be (‖δA‖/‖A‖ + ‖δB‖/‖B‖ at a fixed product is least where the RMSs are equal)."""
-    B = torch.cat([Bk, Bv], 1)
-    width = (B != 0).sum(1).clamp_min(1)  # the row's own group (B is block-diagonal with --groups)
-    a = A.pow(2).mean(0).sqrt()
-    b = (B.pow(2).sum(1) / width).sqrt()
+    in A·B is the least it can be (‖δA‖/‖A‖ + ‖δB‖/‖B‖ at a fixed product is least where the RMSs are equal).
+    A: (d, r), B: (r, m)."""
+    a, b = A.pow(2).mean(0).sqrt(), B.pow(2).mean(1).sqrt()
     t = torch.where((a > 0) & (b > 0), (b / a.clamp_min(1e-300)).sqrt(), torch.ones_like(a))
-    A.mul_(t)
-    Bk.div_(t[:, None])
-    Bv.div_(t[:, None])
+    return A * t, B / t[:, None]
 
 
 def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: int, rank: int | list[int],
@@ -598,14 +594,13 @@ def latent_kv_layer(sd: dict[str, torch.Tensor], spec: ArchSpec, dims: Dims, i: 
         if rj > len(f.S):
             raise TransformError(f"layer {i}: rank {rj} exceeds the group's full rank {len(f.S)}")
         rows = slice(start, start + rj)
-        # A = L⁻ᵀ·U_r·Σ_r ; [B_K | B_V] = V_rᵀ·D⁻¹ (K=V: B_K = B_V)
-        A[:, rows] = torch.linalg.solve_triangular(f.Lt, f.U[:, :rj] * f.S[:rj], upper=True)
-        B = f.up(rj)
+        # A = L⁻ᵀ·U_r·Σ_r ; [B_K | B_V] = V_rᵀ·D⁻¹ (K=V: B_K = B_V), balanced
+        A[:, rows], B = balance_latent(torch.linalg.solve_triangular(f.Lt, f.U[:, :rj] * f.S[:rj], upper=True),
+                                       f.up(rj))
         Bk[rows, j * wk:(j + 1) * wk] = B[:, :wk]
         Bv[rows, j * wv:(j + 1) * wv] = B[:, wk:] if v is not None else B[:, :wk]
         kept.append(float(f.S[:rj].pow(2).sum() / f.S.pow(2).sum().clamp_min(1e-300)))
         start += rj
-    balance_latent(A, Bk, Bv)
     attn = _attn_prefix(spec, i)
     out: dict[str, torch.Tensor] = {}
     _put(out, f"{attn}.q_proj", q, dtype)
