@@ -403,7 +403,14 @@ def _transforms(m: ModelResult) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in t.items() if k != "transform" and v is not None)
         parts.append(f"{t.get('transform', '?')}({opts})")
     chain = " → ".join(parts) or "unmodified"
+    if m.role == "control" and is_base_control(m):
+        return chain + "; the base itself (the heal is pure distillation from the base, whose fixed point it is)"
     return chain + ("; healed" if m.heal else "; not healed")
+
+
+def is_base_control(m: ModelResult) -> bool:
+    """A control that is the base model: the heal is pure distillation from the base (runner.self_distillation)."""
+    return m.role == "control" and m.heal is not None and m.heal.get("distill", 0) >= 1 and not m.heal.get("teacher")
 
 
 def markdown(
@@ -417,8 +424,13 @@ def markdown(
              f"{sum(not s.cached for s in results.steps)} steps run, {sum(s.cached for s in results.steps)} cached"
              + (f" · **partial: pending {', '.join(pending)}**" if pending else ""))
     L += ["", "## Results", ""]
+    base_control = any(is_base_control(m) for m in results.models)
     L.append("Δ is against the model's reference (`ref`: the control, i.e. the unmodified model healed the same way, "
-             "for healed models; the base model otherwise), on the same documents. p is a paired test on lm-eval's "
+             "for healed models; the base model otherwise), on the same documents. "
+             + ("Here the heal is pure distillation from the base, so the control is the base itself: distilling the "
+                "base into itself can only keep it (running it anyway would let Adam turn rounding into drift). "
+                if base_control else "")
+             + "p is a paired test on lm-eval's "
              f"per-document values: McNemar's exact test for 0/1 metrics, a paired bootstrap "
              f"({iters:,} resamples, seed {seed}, lm-eval's aggregation) otherwise; **✱** marks p < {ALPHA}. "
              "Values are ± lm-eval's stderr; Δ is between the values shown, the paired tests (CIs under *Paired "

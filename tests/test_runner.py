@@ -190,6 +190,25 @@ def test_lr_new_reaches_the_variants_heal_and_leaves_the_controls_key_alone():
     assert heals["fast"]["l"].options["lr_new"] == 0.001 and heals["fast"]["l"].key != heals["plain"]["l"].key
 
 
+def test_a_pure_distillation_heal_has_the_base_as_its_control():
+    """distill 1 from the default teacher (the base): healing the base would only distil it into itself, so the plan
+    has no control heal and the control is evaluated as the base (one eval step, the base's); any other heal (half
+    distillation, or another teacher) still heals the control."""
+    text = "name: c\nbase: some/model\nheal: {data: d.txt, steps: 2, train: attention%s}\n" \
+           "variants:\n  - name: l\n    steps: [latent-kv: {kv_rank: 8}]\n"
+    pure = make_plan(parse_recipe(text % ", distill: 1.0"), base_id="some/model")
+    assert [s.model for s in pure.steps if s.kind == "finetune"] == ["l"]
+    models = {m["name"]: m for m in pure.models}
+    assert models["control"]["source_key"] == models["base"]["source_key"]
+    assert models["control"]["eval_key"] == models["base"]["eval_key"] and models["control"]["steps"] == [
+        models["base"]["eval_key"]]
+    assert sum(s.kind == "eval" for s in pure.steps) == 2  # base (= control) and l
+    assert models["l"]["reference"] == "control"
+    for other in (", distill: 0.5", ", distill: 1.0, teacher: other/model"):
+        plan = make_plan(parse_recipe(text % other), base_id="some/model")
+        assert sorted(s.model for s in plan.steps if s.kind == "finetune") == ["control", "l"], other
+
+
 def test_an_existing_run_dir_needs_resume(setup, tmp_path):
     (tmp_path / "x").mkdir()
     result = CliRunner().invoke(app, ["run", str(recipe(setup)), "--output", str(tmp_path / "x")])
