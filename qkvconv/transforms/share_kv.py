@@ -225,13 +225,14 @@ class _Calib:
 
     def __init__(self, c: Calibration, i: int, dims: Dims):
         h = c.attn_inputs[i]
-        self.h = h.to(torch.promote_types(h.dtype, torch.float32))  # the activations' dtype (module docstring)
+        self.dtype = torch.promote_types(h.dtype, torch.float32)  # the activations' dtype (module docstring)
+        self.h: torch.Tensor | None = h.to(self.dtype)  # None once the candidates are made (_calibrated)
         self.L, self.dh, self.eps, self.gain_offset = c.seq_len, dims.head_dim, c.norm_eps, c.norm_gain_offset
         self.scale = c.scaling if c.scaling is not None else dims.head_dim**-0.5
         self.softcap, self.window = c.softcap, c.sliding_window
         self.B = self.h.shape[0] // self.L
-        self.cos = None if c.cos is None else c.cos.to(self.h.dtype)
-        self.sin = None if c.sin is None else c.sin.to(self.h.dtype)
+        self.cos = None if c.cos is None else c.cos.to(self.dtype)
+        self.sin = None if c.sin is None else c.sin.to(self.dtype)
         self.rotary = dims.rotary_dim
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:  # (C, B·L, n·dh) or (B·L, n·dh) -> (C·B, n, L, dh)
@@ -429,7 +430,7 @@ def _fit_windows(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, dt
     _, per = _batches(len(cands), c.L, H * c.dh, y.shape[-1], torch.finfo(dtype).bits // 8)
     eq = _Normal.zeros(len(cands), H * c.dh, y.shape[-1], bias)
     for rows in c.chunks(windows, per):
-        eq.add(_head_outputs(c, cands, H, c.h.dtype, rows).to(dtype), y[rows])
+        eq.add(_head_outputs(c, cands, H, c.dtype, rows).to(dtype), y[rows])
     trim_heap()  # the chunks' outputs are spent; the solve needs about as much again as the equations
     return eq.solve()
 
@@ -462,9 +463,9 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
     scored = every[::k]
     # no float32 ranking where the scored rows do not outnumber the weights: the Gram is singular but for the ridge,
     # and its float32 scores are noise (the tiny test models' moved by 4e-5 between a batched and a one-candidate GEMM)
-    if len(cands) > 1 and c.h.dtype != torch.float64 and len(scored) * c.L > p:
+    if len(cands) > 1 and c.dtype != torch.float64 and len(scored) * c.L > p:
         step, _ = _batches(len(cands), c.L, p, d, 4)
-        score = torch.cat([_fit_windows(c, cands[a : a + step], y, H, c.h.dtype, scored, bias)[1]
+        score = torch.cat([_fit_windows(c, cands[a : a + step], y, H, c.dtype, scored, bias)[1]
                            for a in range(0, len(cands), step)])
         best = float(score.min())  # near 0 float32 scores can even come out < 0
         margin = (SCORE_TIE if k == 1 else SCORE_TIE_SAMPLED) * abs(best) + score_rounding(len(scored) * c.L)
@@ -553,6 +554,10 @@ def _data_free(L: _Layer, mode: str | None, init: str, H: int, G: int, N: int, d
 def _calibrated(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
                 target: torch.Tensor | None = None) -> tuple[dict, dict]:
     cands, y = _candidates(L, mode, c, dims, N, target)
+    # the fits read only the candidates' projections: the inputs' float32 copy (a bf16 stream's; 67 MB at a
+    # 2048-wide layer on 32 × 256 fitting tokens) is freed before their peak
+    c.h = None
+    trim_heap()
     return _choose(c, cands, y, dims.num_attention_heads, L.o.b is not None)
 
 
