@@ -403,7 +403,7 @@ def _transforms(m: ModelResult) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in t.items() if k != "transform" and v is not None)
         parts.append(f"{t.get('transform', '?')}({opts})")
     chain = " → ".join(parts) or "unmodified"
-    if m.role == "control" and is_base_control(m):
+    if is_base_control(m):
         return chain + "; the base itself (the heal is pure distillation from the base, whose fixed point it is)"
     return chain + ("; healed" if m.heal else "; not healed")
 
