@@ -397,20 +397,23 @@ def _fmt_s(s: float | None) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
 
 
-def _transforms(m: ModelResult) -> str:
+def _transforms(m: ModelResult, is_base: bool = False) -> str:
     parts = []
     for t in m.transforms:
         opts = ", ".join(f"{k}={v}" for k, v in t.items() if k != "transform" and v is not None)
         parts.append(f"{t.get('transform', '?')}({opts})")
     chain = " → ".join(parts) or "unmodified"
-    if is_base_control(m):
+    if is_base:
         return chain + "; the base itself (the heal is pure distillation from the base, whose fixed point it is)"
     return chain + ("; healed" if m.heal else "; not healed")
 
 
-def is_base_control(m: ModelResult) -> bool:
-    """A control that is the base model: the heal is pure distillation from the base (runner.self_distillation)."""
-    return m.role == "control" and m.heal is not None and m.heal.get("distill", 0) >= 1 and not m.heal.get("teacher")
+def base_control(results: RunResults) -> ModelResult | None:
+    """The control where it is the base model itself: its steps are the base's (the runner heals no control where
+    the heal is pure distillation from the base, runner.self_distillation)."""
+    base = next((m for m in results.models if m.role == "base"), None)
+    return next((m for m in results.models if m.role == "control" and base is not None and m.steps == base.steps),
+                None)
 
 
 def markdown(
@@ -424,12 +427,12 @@ def markdown(
              f"{sum(not s.cached for s in results.steps)} steps run, {sum(s.cached for s in results.steps)} cached"
              + (f" · **partial: pending {', '.join(pending)}**" if pending else ""))
     L += ["", "## Results", ""]
-    base_control = any(is_base_control(m) for m in results.models)
+    same_as_base = base_control(results)
     L.append("Δ is against the model's reference (`ref`: the control, i.e. the unmodified model healed the same way, "
              "for healed models; the base model otherwise), on the same documents. "
              + ("Here the heal is pure distillation from the base, so the control is the base itself: distilling the "
                 "base into itself can only keep it (running it anyway would let Adam turn rounding into drift). "
-                if base_control else "")
+                if same_as_base is not None else "")
              + "p is a paired test on lm-eval's "
              f"per-document values: McNemar's exact test for 0/1 metrics, a paired bootstrap "
              f"({iters:,} resamples, seed {seed}, lm-eval's aggregation) otherwise; **✱** marks p < {ALPHA}. "
@@ -447,7 +450,8 @@ def markdown(
     for title, png in plots.items():
         L += ["", f"## {title}", "", f"![{title}]({png})"]
     L += ["", "## Models", "", "| model | role | transforms | steps |", "|---|---|---|---|"]
-    L += [f"| {m.name} | {m.role} | {_transforms(m)} | {', '.join(k[:10] for k in m.steps) or '–'} |"
+    L += [f"| {m.name} | {m.role} | {_transforms(m, m is same_as_base)} | "
+          f"{', '.join(k[:10] for k in m.steps) or '–'} |"
           for m in results.models]
     L += ["", "## Steps", "", "| # | kind | model | key | device | wall | cached | finished |",
           "|--:|---|---|---|---|--:|---|---|"]

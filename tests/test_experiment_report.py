@@ -249,19 +249,22 @@ def test_partial_run_renders_with_pending_models(tmp_path):
 
 
 def test_a_control_that_is_the_base_says_so(tmp_path):
-    """A pure-distillation recipe's control is the base (runner.self_distillation): the report says why, in the Δ
-    sentence and in the model list, instead of calling it healed."""
+    """A pure-distillation recipe's control is the base (runner.self_distillation: its steps are the base's): the
+    report says why, in the Δ sentence and in the model list, instead of calling it healed."""
     from qkvconv.experiment_report import render
 
     data = fake_results()
+    base = next(m for m in data["models"] if m["role"] == "base")
     control = next(m for m in data["models"] if m["role"] == "control")
     report = render(write_run(tmp_path, data, "half"), iters=50).read_text()
     assert "the control is the base itself" not in report and "| control | control | unmodified; healed |" in report
-    control["heal"] = {"distill": 1.0, "teacher": None, "train": "attention"}
+    own_steps = control["steps"]
+    control.update(heal={"distill": 1.0, "teacher": None, "train": "attention"}, steps=base["steps"])
     report = render(write_run(tmp_path, data, "pure"), iters=50).read_text()
     assert "pure distillation from the base, so the control is the base itself" in report
     assert "| control | control | unmodified; the base itself (the heal is pure distillation" in report
-    control["heal"]["teacher"] = "other/model"  # distilled from another model: a real heal
+    control.update(steps=own_steps)  # distilled from another model (teacher other/model): healed, steps of its own
+    control["heal"]["teacher"] = "other/model"
     report = render(write_run(tmp_path, data, "other"), iters=50).read_text()
     assert "the control is the base itself" not in report
 
