@@ -78,8 +78,11 @@ def check_exactness(name: str, exact: Exactness, error: LogitError, atol: float 
 def verify_decoding(original, converted, ids: torch.Tensor, name: str) -> DecodeCheck:
     """The decode check of every conversion: a converted model whose cached greedy decoding differs from its
     uncached decoding (or whose cache does not hold the decoded tokens) fails, and nothing is written."""
+    from qkvconv.stream import float32_linears
+
     try:
-        check = decode_check(original, converted, ids)
+        with float32_linears(original), float32_linears(converted):  # a bf16 model on a CPU without bf16 GEMMs
+            check = decode_check(original, converted, ids)
     except RuntimeError as e:  # e.g. the shipped modeling code refusing to decode without its cache
         first = first_line(e)
         if next(converted.parameters()).dtype == torch.float64 and "Double" in first:

@@ -635,6 +635,7 @@ class _LazyHead(nn.Module):
         self.w, self.b, self.dtype = weight, bias, dtype
         self.chunk = max(1, self.CHUNK_BYTES // (weight.shape[1] * torch.finfo(dtype).bits // 8))
         self.mapped = _in_file_mapping(weight)  # read from the checkpoint's file: its pages are let go chunk by chunk
+        self.float32 = dtype in HALF_DTYPES and weight.device.type == "cpu" and slow_half_matmul(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
@@ -643,7 +644,10 @@ class _LazyHead(nn.Module):
             part = self.w[s : s + self.chunk]
             w = part.to(device=x.device, dtype=self.dtype)
             y = out[..., s : s + len(w)]
-            y.copy_(x @ w.T)
+            if self.float32:  # no native half GEMM here: the same products, summed in float32, rounded once
+                y.copy_(x.float() @ w.float().T)
+            else:
+                y.copy_(x @ w.T)
             if self.b is not None:
                 y += self.b[s : s + self.chunk].to(device=x.device, dtype=self.dtype)
             if self.mapped:  # each stream maps the head itself: resident, it would count once per stream in RSS
@@ -712,6 +716,64 @@ def cast_on_use(layer: nn.Module, dtype: torch.dtype):
     finally:
         for h in handles:
             h.remove()
+
+
+HALF_DTYPES = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+
+
+@functools.cache
+def slow_half_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` (bfloat16 or float16) matrices without native instructions for it
+    (AVX512-BF16 or AMX; AVX512-FP16): torch then runs a generic kernel several times slower than its float32 GEMM
+    (a 1024 × 2048 × 5632 bf16 linear on a 2-core AMD EPYC with AVX2 only: 19 GFLOP/s against 128 in float32; a
+    bf16 share-kv calibrated spent 255 of its 374 s there on 3 layers of the 4 GiB benchmark). Asked of oneDNN,
+    which picks the kernel; where this torch cannot say, assumed slow (float32_linears is exact either way)."""
+    probe = HALF_DTYPES.get(dtype)
+    if probe is None:
+        return False
+    try:
+        return not bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch without the probe
+        return True
+
+
+FLOAT32_WEIGHT_BYTES = 16 << 20  # float32_linears: the float32 copy of a weight is made this many bytes at a time
+
+
+def _linear_in_float32(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = self.weight
+    if x.dtype != w.dtype or w.device.type != "cpu":
+        return nn.Linear.forward(self, x)
+    xf = x.float()
+    out = x.new_empty(*x.shape[:-1], w.shape[0])
+    rows = max(1, FLOAT32_WEIGHT_BYTES // (4 * w.shape[1]))  # output features at a time: no float32 copy of W whole
+    for s in range(0, w.shape[0], rows):
+        b = None if self.bias is None else self.bias[s : s + rows].float()
+        out[..., s : s + rows] = torch.nn.functional.linear(xf, w[s : s + rows].float(), b)  # rounded once
+    return out
+
+
+@contextlib.contextmanager
+def float32_linears(module: nn.Module, enabled: bool | None = None):
+    """Inside: each plain nn.Linear under `module` whose weight is bfloat16 or float16 on the CPU computes in float32
+    and rounds its output to its input's dtype once, where this CPU has no native GEMM for that dtype
+    (slow_half_matmul; `enabled` forces it on or off). The result is what a half-precision GEMM computes: products
+    of two bf16 (fp16) values are exact in float32, the GEMM sums them in float32 and rounds once at the end; only
+    the order of the sums can differ, as it does between BLAS builds and thread counts. It costs a float32 copy of
+    the input and of FLOAT32_WEIGHT_BYTES of the weight at a time while its module runs."""
+    patched = []
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        if (type(m).forward is nn.Linear.forward and isinstance(m, nn.Linear) and isinstance(w, torch.Tensor)
+                and w.dtype in HALF_DTYPES and w.device.type == "cpu"
+                and (slow_half_matmul(w.dtype) if enabled is None else enabled)):
+            m.forward = _linear_in_float32.__get__(m)
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
 
 
 def _float64_norms(spec: ArchSpec, *modules: nn.Module):
@@ -793,6 +855,8 @@ class Stream:
             if self.dtype == torch.float64:  # weights may be held in the checkpoint's dtype: cast_on_use
                 ctx.enter_context(_float64_norms(self.spec, layer))
                 ctx.enter_context(cast_on_use(layer, torch.float64))
+            elif self.dtype in HALF_DTYPES:
+                ctx.enter_context(float32_linears(layer))
             for s in range(0, len(hidden), self.batch_size):
                 h = hidden[s : s + self.batch_size]
                 args, kwargs = self._kwargs_for(len(h))

@@ -598,3 +598,59 @@ def test_logit_statistics_over_position_blocks_equal_the_whole_tensor_at_once(mo
         assert got.tokens == 3 * 70 and got.max_abs == want["max_abs"] and got.top1_agreement == want["top1"]
         assert got.mean_abs == pytest.approx(want["mean_abs"], rel=1e-12)
         assert got.kl == pytest.approx(want["kl"], rel=1e-12)
+
+
+# ------------------------------------------------------------------------------- half precision on the CPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_linears_in_float32_round_like_a_half_gemm(dtype, monkeypatch):
+    """float32_linears: a bf16/fp16 nn.Linear computed in float32 and rounded once gives what the half GEMM gives
+    (products exact in float32, float32 sums, one rounding): every output within one rounding of the float64 product
+    plus what two float32 summation orders can differ by; the module is as before afterwards, and a float32 linear
+    beside it is left alone. The weight is made float32 100 output rows at a time (not a divisor of 384)."""
+    import qkvconv.stream as stream
+    from qkvconv.stream import float32_linears
+
+    monkeypatch.setattr(stream, "FLOAT32_WEIGHT_BYTES", 4 * 512 * 100)
+
+    g = torch.Generator().manual_seed(0)
+    half = torch.nn.Linear(512, 384, bias=True).to(dtype)
+    full = torch.nn.Linear(384, 64)
+    model = torch.nn.Sequential(half, full)
+    x = torch.randn(64, 512, generator=g).to(dtype)
+    with torch.no_grad():
+        native = half(x)
+        with float32_linears(model, enabled=True):
+            assert "forward" in half.__dict__ and "forward" not in full.__dict__
+            emulated = half(x)
+        again = half(x)
+        ref = torch.nn.functional.linear(x.double(), half.weight.double(), half.bias.double())
+        sums = torch.nn.functional.linear(x.double().abs(), half.weight.double().abs(), half.bias.double().abs())
+    assert "forward" not in half.__dict__ and torch.equal(again, native)
+    assert emulated.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    bound = eps * ref.abs() + 2 * 512 * torch.finfo(torch.float32).eps * sums  # one rounding + float32 sums
+    for name, out in (("native", native), ("float32", emulated)):
+        err = (out.double() - ref).abs()
+        print(f"{dtype} {name}: max error / bound {float((err / bound).max()):.3f}, "
+              f"{float((emulated != native).double().mean()):.2%} of outputs differ between the two")
+        assert bool((err <= bound).all()), name
+
+
+def test_bf16_verification_is_the_same_with_float32_linears(tiny_models, tmp_path, monkeypatch):
+    """A bf16 checkpoint's streamed verification measures the same error whether its linears run as bf16 GEMMs or in
+    float32 rounded once (what a CPU without native bf16 gets, slow_half_matmul): only summation orders differ."""
+    import qkvconv.stream as stream
+
+    src = tmp_path / "bf16"
+    loaded = load(tiny_models["llama"], dtype=torch.bfloat16)
+    loaded.model.save_pretrained(src)
+    loaded.tokenizer.save_pretrained(src)
+    errors = {}
+    for emulate in (False, True):
+        monkeypatch.setattr(stream, "slow_half_matmul", lambda dtype, on=emulate: on)
+        errors[emulate] = share_kv_checkpoint(src, None, mode="k=v", decode="never", **FAST).error
+        print(f"float32 linears {emulate}: {errors[emulate].as_dict()}")
+    a, b = errors[False], errors[True]
+    assert a.tokens == b.tokens
+    assert b.kl == pytest.approx(a.kl, rel=0.05) and b.mean_abs == pytest.approx(a.mean_abs, rel=0.05)
+    assert abs(a.top1_agreement - b.top1_agreement) <= 3 / a.tokens
