@@ -850,7 +850,7 @@ class Stream:
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Layer `layer` (materialized in this stream's dtype; a float64 stream casts weights held in another dtype as
         each module runs, see cast_on_use) over hidden states (n, L, d), batch by batch."""
-        out = []
+        out = None  # filled batch by batch: no list of outputs beside their concatenation
         with contextlib.ExitStack() as ctx:
             if self.dtype == torch.float64:  # weights may be held in the checkpoint's dtype: cast_on_use
                 ctx.enter_context(_float64_norms(self.spec, layer))
@@ -862,8 +862,12 @@ class Stream:
                 args, kwargs = self._kwargs_for(len(h))
                 y = layer(h, *args, **kwargs)
                 self.layer_returns_tuple = isinstance(y, tuple)  # transformers < 5.x: (hidden, ...)
-                out.append(y[0] if isinstance(y, tuple) else y)
-        return torch.cat(out)
+                y = y[0] if isinstance(y, tuple) else y
+                if out is None:
+                    out = y.new_empty(len(hidden), *y.shape[1:])
+                out[s : s + len(y)] = y
+                del y
+        return out if out is not None else hidden.clone()  # no rows
 
     def _kwargs_for(self, batch: int):
         if batch not in self.kwargs:

@@ -628,7 +628,9 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
             acts.append(a * ka + b * qa)
         return _cat(heads), torch.cat(acts, 1)
 
-    q2 = q_flat.reshape(n, N, H // N, dh).pow(2).mean((0, 2))  # (N, dh): E q_u² over each group's query heads
+    q2 = sum(x.double().pow_(2).sum((0, 2)) for x in q_flat.reshape(n, N, H // N, dh).split(1024)) / (n * (H // N))
+    # (N, dh): E q_u² over each group's query heads, summed in float64 1024 tokens at a time (no squared copy of
+    # q_flat: 67 MB at a 2048-wide layer, the peak of its share-kv calibrated)
     E = [_value_directions(cols(V_act, g)) for g in range(N)] if mode in ("k=v", "q=k=v") else []
 
     def with_values(base: Proj, base_act: torch.Tensor, frac: float) -> tuple[Proj, torch.Tensor]:
