@@ -640,14 +640,12 @@ class _LazyHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         out = x.new_empty(*x.shape[:-1], self.w.shape[0])  # filled chunk by chunk: no list of parts to concatenate
+        xm = x.float() if self.float32 else x  # the same products, summed in float32, rounded once (copy_)
         for s in range(0, self.w.shape[0], self.chunk):
             part = self.w[s : s + self.chunk]
             w = part.to(device=x.device, dtype=self.dtype)
             y = out[..., s : s + len(w)]
-            if self.float32:  # no native half GEMM here: the same products, summed in float32, rounded once
-                y.copy_(x.float() @ w.float().T)
-            else:
-                y.copy_(x @ w.T)
+            y.copy_(xm @ (w.float() if self.float32 else w).T)
             if self.b is not None:
                 y += self.b[s : s + self.chunk].to(device=x.device, dtype=self.dtype)
             if self.mapped:  # each stream maps the head itself: resident, it would count once per stream in RSS
