@@ -191,3 +191,42 @@ def test_real_smollm2_kv1_decodes_with_a_sixth_of_the_cache(smollm2_gguf, tmp_pa
     assert res["base"]["equal"] and res["kv"]["equal"]
     assert res["kv"]["tokens"] == res["base"]["tokens"] > 0
     assert res["kv"]["bytes"] * 6 == res["base"]["bytes"]
+
+
+@pytest.mark.slow
+def test_real_gguf_is_parsed_once_and_loads_as_plain_transformers_does(smollm2_gguf, monkeypatch):
+    """qkvconv's GGUF load (one metadata parse, a plain-array reader, cached name tables) gives the very model
+    and tokenizer that transformers' own from_pretrained gives, and restores every hook afterwards."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from qkvconv.checkpoint import load
+
+    hooks = (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint, gguf_utils.tqdm)
+    built = []
+    reader_class = gguf.GGUFReader
+
+    class CountingReader(reader_class):
+        def __init__(self, *args, **kwargs):
+            built.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    ours = load(smollm2_gguf)
+    assert len(built) == 1, f"the GGUF file was parsed {len(built)} times"
+    monkeypatch.setattr(gguf, "GGUFReader", reader_class)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint, gguf_utils.tqdm) == hooks
+
+    p = Path(smollm2_gguf)
+    plain = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    a, b = ours.model.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    plain_config = {k: v for k, v in plain.config.to_dict().items() if k != "quantization_config"}
+    assert ours.model.config.to_dict() == plain_config  # qkvconv drops the spent GGUF quantization block
+    text = "The quick brown fox, ünïcödé and    spaces\n\tjumps 12345 times."
+    assert ours.tokenizer(text)["input_ids"] == tok(text)["input_ids"]
+    assert len(ours.tokenizer) == len(tok)
