@@ -174,7 +174,6 @@ def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kv
         for dtype, rtol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
             _, err = skv._fit_o(skv._head_outputs(c, cands, H, dtype), y, bias)
             torch.testing.assert_close(err, ref, rtol=rtol, atol=0)
-        c.h = None  # the fits run without the inputs, as in _calibrated (which frees them first)
         w, info = skv._choose(c, cands, y, H, bias)
         assert info["relative_error"] == pytest.approx(float(ref.min()), rel=1e-4)
         assert w["o"].W.shape == (H * dims.head_dim, dims.hidden_size)

@@ -226,7 +226,7 @@ class _Calib:
     def __init__(self, c: Calibration, i: int, dims: Dims):
         h = c.attn_inputs[i]
         self.dtype = torch.promote_types(h.dtype, torch.float32)  # the activations' dtype (module docstring)
-        self.h: torch.Tensor | None = h.to(self.dtype)  # None once the candidates are made (_calibrated)
+        self.h = h  # as captured (a bf16 model's in bf16): act() casts ACT_ROWS rows at a time
         self.L, self.dh, self.eps, self.gain_offset = c.seq_len, dims.head_dim, c.norm_eps, c.norm_gain_offset
         self.scale = c.scaling if c.scaling is not None else dims.head_dim**-0.5
         self.softcap, self.window = c.softcap, c.sliding_window
@@ -234,6 +234,29 @@ class _Calib:
         self.cos = None if c.cos is None else c.cos.to(self.dtype)
         self.sin = None if c.sin is None else c.sin.to(self.dtype)
         self.rotary = dims.rotary_dim
+
+    def act(self, p: Proj, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """h[rows]·W + b in the activations' dtype. Inputs held in a half dtype are cast ACT_ROWS rows at a time into
+        the product's output, so no float32 copy of them is made (67 MB at a 2048-wide layer on 32 × 256 fitting
+        tokens); each row's products and sums are the same either way."""
+        h = self.h[rows]
+        if h.dtype == self.dtype:
+            return _act(h, p)
+        W = p.W.to(self.dtype)
+        out = torch.empty(len(h), W.shape[1], dtype=self.dtype, device=h.device)
+        for a in range(0, len(h), ACT_ROWS):
+            torch.matmul(h[a : a + ACT_ROWS].to(self.dtype), W, out=out[a : a + ACT_ROWS])
+        if p.b is not None:
+            out += p.b.to(self.dtype)
+        return out
+
+    def chunked(self, fn: Callable[[slice], torch.Tensor], width: int) -> torch.Tensor:
+        """fn(rows) (k, width) over all rows, ACT_ROWS rows at a time, into one (n, width) tensor."""
+        n = len(self.h)
+        out = torch.empty(n, width, dtype=self.dtype, device=self.h.device)
+        for a in range(0, n, ACT_ROWS):
+            out[a : a + ACT_ROWS] = fn(slice(a, a + ACT_ROWS))
+        return out
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:  # (C, B·L, n·dh) or (B·L, n·dh) -> (C·B, n, L, dh)
         return x.reshape(-1, self.L, x.shape[-1] // self.dh, self.dh).transpose(1, 2)
@@ -281,19 +304,25 @@ class _Calib:
 class _Candidate:
     """One choice of projections (W_O still to be refit) and what attention reads from it on the calibration tokens,
     before RoPE, in the activations' dtype: q (n, Hq, dh) after q_norm (Hq = H, or N where queries come from S: one
-    per group); k, v (n, N, dh), k after k_norm. Refitted queries are not stored: `q` is then the original queries
-    (shared by every candidate) and `q_map` the per-head maps T, applied to the rows in use (`at`)."""
+    per group); k, v (n, N, dh), k after k_norm. The original queries are not stored: where a candidate keeps them,
+    `q` is a function of the token rows that computes them (shared by the candidates, computed once per chunk of
+    rows, see _head_outputs), and `q_map` the per-head maps T of refitted queries, applied to the rows in use."""
 
     w: dict  # name -> Proj, or a function returning it (built only if the candidate wins)
     info: dict
-    q: torch.Tensor
+    q: torch.Tensor | Callable[[torch.Tensor | slice], torch.Tensor]
     k: torch.Tensor
     v: torch.Tensor
     q_map: torch.Tensor | None = None  # (Hq, dh, dh): the queries are q·Tᵀ per head
 
-    def at(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v on these token rows."""
-        q = self.q[rows]
+    def at(self, rows: torch.Tensor | slice, made: dict | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v on these token rows; `made` keeps computed queries for the other candidates on the same rows."""
+        made = {} if made is None else made
+        if callable(self.q):
+            q = made[self.q] = made[self.q] if self.q in made else self.q(rows)
+        else:
+            q = self.q[rows]
         if self.q_map is not None:
             q = torch.einsum("nhd,hed->nhe", q, self.q_map.to(q.dtype))
         return q, self.k[rows], self.v[rows]
@@ -303,7 +332,9 @@ def _head_outputs(c: _Calib, cands: list[_Candidate], H: int, dtype: torch.dtype
                   rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
     """Attention outputs of all candidates on these token rows (whole windows) in one batched causal attention in
     `dtype`: (C, rows, H·dh)."""
-    qkv = [cd.at(rows) for cd in cands]
+    made: dict = {}
+    qkv = [cd.at(rows, made) for cd in cands]
+    del made
     n = len(qkv[0][0])
 
     def stack(j: int) -> torch.Tensor:
@@ -398,6 +429,7 @@ def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, 
     return _Normal.zeros(X.shape[0], X.shape[-1], y.shape[-1], bias).add(X, y).solve()
 
 
+ACT_ROWS = 1024  # calibration rows cast and projected at a time (_Calib.act, _Calib.chunked)
 SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+ score_rounding) of the best: float64
 SCORE_WINDOWS = 16  # candidates are scored on at most this many calibration windows (every k-th), see _choose
 SCORE_TIE_SAMPLED = 0.03  # ... and those within this relative margin of the best are refit on all windows
@@ -554,9 +586,6 @@ def _data_free(L: _Layer, mode: str | None, init: str, H: int, G: int, N: int, d
 def _calibrated(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
                 target: torch.Tensor | None = None) -> tuple[dict, dict]:
     cands, y = _candidates(L, mode, c, dims, N, target)
-    # the fits read only the candidates' projections: the inputs' float32 copy (a bf16 stream's; 67 MB at a
-    # 2048-wide layer on 32 × 256 fitting tokens) is freed before their peak
-    c.h = None
     trim_heap()
     return _choose(c, cands, y, dims.num_attention_heads, L.o.b is not None)
 
@@ -565,27 +594,32 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
                 target: torch.Tensor | None = None) -> tuple[list[_Candidate], torch.Tensor]:
     """Steps 1–3 for every candidate of the family, and the original layer's attention output y (n, d)."""
     H, G, dh, r = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim, dims.rotary_dim
-    h, n = c.h, len(c.h)
+    n = len(c.h)
 
-    def split(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:  # (n, m·dh) -> (n, m, dh), normed by w
-        return _rms_norm(x.reshape(n, -1, dh), w, c.eps, c.gain_offset)
+    def split(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:  # (k, m·dh) -> (k, m, dh), normed by w
+        return _rms_norm(x.reshape(len(x), -1, dh), w, c.eps, c.gain_offset)
 
     def cols(x: torch.Tensor, g: int) -> torch.Tensor:  # head g of (n, m·dh)
         return x[:, g * dh : (g + 1) * dh]
 
-    # the original layer's projections (each computed once) and attention output y
-    q_flat, k_act, v_act = _act(h, L.q), _act(h, L.k), _act(h, L.v)  # (n, H·dh), (n, G·dh), (n, G·dh)
+    # the original layer's keys and values (each computed once), its attention output y; its queries (n, H·dh, as
+    # wide as y) are computed where they are used, a chunk of rows at a time: stored, they would be a third of the fit's
+    # activations (67 MB at a 2048-wide layer on 32 × 256 fitting tokens)
+    k_act, v_act = c.act(L.k), c.act(L.v)  # (n, G·dh)
     k_old = split(k_act, L.k_norm)  # (n, G, dh) keys before RoPE
-    q_old = split(q_flat, L.q_norm)  # (n, H, dh): q_flat itself without QK-norm
+
+    def q_old(rows: torch.Tensor | slice) -> torch.Tensor:  # (rows, H, dh) after q_norm
+        return split(c.act(L.q, rows), L.q_norm)
+
     if target is None:  # a chunk of windows at a time, like the fits (_batches), into one output
         per = _batches(1, c.L, H * dh, dims.hidden_size, 4)[1]
-        y = h.new_empty(n, dims.hidden_size)
+        y = torch.empty(n, dims.hidden_size, dtype=c.dtype, device=c.h.device)
         for rows in c.chunks(list(range(c.B)), per):
-            o = c.attend(c.rope(c.heads(q_old[rows].flatten(1))), c.rope(c.heads(k_old[rows].flatten(1))),
+            o = c.attend(c.rope(c.heads(q_old(rows).flatten(1))), c.rope(c.heads(k_old[rows].flatten(1))),
                          c.heads(v_act[rows]), c.scale).flatten(0, 1)
             y[rows] = _act(o, L.o)
     else:
-        y = target.to(h.dtype)
+        y = target.to(c.dtype)
 
     @cache
     def align_key(g: int, ref: int) -> torch.Tensor:
@@ -597,8 +631,8 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
 
     K = _pool(L.k, H, G, N, dh, align_key) if G > N else L.k
     V = _pool(L.v, H, G, N, dh, align_value) if G > N else L.v
-    K_act = _act(h, K) if G > N else k_act  # (n, N·dh)
-    V_act = _act(h, V) if G > N else v_act
+    K_act = c.act(K) if G > N else k_act  # (n, N·dh)
+    V_act = c.act(V) if G > N else v_act
 
     def refit_queries(s_keys: torch.Tensor) -> tuple[Callable[[], Proj], torch.Tensor | None]:
         """Per query head, W_Q·Tᵀ with k_orig ≈ k_new·T (RoPE-commuting); identity under QK-norm.
@@ -615,9 +649,13 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
 
         return weights, Tj
 
+    @cache
+    def group_mean_queries() -> torch.Tensor:  # (n, N·dh) = h·Q̄ + b̄, the mean of each group's query heads
+        return c.chunked(lambda rows: c.act(L.q, rows).reshape(-1, N, H // N, dh).mean(2).flatten(1), N * dh)
+
     def mix(lam: float) -> tuple[Proj, torch.Tensor]:  # q=k: between keys and group-mean queries at the logit scale
         Qbar = _pool(L.q, H, H, N, dh)
-        Qbar_act = q_flat.reshape(n, N, H // N, dh).mean(2).reshape(n, -1)  # = h·Q̄ + b̄
+        Qbar_act = group_mean_queries()
         heads, acts = [], []
         for g in range(N):
             ka, qa = cols(K_act, g), cols(Qbar_act, g)
@@ -628,9 +666,9 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
             acts.append(a * ka + b * qa)
         return _cat(heads), torch.cat(acts, 1)
 
-    q2 = sum(x.double().pow_(2).sum((0, 2)) for x in q_flat.reshape(n, N, H // N, dh).split(1024)) / (n * (H // N))
-    # (N, dh): E q_u² over each group's query heads, summed in float64 1024 tokens at a time (no squared copy of
-    # q_flat: 67 MB at a 2048-wide layer, the peak of its share-kv calibrated)
+    q2 = sum(c.act(L.q, slice(a, a + ACT_ROWS)).double().reshape(-1, N, H // N, dh).pow_(2).sum((0, 2))
+             for a in range(0, n, ACT_ROWS)) / (n * (H // N)) if mode in ("k=v", "q=k=v") else None
+    # (N, dh): E q_u² over each group's query heads, summed in float64 ACT_ROWS tokens at a time
     E = [_value_directions(cols(V_act, g)) for g in range(N)] if mode in ("k=v", "q=k=v") else []
 
     def with_values(base: Proj, base_act: torch.Tensor, frac: float) -> tuple[Proj, torch.Tensor]:
