@@ -144,10 +144,13 @@ def test_singular_wq_is_refused(tiny_models):
 
 
 @pytest.mark.parametrize("decades", [1, 3, 6, 12])
-def test_condition_number_estimate(decades):
+@pytest.mark.parametrize("layout", ["row-major", "transposed view"])
+def test_condition_number_estimate(decades, layout):
     """The LU-based estimate of cond₂(W_Q) against the SVD's σ_max/σ_min, on the hardest spectra for power iteration
     (log-spaced singular values: no gap at either end): from below and within 3 % at every condition number (the block
-    Krylov estimate is 1.2 % low at 1e1 on 512², the single-vector power iteration it replaced was 2-4 % low)."""
+    Krylov estimate is 1.2 % low at 1e1 on 512², the single-vector power iteration it replaced was 2-4 % low). Both
+    layouts of W: a W_Q read from a checkpoint is the transposed view of nn.Linear's weight, and the estimate's
+    products are written per layout (_stored_order_products)."""
     import importlib
 
     aq = importlib.import_module("qkvconv.transforms.absorb_query")
@@ -156,6 +159,13 @@ def test_condition_number_estimate(decades):
     U = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g)).Q
     V = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g)).Q
     W = (U * torch.logspace(0, decades, n, dtype=torch.float64)) @ V.T
+    if layout == "transposed view":
+        W = W.T.contiguous().T
+        assert not W.is_contiguous()
+    X = torch.randn(n, 4, dtype=torch.float64, generator=g)
+    times, t_times = aq._stored_order_products(W)
+    torch.testing.assert_close(times(X), W @ X, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t_times(X), W.T @ X, rtol=1e-12, atol=1e-12)
     s = torch.linalg.svdvals(W)
     true = float(s[0] / s[-1])
     est = aq.condition_number(W)

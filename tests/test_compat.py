@@ -105,6 +105,33 @@ def test_every_conversion_records_its_decode_check(tiny_models, tmp_path):
     assert env["packages"]["transformers"]["version"] and "device" in env
 
 
+def test_modeling_classes_are_built_on_first_use():
+    """modeling_qkvconv imports no family's modeling module until one of its Qkvconv<Base> classes is asked for (an
+    import of every family took 3.6 s of each process's start); asked for, by attribute or by `from ... import`, the
+    class is built once, subclasses the stock class and is listed by dir(); other names stay AttributeErrors."""
+    code = textwrap.dedent('''
+        import sys
+        import qkvconv.modeling.modeling_qkvconv as m
+        loaded = lambda fam: f"transformers.models.{fam}.modeling_{fam}" in sys.modules
+        assert not loaded("mixtral") and not loaded("gpt_oss"), "families imported at import time"
+        from qkvconv.modeling.modeling_qkvconv import QkvconvMixtralForCausalLM as A
+        import transformers
+        assert A is m.QkvconvMixtralForCausalLM and issubclass(A, transformers.MixtralForCausalLM)
+        assert A.__module__ == m.__name__ and loaded("mixtral") and not loaded("gpt_oss")
+        assert {f"Qkvconv{b}" for b in m.BASE_CLASSES} <= set(dir(m))
+        for name in ("QkvconvNoSuchForCausalLM", "NoSuchThing"):
+            try:
+                getattr(m, name)
+            except AttributeError:
+                pass
+            else:
+                raise AssertionError(name)
+        print("ok")
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_declared_range_is_the_tested_range():
     """pyproject's bounds, compat.TESTED and the two locks say the same thing."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]

@@ -380,3 +380,28 @@ def test_value_directions_and_latent_bases_have_one_sign_whatever_the_solver_pic
     f = _whiten(H, W)
     assert bool((f.Vh.gather(1, f.Vh.abs().argmax(1, keepdim=True)) > 0).all())
     torch.testing.assert_close(f.U * f.S @ f.Vh, torch.linalg.cholesky(H).T @ W, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_calibration_projections_cast_a_chunk_at_a_time(dtype, monkeypatch):
+    """_Calib.act projects half-precision attention inputs ACT_ROWS rows at a time in float32 (no float32 copy of
+    the inputs): the same products as one float32 matmul over the cast inputs, row by row, with the bias; float32
+    inputs take the plain path. chunked() fills one (n, width) tensor from per-chunk results."""
+    import importlib
+
+    skv = importlib.import_module("qkvconv.transforms.share_kv")
+    from qkvconv.archs.layout import Proj
+
+    monkeypatch.setattr(skv, "ACT_ROWS", 7)  # chunks that do not divide the rows
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(48, 16, generator=g).to(dtype)
+    p = Proj(torch.randn(16, 12, dtype=torch.float64, generator=g), torch.randn(12, dtype=torch.float64, generator=g))
+    c = skv._Calib.__new__(skv._Calib)
+    c.h, c.dtype = h, torch.float32
+    ref = h.float() @ p.W.float() + p.b.float()
+    for rows in (slice(None), slice(5, 40), torch.tensor([3, 17, 2, 40])):
+        out = c.act(p, rows)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref[rows], rtol=1e-6, atol=1e-6)
+    full = c.chunked(lambda rows: c.act(p, rows)[:, :5], 5)
+    torch.testing.assert_close(full, ref[:, :5], rtol=1e-6, atol=1e-6)
