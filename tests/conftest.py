@@ -22,6 +22,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    from common import build_tiny_gguf
+
+    return build_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """A small seeded word-salad text file for finetune tests (800 sentences of 12 words)."""
     import random

@@ -220,10 +220,9 @@ def test_real_smollm2_kv1_decodes_with_a_sixth_of_the_cache(smollm2_gguf, tmp_pa
     assert res["kv"]["bytes"] * 6 == res["base"]["bytes"]
 
 
-@pytest.mark.slow
-def test_real_gguf_is_parsed_once_and_loads_as_plain_transformers_does(smollm2_gguf, monkeypatch):
+def _loads_as_plain_transformers_does(path, monkeypatch) -> None:
     """qkvconv's GGUF load (one metadata parse, a plain-array reader, cached name tables) gives the very model
-    and tokenizer that transformers' own from_pretrained gives, and restores every hook afterwards."""
+    and tokenizer that transformers' own from_pretrained gives, builds one reader, and restores every hook."""
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
@@ -240,12 +239,12 @@ def test_real_gguf_is_parsed_once_and_loads_as_plain_transformers_does(smollm2_g
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
-    ours = load(smollm2_gguf)
+    ours = load(path)
     assert len(built) == 1, f"the GGUF file was parsed {len(built)} times"
     monkeypatch.setattr(gguf, "GGUFReader", reader_class)
     assert (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint, gguf_utils.tqdm) == hooks
 
-    p = Path(smollm2_gguf)
+    p = Path(path)
     plain = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     a, b = ours.model.state_dict(), plain.state_dict()
@@ -254,6 +253,15 @@ def test_real_gguf_is_parsed_once_and_loads_as_plain_transformers_does(smollm2_g
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     plain_config = {k: v for k, v in plain.config.to_dict().items() if k != "quantization_config"}
     assert ours.model.config.to_dict() == plain_config  # qkvconv drops the spent GGUF quantization block
-    text = "The quick brown fox, ünïcödé and    spaces\n\tjumps 12345 times."
+    text = "The quick brown fox, ünïcödé and    spaces\n\tjumps 12345 times in the hat."
     assert ours.tokenizer(text)["input_ids"] == tok(text)["input_ids"]
     assert len(ours.tokenizer) == len(tok)
+
+
+def test_gguf_is_parsed_once_and_loads_as_plain_transformers_does(tiny_gguf, monkeypatch):
+    _loads_as_plain_transformers_does(tiny_gguf, monkeypatch)
+
+
+@pytest.mark.slow
+def test_real_gguf_is_parsed_once_and_loads_as_plain_transformers_does(smollm2_gguf, monkeypatch):
+    _loads_as_plain_transformers_does(smollm2_gguf, monkeypatch)
