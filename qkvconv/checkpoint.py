@@ -240,9 +240,9 @@ def _gguf_parsed_once(source: Source):
 
         @functools.wraps(original)
         def cached(path, *args, **kwargs):
-            key = os.path.realpath(path) if not args and not kwargs else None
-            if key is None:
+            if args or kwargs:
                 return original(path, *args, **kwargs)
+            key = os.path.realpath(path)
             if key not in readers:
                 readers[key] = make(path)
             return readers[key]
@@ -262,10 +262,8 @@ def _gguf_parsed_once(source: Source):
     patch(gguf, "GGUFReader", reader)
     patch(gguf_utils, "load_gguf_checkpoint", checkpoint)
     patch(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None))
-    original_tqdm = getattr(gguf_utils, "tqdm", None)
-    if original_tqdm is not None:  # transformers' GGUF reader draws its own bar (qkvconv shows its own status)
-        patched.append((gguf_utils, "tqdm", original_tqdm))
-        gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
+    # transformers' GGUF reader draws its own bar (qkvconv shows its own status)
+    patch(gguf_utils, "tqdm", lambda bar: functools.partial(bar, disable=True))
     try:
         yield
     finally:
