@@ -250,14 +250,6 @@ class _Calib:
             out += p.b.to(self.dtype)
         return out
 
-    def chunked(self, fn: Callable[[slice], torch.Tensor], width: int) -> torch.Tensor:
-        """fn(rows) (k, width) over all rows, ACT_ROWS rows at a time, into one (n, width) tensor."""
-        n = len(self.h)
-        out = torch.empty(n, width, dtype=self.dtype, device=self.h.device)
-        for a in range(0, n, ACT_ROWS):
-            out[a : a + ACT_ROWS] = fn(slice(a, a + ACT_ROWS))
-        return out
-
     def heads(self, x: torch.Tensor) -> torch.Tensor:  # (C, B·L, n·dh) or (B·L, n·dh) -> (C·B, n, L, dh)
         return x.reshape(-1, self.L, x.shape[-1] // self.dh, self.dh).transpose(1, 2)
 
@@ -429,7 +421,7 @@ def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, 
     return _Normal.zeros(X.shape[0], X.shape[-1], y.shape[-1], bias).add(X, y).solve()
 
 
-ACT_ROWS = 1024  # calibration rows cast and projected at a time (_Calib.act, _Calib.chunked)
+ACT_ROWS = 1024  # calibration rows cast and projected at a time (_Calib.act, the query statistics)
 SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+ score_rounding) of the best: float64
 SCORE_WINDOWS = 16  # candidates are scored on at most this many calibration windows (every k-th), see _choose
 SCORE_TIE_SAMPLED = 0.03  # ... and those within this relative margin of the best are refit on all windows
@@ -649,13 +641,21 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
 
         return weights, Tj
 
-    @cache
-    def group_mean_queries() -> torch.Tensor:  # (n, N·dh) = h·Q̄ + b̄, the mean of each group's query heads
-        return c.chunked(lambda rows: c.act(L.q, rows).reshape(-1, N, H // N, dh).mean(2).flatten(1), N * dh)
+    # one pass over the original queries, ACT_ROWS tokens at a time: E q_u² over each group's query heads (N, dh),
+    # summed in float64 (k=v, q=k=v), and each group's mean query (n, N·dh) = h·Q̄ + b̄ (q=k, q=k=v)
+    q2 = torch.zeros(N, dh, dtype=torch.float64, device=c.h.device) if mode in ("k=v", "q=k=v") else None
+    Qbar_act = torch.empty(n, N * dh, dtype=c.dtype, device=c.h.device) if mode in ("q=k", "q=k=v") else None
+    for a in range(0, n, ACT_ROWS) if q2 is not None or Qbar_act is not None else ():
+        q = c.act(L.q, slice(a, a + ACT_ROWS)).reshape(-1, N, H // N, dh)
+        if q2 is not None:
+            q2 += q.double().pow_(2).sum((0, 2))
+        if Qbar_act is not None:
+            Qbar_act[a : a + ACT_ROWS] = q.mean(2).flatten(1)
+    if q2 is not None:
+        q2 /= n * (H // N)
 
     def mix(lam: float) -> tuple[Proj, torch.Tensor]:  # q=k: between keys and group-mean queries at the logit scale
         Qbar = _pool(L.q, H, H, N, dh)
-        Qbar_act = group_mean_queries()
         heads, acts = [], []
         for g in range(N):
             ka, qa = cols(K_act, g), cols(Qbar_act, g)
@@ -666,9 +666,6 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
             acts.append(a * ka + b * qa)
         return _cat(heads), torch.cat(acts, 1)
 
-    q2 = sum(c.act(L.q, slice(a, a + ACT_ROWS)).double().reshape(-1, N, H // N, dh).pow_(2).sum((0, 2))
-             for a in range(0, n, ACT_ROWS)) / (n * (H // N)) if mode in ("k=v", "q=k=v") else None
-    # (N, dh): E q_u² over each group's query heads, summed in float64 ACT_ROWS tokens at a time
     E = [_value_directions(cols(V_act, g)) for g in range(N)] if mode in ("k=v", "q=k=v") else []
 
     def with_values(base: Proj, base_act: torch.Tensor, frac: float) -> tuple[Proj, torch.Tensor]:
