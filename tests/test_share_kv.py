@@ -197,6 +197,46 @@ def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kv
         assert one["relative_error"] == pytest.approx(float(ref.min()), rel=1e-4)
         monkeypatch.undo()
 
+
+def test_at_most_refit_max_candidates_are_refit_in_float64(tiny_models, monkeypatch):
+    """Every candidate scored within the tie margin (made infinite here) is a float64 refit's candidate, but only the
+    REFIT_MAX best scored are refit: the winner is the best of those refits, on every layer."""
+    import importlib
+
+    from qkvconv.checkpoint import load
+    from qkvconv.convert import _rope_table
+    from qkvconv.verify import attention_inputs, calibration_ids
+
+    skv = importlib.import_module("qkvconv.transforms.share_kv")
+    loaded = load(tiny_models["llama"])
+    spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
+    ids, _ = calibration_ids(loaded.model, loaded.tokenizer, calib="sample", num_seqs=8, seq_len=32)
+    cos, sin = _rope_table(loaded.model, 32)
+    cal = skv.Calibration(attention_inputs(loaded.model, spec, ids), 32, cos, sin, loaded.config.rms_norm_eps)
+    N = skv.check_share_options("k=v", 1, "calibrated", dims)
+    H = dims.num_attention_heads
+    monkeypatch.setattr(skv, "SCORE_TIE", float("inf"))
+    fit, calls = skv._fit_windows, []
+
+    def spy(c, cands, y, H, dtype, windows, bias):
+        sol, err = fit(c, cands, y, H, dtype, windows, bias)
+        calls.append((dtype, [ids_of[id(cd)] for cd in cands], err))
+        return sol, err
+
+    monkeypatch.setattr(skv, "_fit_windows", spy)
+    for i in range(dims.num_hidden_layers):
+        L, c = skv._read_layer(loaded.model.state_dict(), spec, dims, i), skv._Calib(cal, i, dims)
+        cands, y = skv._candidates(L, "k=v", c, dims, N)
+        assert len(cands) > skv.REFIT_MAX and len(ids[0]) * len(ids) > H * dims.head_dim  # ranked in float32
+        ids_of = {id(cd): j for j, cd in enumerate(cands)}
+        calls.clear()
+        _, info = skv._choose(c, cands, y, H, L.o.b is not None)
+        scores = torch.cat([err for dtype, _, err in calls if dtype == torch.float32])
+        refits = [(j, float(e)) for dtype, idx, err in calls if dtype == torch.float64 for j, e in zip(idx, err)]
+        assert len(scores) == len(cands)
+        assert sorted(j for j, _ in refits) == sorted(scores.argsort()[: skv.REFIT_MAX].tolist())
+        assert info["relative_error"] == min(e for _, e in refits)
+
 # ------------------------------------------------------------------------------------------- CLI
 runner = CliRunner()
 

@@ -421,10 +421,11 @@ def _fit_o(X: torch.Tensor, y: torch.Tensor, bias: bool) -> tuple[torch.Tensor, 
     return _Normal.zeros(X.shape[0], X.shape[-1], y.shape[-1], bias).add(X, y).solve()
 
 
-ACT_ROWS = 1024  # calibration rows cast and projected at a time (_Calib.act, the query statistics)
+ACT_ROWS = 1024  # calibration rows cast and projected at a time (_Calib.act)
 SCORE_TIE = 1e-3  # candidates scored (float32) within this relative margin (+ score_rounding) of the best: float64
 SCORE_WINDOWS = 16  # candidates are scored on at most this many calibration windows (every k-th), see _choose
-SCORE_TIE_SAMPLED = 0.03  # ... and those within this relative margin of the best are refit on all windows
+SCORE_TIE_SAMPLED = 0.03  # ... and those within this relative margin of the best are refit on all windows,
+REFIT_MAX = 2  # the best REFIT_MAX of them by their score (see _choose)
 SCORE_BATCH_BYTES = 256 << 20  # a fit's working memory: candidates × (normal equations + a chunk of windows' outputs)
 WIDE_CHUNK_BYTES = 32 << 20  # a wide layer's chunk of windows is at most this (_batches)
 
@@ -476,8 +477,11 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
     The candidates are scored with float32 Grams on at most SCORE_WINDOWS of the calibration windows, every k-th;
     the best — and any within SCORE_TIE_SAMPLED of it (SCORE_TIE when every window was scored, where only float32
     rounding could decide), plus the scores' rounding bound (score_rounding) — are refit on every window with
-    float64 Grams, which pick the winner and give its W_O. Where the scored rows do not outnumber the weights, no
-    candidate is ranked in float32: all are refit.
+    float64 Grams, which pick the winner and give its W_O: at most REFIT_MAX of them, the best scored. On SmolLM2 (k=v)
+    the float64 winner was the best scored in 25 of 30 layers and the second in the other 5, so two refits chose as
+    up to five did; on a random-weight 2048-wide layer every candidate scored within SCORE_TIE_SAMPLED of the best,
+    and each float64 refit took 3.8 s of the layer's 30 s (the 4 GiB benchmark's share-kv --kv-heads 1). Where the
+    scored rows do not outnumber the weights, no candidate is ranked in float32: all are refit.
     At 40×256 calibration tokens the candidates are scored on half the fitting tokens; the winner's W_O still sees
     every token. Both passes go a batch of candidates and a chunk of windows at a time (_batches), so their memory
     is bounded by SCORE_BATCH_BYTES, not by the number of calibration tokens."""
@@ -495,7 +499,7 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
         margin = (SCORE_TIE if k == 1 else SCORE_TIE_SAMPLED) * abs(best) + score_rounding(len(scored) * c.L)
         close = score <= best + margin
         if close.any():  # else keep them all: a score is not finite
-            keep = [j for j in keep if close[j]]
+            keep = sorted(sorted((j for j in keep if close[j]), key=lambda j: float(score[j]))[:REFIT_MAX])
     step, _ = _batches(len(keep), c.L, p, d, 8)
     rank, best_err, best, s = float("inf"), float("nan"), keep[0], None  # rank: the error with NaN as +inf
     for a in range(0, len(keep), step):  # the float64 refit
@@ -603,16 +607,6 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
     def q_old(rows: torch.Tensor | slice) -> torch.Tensor:  # (rows, H, dh) after q_norm
         return split(c.act(L.q, rows), L.q_norm)
 
-    if target is None:  # a chunk of windows at a time, like the fits (_batches), into one output
-        per = _batches(1, c.L, H * dh, dims.hidden_size, 4)[1]
-        y = torch.empty(n, dims.hidden_size, dtype=c.dtype, device=c.h.device)
-        for rows in c.chunks(list(range(c.B)), per):
-            o = c.attend(c.rope(c.heads(q_old(rows).flatten(1))), c.rope(c.heads(k_old[rows].flatten(1))),
-                         c.heads(v_act[rows]), c.scale).flatten(0, 1)
-            y[rows] = _act(o, L.o)
-    else:
-        y = target.to(c.dtype)
-
     @cache
     def align_key(g: int, ref: int) -> torch.Tensor:
         return _rope_commuting_refit(k_old[:, g].double(), k_old[:, ref].double(), r)
@@ -641,16 +635,25 @@ def _candidates(L: _Layer, mode: str | None, c: _Calib, dims: Dims, N: int,
 
         return weights, Tj
 
-    # one pass over the original queries, ACT_ROWS tokens at a time: E q_u² over each group's query heads (N, dh),
-    # summed in float64 (k=v, q=k=v), and each group's mean query (n, N·dh) = h·Q̄ + b̄ (q=k, q=k=v)
+    # one pass over the original queries, a chunk of windows at a time (_batches): the original attention output y
+    # (n, d) unless a target is given, E q_u² over each group's query heads (N, dh) summed in float64 (k=v, q=k=v), and
+    # each group's mean query (n, N·dh) = h·Q̄ + b̄ (q=k, q=k=v)
     q2 = torch.zeros(N, dh, dtype=torch.float64, device=c.h.device) if mode in ("k=v", "q=k=v") else None
     Qbar_act = torch.empty(n, N * dh, dtype=c.dtype, device=c.h.device) if mode in ("q=k", "q=k=v") else None
-    for a in range(0, n, ACT_ROWS) if q2 is not None or Qbar_act is not None else ():
-        q = c.act(L.q, slice(a, a + ACT_ROWS)).reshape(-1, N, H // N, dh)
-        if q2 is not None:
-            q2 += q.double().pow_(2).sum((0, 2))
+    y = torch.empty(n, dims.hidden_size, dtype=c.dtype, device=c.h.device) if target is None else target.to(c.dtype)
+    per = _batches(1, c.L, H * dh, dims.hidden_size, 4)[1]
+    for rows in c.chunks(list(range(c.B)), per) if target is None or q2 is not None or Qbar_act is not None else ():
+        q = c.act(L.q, rows)  # (rows, H·dh)
+        grouped = q.reshape(len(q), N, H // N, dh)
+        for a in range(0, len(q), ACT_ROWS) if q2 is not None else ():  # in float64, ACT_ROWS rows at a time (a
+            q2 += grouped[a : a + ACT_ROWS].double().pow_(2).sum((0, 2))  # reduction over 8k rows at once: 2.4× slower)
         if Qbar_act is not None:
-            Qbar_act[a : a + ACT_ROWS] = q.mean(2).flatten(1)
+            Qbar_act[rows] = grouped.mean(2).flatten(1)
+        if target is None:
+            o = c.attend(c.rope(c.heads(split(q, L.q_norm).flatten(1))), c.rope(c.heads(k_old[rows].flatten(1))),
+                         c.heads(v_act[rows]), c.scale).flatten(0, 1)
+            y[rows] = _act(o, L.o)
+        del q, grouped
     if q2 is not None:
         q2 /= n * (H // N)
 
