@@ -146,12 +146,8 @@ def _per_candidate_error(c, cand, y: torch.Tensor, H: int, bias: bool) -> float:
     return float((X @ W - y).pow(2).sum() / y.pow(2).sum())
 
 
-@pytest.mark.parametrize("mode,kvh", [("k=v", 1), ("q=k", None), ("q=k=v", None), (None, 1)])
-def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kvh, monkeypatch):
-    """--init calibrated scores and fits all candidates of a layer in one batched float32 attention and normal-equations
-    solve: scores equal the per-candidate float64 evaluation (to 1e-9 when batched in float64, 1e-4 in float32), and
-    the winner is its argmin (up to that float32 tolerance), whether the candidates are scored in one batch or one
-    at a time (the memory budget's choice at large widths)."""
+def _tiny_calibration(path, num_seqs: int = 8, seq_len: int = 32):
+    """The share_kv module, a tiny model loaded from `path`, and its calibration (sampled num_seqs × seq_len)."""
     import importlib
 
     from qkvconv.checkpoint import load
@@ -159,11 +155,21 @@ def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kv
     from qkvconv.verify import attention_inputs, calibration_ids
 
     skv = importlib.import_module("qkvconv.transforms.share_kv")
-    loaded = load(tiny_models["qwen2"])  # q/k/v biases, RoPE
+    loaded = load(path)
+    ids, _ = calibration_ids(loaded.model, loaded.tokenizer, calib="sample", num_seqs=num_seqs, seq_len=seq_len)
+    cos, sin = _rope_table(loaded.model, seq_len)
+    inputs = attention_inputs(loaded.model, loaded.spec, ids)
+    return skv, loaded, skv.Calibration(inputs, seq_len, cos, sin, loaded.config.rms_norm_eps)
+
+
+@pytest.mark.parametrize("mode,kvh", [("k=v", 1), ("q=k", None), ("q=k=v", None), (None, 1)])
+def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kvh, monkeypatch):
+    """--init calibrated scores and fits all candidates of a layer in one batched float32 attention and normal-equations
+    solve: scores equal the per-candidate float64 evaluation (to 1e-9 when batched in float64, 1e-4 in float32), and
+    the winner is its argmin (up to that float32 tolerance), whether the candidates are scored in one batch or one
+    at a time (the memory budget's choice at large widths)."""
+    skv, loaded, cal = _tiny_calibration(tiny_models["qwen2"])  # q/k/v biases, RoPE
     spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
-    ids, _ = calibration_ids(loaded.model, loaded.tokenizer, calib="sample", num_seqs=8, seq_len=32)
-    cos, sin = _rope_table(loaded.model, 32)
-    cal = skv.Calibration(attention_inputs(loaded.model, spec, ids), 32, cos, sin, loaded.config.rms_norm_eps)
     N = skv.check_share_options(mode, kvh, "calibrated", dims)
     H = dims.num_attention_heads
     for i in range(dims.num_hidden_layers):
@@ -201,18 +207,8 @@ def test_batched_candidate_scores_equal_per_candidate_fits(tiny_models, mode, kv
 def test_at_most_refit_max_candidates_are_refit_in_float64(tiny_models, monkeypatch):
     """Every candidate scored within the tie margin (made infinite here) is a float64 refit's candidate, but only the
     REFIT_MAX best scored are refit: the winner is the best of those refits, on every layer."""
-    import importlib
-
-    from qkvconv.checkpoint import load
-    from qkvconv.convert import _rope_table
-    from qkvconv.verify import attention_inputs, calibration_ids
-
-    skv = importlib.import_module("qkvconv.transforms.share_kv")
-    loaded = load(tiny_models["llama"])
+    skv, loaded, cal = _tiny_calibration(tiny_models["llama"])
     spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
-    ids, _ = calibration_ids(loaded.model, loaded.tokenizer, calib="sample", num_seqs=8, seq_len=32)
-    cos, sin = _rope_table(loaded.model, 32)
-    cal = skv.Calibration(attention_inputs(loaded.model, spec, ids), 32, cos, sin, loaded.config.rms_norm_eps)
     N = skv.check_share_options("k=v", 1, "calibrated", dims)
     H = dims.num_attention_heads
     monkeypatch.setattr(skv, "SCORE_TIE", float("inf"))
@@ -227,7 +223,7 @@ def test_at_most_refit_max_candidates_are_refit_in_float64(tiny_models, monkeypa
     for i in range(dims.num_hidden_layers):
         L, c = skv._read_layer(loaded.model.state_dict(), spec, dims, i), skv._Calib(cal, i, dims)
         cands, y = skv._candidates(L, "k=v", c, dims, N)
-        assert len(cands) > skv.REFIT_MAX and len(ids[0]) * len(ids) > H * dims.head_dim  # ranked in float32
+        assert len(cands) > skv.REFIT_MAX and c.B * c.L > H * dims.head_dim  # ranked in float32
         ids_of = {id(cd): j for j, cd in enumerate(cands)}
         calls.clear()
         _, info = skv._choose(c, cands, y, H, L.o.b is not None)
