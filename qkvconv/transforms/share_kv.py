@@ -501,7 +501,8 @@ def _choose(c: _Calib, cands: list[_Candidate], y: torch.Tensor, H: int, bias: b
         margin = (SCORE_TIE if k == 1 else SCORE_TIE_SAMPLED) * abs(best) + score_rounding(len(scored) * c.L)
         close = score <= best + margin
         if close.any():  # else keep them all: a score is not finite
-            keep = sorted(sorted((j for j in keep if close[j]), key=lambda j: float(score[j]))[:REFIT_MAX])
+            best_scored = sorted((j for j in keep if close[j]), key=lambda j: float(score[j]))[:REFIT_MAX]
+            keep = sorted(best_scored)  # in candidate order: a float64 tie goes to the earlier candidate, as before
     step, _ = _batches(len(keep), c.L, p, d, 8)
     rank, best_err, best, s = float("inf"), float("nan"), keep[0], None  # rank: the error with NaN as +inf
     for a in range(0, len(keep), step):  # the float64 refit
