@@ -173,6 +173,41 @@ def test_condition_number_estimate(decades, layout):
     assert 0.97 * true <= est <= true * (1 + 1e-9)
 
 
+def _one_window_matches_the_whole_text(tokenizer, seq_lens=(16, 48, 128, 256)) -> None:
+    from qkvconv.verify import DEFAULT_CALIB
+
+    whole = tokenizer(DEFAULT_CALIB.read_text(encoding="utf-8", errors="replace"), return_tensors="pt").input_ids[0]
+    for L in seq_lens:
+        ids, src = calibration_ids(None, tokenizer, num_seqs=1, seq_len=L)
+        print(f"seq_len {L}: {ids.shape[1]} tokens, whole text {whole.numel()}; {src}")
+        assert ids.shape == (1, L) and torch.equal(ids[0], whole[:L])
+
+
+def test_one_window_calibration_tokenizes_a_leading_piece_only(tiny_models, tiny_gguf, monkeypatch):
+    """An exact conversion's one verification window is the shipped text's first tokens: tokenizing only a leading
+    piece gives the same ids as tokenizing the whole text (a character tokenizer and a byte-level BPE), and the
+    whole text is never tokenized."""
+    from transformers import AutoTokenizer
+
+    char = load(tiny_models["llama"]).tokenizer
+    bpe = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    for tok in (char, bpe):
+        _one_window_matches_the_whole_text(tok)
+    size = len(qkvconv.verify.DEFAULT_CALIB.read_text(encoding="utf-8"))
+    seen = []
+    real = type(bpe).__call__
+    monkeypatch.setattr(type(bpe), "__call__", lambda self, text, **kw: seen.append(len(text)) or real(self, text, **kw))
+    calibration_ids(None, bpe, num_seqs=1, seq_len=128)
+    assert seen and max(seen) < size / 20, (seen, size)
+
+
+@pytest.mark.slow
+def test_one_window_calibration_matches_the_whole_text_on_smollm2(smollm2_gguf):
+    from transformers import AutoTokenizer
+
+    _one_window_matches_the_whole_text(AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name))
+
+
 @pytest.mark.slow
 def test_real_smollm2_exact(smollm2_gguf, shared_data, tmp_path):
     """The real checkpoint: exact absorption on real text keeps ≥ 99.9% top-1 agreement."""

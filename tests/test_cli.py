@@ -200,3 +200,25 @@ def test_inspect_says_why_a_transform_does_not_apply(tiny_models, tmp_path):
     verdicts = json.loads(run("inspect", out, "--json").stdout)["transforms"]
     assert not verdicts["absorb-query --mode drop"]["applies"]
     assert "already the identity" in verdicts["absorb-query --mode drop"]["why"]
+
+
+def test_a_conversion_imports_no_dataset_library_and_datasets_stays_quiet(tiny_models, tmp_path):
+    """A conversion reads no dataset: datasets, pandas and pyarrow stay unimported (importing datasets to switch its
+    bars off cost 0.5 s and 83 MB of RSS). Its bars are still off when something imports it later in the process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        from qkvconv.cli import app
+        app(["absorb-query", {str(tiny_models["llama"])!r}, "-o", {str(tmp_path / "out")!r}], standalone_mode=False)
+        print("IMPORTED", sorted(m for m in ("datasets", "pandas", "pyarrow") if m in sys.modules))
+        import datasets
+        print("QUIET", datasets.utils.are_progress_bars_disabled())
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_DATASETS_DISABLE_PROGRESS_BARS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "IMPORTED []" in out.stdout, out.stdout[-2000:]
+    assert "QUIET True" in out.stdout, out.stdout[-2000:]
