@@ -896,7 +896,8 @@ class Stream:
 _HEADER_BYTES = (1 << 16) - 8  # header room reserved at the start of each shard (a shard closes early when it is
 # full): with the 8-byte length in front, the tensor data starts 64 KiB in, on a block boundary
 _BLOCK = 4096  # O_DIRECT alignment of buffer address, length and file offset (any logical block size up to 4 KiB)
-_STAGE_BYTES = 32 << 20  # the direct writer's staging buffer: the disk gets writes of this size
+_STAGE_BYTES = 8 << 20  # the direct writer's staging buffer: the disk gets writes of this size (RSS: a shared
+# mapping; 32 MiB wrote no faster: dd oflag=direct of 2 GiB took 3.9-4.0 s at 32 or 8 MiB a write on the benchmark machine)
 _RELEASE_CHUNK = 16 << 20  # bytes of an input tensor written before its pages are released (release_file_pages)
 
 
@@ -1357,16 +1358,31 @@ def open_plan(source, *, allow_pickle: bool = False, trust_remote_code: bool = F
 
 
 class Float64View:
-    """A layer's tensors as float64, upcast on first access (a lossy transform reads only its attention weights)."""
+    """A layer's tensors as float64, upcast on first access (a lossy transform reads only its attention weights).
+
+    A tensor read from a safetensors file mapping is unmapped again once upcast (release_file_pages): the original
+    pass released the layer's pages, and the transform's reads would map the attention weights back for the rest of
+    the pass (RSS grew by ~20 MB a layer over the first layers of the 4 GiB benchmark's share-kv calibrated)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], device="cpu"):
         self._src, self._cache, self.device = tensors, {}, device
 
+    def _upcast(self, key: str) -> torch.Tensor:
+        src = self._src[key]
+        t = src.to(self.device)
+        t = t.double() if t.is_floating_point() else t
+        if t.data_ptr() != src.data_ptr() and _in_file_mapping(src):
+            release_file_pages(src)
+        return t
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._cache:
-            t = self._src[key].to(self.device)
-            self._cache[key] = t.double() if t.is_floating_point() else t
+            self._cache[key] = self._upcast(key)
         return self._cache[key]
+
+    def fresh(self, key: str) -> torch.Tensor:
+        """key as float64 without keeping it here (the cached copy where there is one): freed with its last user."""
+        return self._cache[key] if key in self._cache else self._upcast(key)
 
     def __contains__(self, key) -> bool:
         return key in self._src
