@@ -233,6 +233,34 @@ def test_at_most_refit_max_candidates_are_refit_in_float64(tiny_models, monkeypa
         assert sorted(j for j, _ in refits) == sorted(scores.argsort()[: skv.REFIT_MAX].tolist())
         assert info["relative_error"] == min(e for _, e in refits)
 
+
+def test_a_calibrated_fit_keeps_no_float64_w_o_and_writes_what_it_fits(tiny_models, monkeypatch):
+    """A streamed layer's W_O is refit by --init calibrated: its float64 copy is read without being kept in the
+    layer's Float64View and dropped once the original attention output is made; the result is the same as from a
+    plain state dict, whose float64 weights every read shares (to float64 rounding: BLAS may sum in another order
+    for other addresses)."""
+    from qkvconv.stream import Float64View
+
+    skv, loaded, cal = _tiny_calibration(tiny_models["llama"])
+    spec, dims = loaded.spec, dims_of(loaded.config, loaded.spec)
+    sd = {k: v.detach() for k, v in loaded.model.state_dict().items()}
+    read, choose, layers, held = skv._read_layer, skv._choose, [], []
+    monkeypatch.setattr(skv, "_read_layer", lambda *a: layers.append(read(*a)) or layers[-1])
+    monkeypatch.setattr(skv, "_choose", lambda *a: held.append("o" in layers[-1].__dict__) or choose(*a))
+    for i in range(dims.num_hidden_layers):
+        view = Float64View({k: v for k, v in sd.items() if k.startswith(f"{spec.layers}.{i}.")})
+        got = skv.share_kv_layer(view, spec, dims, i, mode="k=v", kv_heads=1, init="calibrated", calibration=cal)
+        ref = skv.share_kv_layer({k: v.double() for k, v in sd.items()}, spec, dims, i, mode="k=v", kv_heads=1,
+                                 init="calibrated", calibration=cal)
+        o_key = f"{skv._o_key(spec, i)}.weight"
+        assert o_key not in view._cache and f"{spec.layer(i, spec.q_proj)}.weight" in view._cache
+        assert held == [False, False], held  # no W_O while the candidates are fitted (either state dict)
+        held.clear()
+        assert got.tensors.keys() == ref.tensors.keys()
+        for k in ref.tensors:
+            torch.testing.assert_close(got.tensors[k], ref.tensors[k], rtol=1e-10, atol=1e-12)  # float64 rounding
+
+
 # ------------------------------------------------------------------------------------------- CLI
 runner = CliRunner()
 

@@ -211,6 +211,35 @@ def test_read_ahead_pages_are_released_after_the_finite_check_and_nothing_else_i
     assert torch.equal(anon, w)
 
 
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_the_transforms_float64_reads_leave_the_input_pages_unmapped(tmp_path):
+    """A layer's tensor upcast for the transform (Float64View, cached or fresh) leaves its file pages unmapped once
+    copied, as the read-ahead check does: they would otherwise stay in RSS for the rest of the pass. A float64 file
+    tensor is its own upcast (the copy shares its pages) and stays mapped."""
+    from qkvconv.stream import Float64View, SafetensorsSource
+
+    w = torch.randn(1024, 1024)
+    tensors = {}
+    for key, t in {"bf": w.bfloat16(), "fresh": w.bfloat16(), "f64": w.double()}.items():  # a file (mapping) each
+        (tmp_path / key).mkdir()
+        save_file({key: t}, str(tmp_path / key / "model.safetensors"))
+        tensors[key] = SafetensorsSource(tmp_path / key).get(key)
+    view = Float64View(tensors)
+    for key in ("bf", "fresh"):
+        assert torch.equal(tensors[key], w.bfloat16())  # the comparison maps every page
+        before = _mapping_rss_kib(tensors[key])
+        up = view[key] if key == "bf" else view.fresh(key)
+        after = _mapping_rss_kib(tensors[key])
+        print(f"{key}: file mapping RSS {before} KiB -> {after} KiB after the upcast")
+        assert up.dtype == torch.float64 and torch.equal(up, w.bfloat16().double())
+        assert before >= 2000 and after <= 8, (key, before, after)
+        assert torch.equal(tensors[key], w.bfloat16())  # mapped again from the page cache
+    assert "fresh" not in view._cache and "bf" in view._cache
+    f64 = view["f64"]
+    assert f64.data_ptr() == tensors["f64"].data_ptr() and torch.equal(f64, w.double())
+    assert _mapping_rss_kib(f64) >= 8000  # still mapped: no copy was made, so nothing was released
+
+
 def test_shape_mismatch_names_tensor_and_dimension(tiny_models, tmp_path):
     src = _copy(tiny_models["llama"], tmp_path / "in")
 
