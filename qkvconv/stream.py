@@ -1486,6 +1486,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class _CalibrationInputs:
+    """The attention inputs of the calibration rows, gathered batch by batch as the original layer runs: each batch's
+    rows (the stream's rows in order, `batch` at a time) are copied into their place in one (rows, L, d) tensor, and
+    the rest are dropped. Keeping every batch and selecting at the end held the inputs three times over (the batches,
+    their concatenation, the selection: ~110 MiB at a 2048-wide bf16 layer on 40 × 256 tokens), at the moment the
+    original pass's file pages were still mapped: the RSS peak of the 4 GiB benchmark's share-kv calibrated."""
+
+    def __init__(self, rows: list[int]):
+        self.slot = {r: j for j, r in enumerate(rows)}  # stream row -> calibration row
+        self.n, self.seen, self.out = len(rows), 0, None
+
+    def add(self, batch: torch.Tensor) -> None:  # (b, L, d): the stream's rows seen … seen + b
+        if self.out is None:
+            self.out = batch.new_empty(self.n, *batch.shape[1:])
+        for k in range(batch.shape[0]):
+            j = self.slot.get(self.seen + k)
+            if j is not None:
+                self.out[j] = batch[k]
+        self.seen += batch.shape[0]
+
+    def rows(self, d: int) -> torch.Tensor:
+        """(rows·L, d), in calibration-row order."""
+        if self.out is None or self.seen <= max(self.slot):  # a calibration row the layer never saw
+            raise TransformError("internal: the original layer's attention inputs were not all captured")
+        return self.out.reshape(-1, d)
+
+
 def stream_convert(
     plan: Plan,
     out_dir: Path | None,
@@ -1581,17 +1608,17 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
                     materialize(module, _relative(layer_src, prefix), device)
                 else:
                     load_layer(module, layer_src, prefix, v, orig_keep, device)
-                captured: list[torch.Tensor] = []
                 hook = None
                 if calib_rows and v == dtype:
                     from qkvconv.verify import capture_attention_input
 
-                    hook = capture_attention_input(module, spec, captured.append)
+                    calib_inputs = _CalibrationInputs(calib_in_orig)
+                    hook = capture_attention_input(module, spec, calib_inputs.add)
                 h_orig[v] = streams[v].run_layer(module, h_orig[v])
                 if hook is not None:
                     hook.remove()
-                    attn_input = torch.cat(captured)[calib_in_orig].reshape(-1, dims.hidden_size)
-                captured.clear()  # the batches' attention inputs: as many bytes again as attn_input held
+                    attn_input = calib_inputs.rows(dims.hidden_size)
+                    del calib_inputs
                 release(module)
             for x in layer_src.values():  # the pages the original pass mapped leave RSS until the writer reads them
                 if _in_file_mapping(x):  # (92 MB at a 2048-wide bf16 layer, beside the transform's peak)

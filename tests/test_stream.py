@@ -683,3 +683,21 @@ def test_bf16_verification_is_the_same_with_float32_linears(tiny_models, tmp_pat
     assert a.tokens == b.tokens
     assert b.kl == pytest.approx(a.kl, rel=0.05) and b.mean_abs == pytest.approx(a.mean_abs, rel=0.05)
     assert abs(a.top1_agreement - b.top1_agreement) <= 3 / a.tokens
+
+
+def test_calibration_inputs_are_gathered_batch_by_batch_in_calibration_order():
+    """The original pass's attention inputs of the calibration rows, taken from each batch as it runs: the same as
+    concatenating every batch and selecting the rows, in the calibration rows' order (not the stream's)."""
+    from qkvconv.errors import TransformError
+    from qkvconv.stream import _CalibrationInputs
+
+    x = torch.randn(10, 3, 4)
+    rows = [7, 0, 4, 5, 9]
+    got = _CalibrationInputs(rows)
+    for s in range(0, 10, 4):  # batches of 4, 4, 2
+        got.add(x[s : s + 4])
+    assert torch.equal(got.rows(4), x[rows].reshape(-1, 4))
+    short = _CalibrationInputs(rows)
+    short.add(x[:8])  # row 9 never seen
+    with pytest.raises(TransformError, match="not all captured"):
+        short.rows(4)
