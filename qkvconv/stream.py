@@ -897,7 +897,7 @@ _HEADER_BYTES = (1 << 16) - 8  # header room reserved at the start of each shard
 # full): with the 8-byte length in front, the tensor data starts 64 KiB in, on a block boundary
 _BLOCK = 4096  # O_DIRECT alignment of buffer address, length and file offset (any logical block size up to 4 KiB)
 _STAGE_BYTES = 8 << 20  # the direct writer's staging buffer: the disk gets writes of this size (RSS: a shared
-# mapping; 32 MiB wrote no faster: dd oflag=direct of 2 GiB took 3.9-4.0 s at 32 or 8 MiB a write on the benchmark machine)
+# mapping; 32 MiB wrote no faster: dd oflag=direct of 2 GiB took 3.9-4.0 s at 32 or 8 MiB a write, 2-core EPYC)
 _RELEASE_CHUNK = 16 << 20  # bytes of an input tensor written before its pages are released (release_file_pages)
 
 

@@ -86,7 +86,7 @@ _LEADING_SLACK = 16  # tokens past the window that a text's leading piece must g
 def _leading_ids(tokenizer, text: str, seq_len: int) -> torch.Tensor | None:
     """The whole text's first `seq_len` + _LEADING_SLACK token ids, tokenizing only a leading piece of it, cut at a
     whitespace (doubled until it gives that many): what a one-window calibration reads (an exact conversion's
-    verification), without tokenizing the shipped 256 KB text whole (0.27 s of a 2 s SmolLM2 absorb-query). None
+    verification), without tokenizing the shipped 256 KB text whole (0.27 s of SmolLM2's ~7 s absorb-query). None
     where the piece would be the whole text."""
     want = 8 * seq_len  # characters
     while want < len(text):

@@ -196,7 +196,8 @@ def test_one_window_calibration_tokenizes_a_leading_piece_only(tiny_models, tiny
     size = len(qkvconv.verify.DEFAULT_CALIB.read_text(encoding="utf-8"))
     seen = []
     real = type(bpe).__call__
-    monkeypatch.setattr(type(bpe), "__call__", lambda self, text, **kw: seen.append(len(text)) or real(self, text, **kw))
+    monkeypatch.setattr(type(bpe), "__call__",
+                        lambda self, text, **kw: seen.append(len(text)) or real(self, text, **kw))
     calibration_ids(None, bpe, num_seqs=1, seq_len=128)
     assert seen and max(seen) < size / 20, (seen, size)
 
