@@ -1495,11 +1495,11 @@ class _CalibrationInputs:
 
     def __init__(self, rows: list[int]):
         self.slot = {r: j for j, r in enumerate(rows)}  # stream row -> calibration row
-        self.n, self.seen, self.out = len(rows), 0, None
+        self.seen, self.out = 0, None
 
     def add(self, batch: torch.Tensor) -> None:  # (b, L, d): the stream's rows seen … seen + b
         if self.out is None:
-            self.out = batch.new_empty(self.n, *batch.shape[1:])
+            self.out = batch.new_empty(len(self.slot), *batch.shape[1:])
         for k in range(batch.shape[0]):
             j = self.slot.get(self.seen + k)
             if j is not None:

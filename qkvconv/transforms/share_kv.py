@@ -357,6 +357,15 @@ def _gram_edges(p: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b (batched): summed by the GEMM itself where the dtypes match (baddbmm_, no product beside out),
+    else the product in a's dtype (float32 scoring) added into out (float64 equations)."""
+    if a.dtype == out.dtype:
+        out.baddbmm_(a, b)
+    else:
+        out += a @ b
+
+
 @dataclass
 class _Normal:
     """The normal equations of X_c·W + b ≈ y for C candidates, summed in float64 over chunks of rows: XᵀX (C, p, p),
@@ -387,14 +396,9 @@ class _Normal:
         the add's peak 67 -> 31 MiB above its inputs there, and 20 % faster)."""
         p = self.p
         ys = y.to(X.dtype).expand(len(X), -1, -1)
-        if X.dtype == self.A.dtype:
-            for a, b in _gram_edges(p):
-                self.A[:, a:b, a:p].baddbmm_(X[:, :, a:b].transpose(1, 2), X[:, :, a:])
-            self.b[:, :p].baddbmm_(X.transpose(1, 2), ys)
-        else:  # float32 products (scoring) summed into float64 equations
-            for a, b in _gram_edges(p):
-                self.A[:, a:b, a:p] += X[:, :, a:b].transpose(1, 2) @ X[:, :, a:]
-            self.b[:, :p] += torch.bmm(X.transpose(1, 2), ys)
+        for a, b in _gram_edges(p):
+            _add_product(self.A[:, a:b, a:p], X[:, :, a:b].transpose(1, 2), X[:, :, a:])
+        _add_product(self.b[:, :p], X.transpose(1, 2), ys)
         del ys
         self.s += X.sum(1)
         self.n += X.shape[1]
