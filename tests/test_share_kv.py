@@ -261,6 +261,22 @@ def test_a_calibrated_fit_keeps_no_float64_w_o_and_writes_what_it_fits(tiny_mode
             torch.testing.assert_close(got.tensors[k], ref.tensors[k], rtol=1e-10, atol=1e-12)  # float64 rounding
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_normal_equations_leave_the_target_as_it_was(dtype):
+    """_Normal.add sums ‖y‖² in place on its float64 copy of y: a float64 target (a float64 model's calibration, passed
+    as a view of its rows) must not be squared, or every later fit on those rows sees another target."""
+    import importlib
+
+    skv = importlib.import_module("qkvconv.transforms.share_kv")
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1, 64, 8, dtype=torch.float64, generator=g)
+    y = torch.randn(128, 4, generator=g).to(dtype)
+    before = y.clone()
+    eq = skv._Normal.zeros(1, 8, 4).add(X, y[:64])
+    assert torch.equal(y, before)
+    torch.testing.assert_close(eq.yy, before[:64].double().pow(2).sum(), rtol=1e-12, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- CLI
 runner = CliRunner()
 

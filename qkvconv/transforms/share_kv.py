@@ -402,7 +402,8 @@ class _Normal:
         del ys
         self.s += X.sum(1)
         self.n += X.shape[1]
-        y64 = y.double()
+        y64 = y.to(torch.float64, copy=True)  # a copy even of a float64 y (a view of the target), squared in place
+        # below: y.double() returned y itself there, and a float64 model's later fits saw the squared target
         self.y1 += y64.sum(0)
         self.yy += y64.pow_(2).sum()
         return self
