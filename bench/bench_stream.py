@@ -42,8 +42,9 @@ guard kills a run whose tree RssAnon exceeds --max-anon-gib (default 85% of MemT
 down other processes; such a run is reported as failed. A failing run prints its exit code and its last stderr
 line; the benchmark goes on.
 
-Output: one table (run, dtype, checkpoint GiB, wall s, ratio to run b of the same dtype, peak RSS GiB, peak
-RssAnon GiB, peak RSS as % of checkpoint size, output GiB, status) and the same as JSON with machine facts
+Output: one table (run, dtype, checkpoint GiB, wall s, CPU s (user + system of the run's processes; the kernel's
+own writeback threads are not counted), ratio to run b of the same dtype, peak RSS GiB, peak RssAnon GiB, peak
+RSS as % of checkpoint size, output GiB, status) and the same as JSON with machine facts
 (cores, RAM, CPU, versions, git commit, date); the JSON path is printed. GiB = 2^30 bytes throughout.
 
 Peer (run g): mergekit 0.1.5 installed into a separate venv, not into .venv:
@@ -316,16 +317,28 @@ class Sample:
     max_procs: int = 0
     samples: int = 0
     guard_killed: bool = False
+    cpu_s: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's children that have ended and been waited for (and of their own
+    waited-for descendants)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def measure(argv: list[str], log_prefix: Path, interval: float, max_anon_kib: int, timeout: float):
-    """Run argv; sample the process tree; return (rc, wall_s, Sample, last stderr line)."""
+    """Run argv; sample the process tree; return (rc, wall_s, Sample, last stderr line). Sample.cpu_s: the run's
+    user + system CPU seconds (runs are sequential, so the change in this process's children's total is the run's)."""
     import psutil
 
     out_f = open(f"{log_prefix}.stdout", "wb")
     err_f = open(f"{log_prefix}.stderr", "wb")
     s = Sample()
+    cpu0 = _children_cpu_s()
     t0 = time.perf_counter()
     try:
         proc = subprocess.Popen(argv, stdout=out_f, stderr=err_f, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -376,6 +389,7 @@ def measure(argv: list[str], log_prefix: Path, interval: float, max_anon_kib: in
         kill_tree()
         rc = proc.wait()
     wall = time.perf_counter() - t0
+    s.cpu_s = _children_cpu_s() - cpu0
     stop.set()
     th.join()
     kill_tree()  # stray descendants in the run's session
@@ -468,14 +482,14 @@ def machine_facts() -> dict:
 
 
 def fmt_table(rows: list[dict]) -> str:
-    head = ["run", "dtype", "ckpt GiB", "wall s", "x copy(b)", "peak RSS GiB", "peak RssAnon GiB", "RSS % ckpt",
+    head = ["run", "dtype", "ckpt GiB", "wall s", "CPU s", "x copy(b)", "peak RSS GiB", "peak RssAnon GiB", "RSS % ckpt",
             "out GiB", "status"]
     body = []
     for r in rows:
         def f(v, spec):
             return "-" if v is None else format(v, spec)
         body.append([f"{r['run']} {RUN_LABELS[r['run']]}", r["dtype"], f(r["ckpt_gib"], ".2f"), f(r["wall_s"], ".1f"),
-                     f(r["ratio_to_copy"], ".2f"), f(r["peak_rss_gib"], ".2f"), f(r["peak_anon_gib"], ".2f"),
+                     f(r.get("cpu_s"), ".1f"), f(r["ratio_to_copy"], ".2f"), f(r["peak_rss_gib"], ".2f"), f(r["peak_anon_gib"], ".2f"),
                      f(r["peak_rss_pct_ckpt"], ".0f"), f(r["out_gib"], ".2f"), r["status"]])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
@@ -557,7 +571,8 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             argv = run_argv(r, src, out, d, args, spec, args.workdir)
             row = {"run": r, "label": RUN_LABELS[r], "dtype": d, "ckpt_gib": ckpt_b / GIB, "ckpt_bytes": ckpt_b,
-                   "argv": argv if isinstance(argv, list) else None, "wall_s": None, "ratio_to_copy": None,
+                   "argv": argv if isinstance(argv, list) else None, "wall_s": None, "cpu_s": None,
+                   "ratio_to_copy": None,
                    "peak_rss_gib": None, "peak_anon_gib": None, "peak_rss_pct_ckpt": None, "out_gib": None,
                    "rc": None, "status": "", "last_line": ""}
             if isinstance(argv, str):
@@ -571,7 +586,7 @@ def main() -> None:
             print(f"[{r} {d}] {shlex.join(argv)}", flush=True)
             rc, wall, s, last = measure(argv, logs / f"{r}-{d}", args.interval, max_anon_kib, args.timeout)
             ok = rc == 0 and not s.guard_killed
-            row.update(rc=rc, wall_s=wall, peak_rss_gib=s.peak_rss_kib * 1024 / GIB,
+            row.update(rc=rc, wall_s=wall, cpu_s=s.cpu_s, peak_rss_gib=s.peak_rss_kib * 1024 / GIB,
                        peak_anon_gib=s.peak_anon_kib * 1024 / GIB,
                        peak_rss_pct_ckpt=100 * s.peak_rss_kib * 1024 / ckpt_b, samples=s.samples,
                        max_procs=s.max_procs, last_line=last, status="ok" if ok else f"FAILED rc={rc}")
@@ -579,7 +594,7 @@ def main() -> None:
                 row["out_gib"] = dir_bytes(out) / GIB
             if r == "b" and ok:
                 copy_wall = wall
-            msg = (f"[{r} {d}] {row['status']}: {wall:.1f}s, peak RSS {row['peak_rss_gib']:.2f} GiB, "
+            msg = (f"[{r} {d}] {row['status']}: {wall:.1f}s ({s.cpu_s:.1f} CPU s), peak RSS {row['peak_rss_gib']:.2f} GiB, "
                    f"peak RssAnon {row['peak_anon_gib']:.2f} GiB ({s.samples} samples)")
             if not ok:
                 msg += f"\n    last line: {last}\n    logs: {logs / f'{r}-{d}'}.std{{out,err}}"
