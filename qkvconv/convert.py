@@ -303,6 +303,11 @@ def _pipeline(
                 hashing.shutdown(wait=True)
 
     def _run(tmp: Path | None, source_hash) -> Report:
+        if plan.tokenizer is not None:  # the calibration ids are made: what is left is to write the tokenizer, so it
+            # is written now and let go before the layers (a BPE tokenizer holds ~40 MB of heap through them)
+            if tmp is not None:
+                plan.tokenizer.save_pretrained(tmp)
+            plan.tokenizer = None
         if prepare is not None:
             with _timed(t, "prepare", progress):
                 prepare(plan, ids, calib_rows, dtype)

@@ -130,6 +130,31 @@ def test_no_verify_converts_without_calibration(tiny_models, tmp_path):
     assert record["verification"] is None and record["decoding"] == {"skipped": "verification off (--no-verify)"}
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_the_tokenizer_is_written_before_the_layers_and_let_go(tiny_models, tmp_path, monkeypatch, verify):
+    """The calibration ids are made before the layers, so the tokenizer is written into the output then and the plan
+    lets it go: it held ~40 MB of heap through every layer of a BPE model. The output's tokenizer encodes as the
+    input's does."""
+    from transformers import AutoTokenizer
+
+    import qkvconv.stream as stream
+
+    held = []
+    real = stream.stream_convert
+
+    def spy(plan, *args, **kwargs):
+        held.append(plan.tokenizer)
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "stream_convert", spy)
+    out = tmp_path / "o"
+    absorb_query_checkpoint(tiny_models["llama"], out, verify=verify)
+    assert held == [None]
+    text = "the cat sat on the mat, 42 times."
+    assert (AutoTokenizer.from_pretrained(out)(text).input_ids
+            == AutoTokenizer.from_pretrained(tiny_models["llama"])(text).input_ids)
+
+
 # ------------------------------------------------------------------------------------- checks, one line
 def _refused(result, tmp_path: Path, out: Path, match: str) -> str:
     assert result.exit_code == 1, result.output
