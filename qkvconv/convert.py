@@ -304,7 +304,7 @@ def _pipeline(
 
     def _run(tmp: Path | None, source_hash) -> Report:
         if plan.tokenizer is not None:  # the calibration ids are made: what is left is to write the tokenizer, so it
-            # is written now and let go before the layers (a BPE tokenizer holds ~40 MB of heap through them)
+            # is written now and let go before the layers (SmolLM2's BPE tokenizer held 40-75 MB of heap through them)
             if tmp is not None:
                 plan.tokenizer.save_pretrained(tmp)
             plan.tokenizer = None
