@@ -482,15 +482,16 @@ def machine_facts() -> dict:
 
 
 def fmt_table(rows: list[dict]) -> str:
-    head = ["run", "dtype", "ckpt GiB", "wall s", "CPU s", "x copy(b)", "peak RSS GiB", "peak RssAnon GiB", "RSS % ckpt",
-            "out GiB", "status"]
+    head = ["run", "dtype", "ckpt GiB", "wall s", "CPU s", "x copy(b)", "peak RSS GiB", "peak RssAnon GiB",
+            "RSS % ckpt", "out GiB", "status"]
     body = []
     for r in rows:
         def f(v, spec):
             return "-" if v is None else format(v, spec)
         body.append([f"{r['run']} {RUN_LABELS[r['run']]}", r["dtype"], f(r["ckpt_gib"], ".2f"), f(r["wall_s"], ".1f"),
-                     f(r.get("cpu_s"), ".1f"), f(r["ratio_to_copy"], ".2f"), f(r["peak_rss_gib"], ".2f"), f(r["peak_anon_gib"], ".2f"),
-                     f(r["peak_rss_pct_ckpt"], ".0f"), f(r["out_gib"], ".2f"), r["status"]])
+                     f(r.get("cpu_s"), ".1f"), f(r["ratio_to_copy"], ".2f"), f(r["peak_rss_gib"], ".2f"),
+                     f(r["peak_anon_gib"], ".2f"), f(r["peak_rss_pct_ckpt"], ".0f"), f(r["out_gib"], ".2f"),
+                     r["status"]])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
     lines.append("  ".join("-" * w for w in widths))
@@ -594,7 +595,8 @@ def main() -> None:
                 row["out_gib"] = dir_bytes(out) / GIB
             if r == "b" and ok:
                 copy_wall = wall
-            msg = (f"[{r} {d}] {row['status']}: {wall:.1f}s ({s.cpu_s:.1f} CPU s), peak RSS {row['peak_rss_gib']:.2f} GiB, "
+            msg = (f"[{r} {d}] {row['status']}: {wall:.1f}s ({s.cpu_s:.1f} CPU s), "
+                   f"peak RSS {row['peak_rss_gib']:.2f} GiB, "
                    f"peak RssAnon {row['peak_anon_gib']:.2f} GiB ({s.samples} samples)")
             if not ok:
                 msg += f"\n    last line: {last}\n    logs: {logs / f'{r}-{d}'}.std{{out,err}}"
