@@ -489,7 +489,7 @@ def fmt_table(rows: list[dict]) -> str:
         def f(v, spec):
             return "-" if v is None else format(v, spec)
         body.append([f"{r['run']} {RUN_LABELS[r['run']]}", r["dtype"], f(r["ckpt_gib"], ".2f"), f(r["wall_s"], ".1f"),
-                     f(r.get("cpu_s"), ".1f"), f(r["ratio_to_copy"], ".2f"), f(r["peak_rss_gib"], ".2f"),
+                     f(r["cpu_s"], ".1f"), f(r["ratio_to_copy"], ".2f"), f(r["peak_rss_gib"], ".2f"),
                      f(r["peak_anon_gib"], ".2f"), f(r["peak_rss_pct_ckpt"], ".0f"), f(r["out_gib"], ".2f"),
                      r["status"]])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]

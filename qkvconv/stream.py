@@ -1506,11 +1506,11 @@ class _CalibrationInputs:
                 self.out[j] = batch[k]
         self.seen += batch.shape[0]
 
-    def rows(self, d: int) -> torch.Tensor:
+    def rows(self) -> torch.Tensor:
         """(rows·L, d), in calibration-row order."""
         if self.out is None or self.seen <= max(self.slot):  # a calibration row the layer never saw
             raise TransformError("internal: the original layer's attention inputs were not all captured")
-        return self.out.reshape(-1, d)
+        return self.out.flatten(0, -2)
 
 
 def stream_convert(
@@ -1617,7 +1617,7 @@ def _stream_convert(plan, out_dir, layer_fn, *, dtype, config_for, ids, verify_r
                 h_orig[v] = streams[v].run_layer(module, h_orig[v])
                 if hook is not None:
                     hook.remove()
-                    attn_input = calib_inputs.rows(dims.hidden_size)
+                    attn_input = calib_inputs.rows()
                     del calib_inputs
                 release(module)
             for x in layer_src.values():  # the pages the original pass mapped leave RSS until the writer reads them

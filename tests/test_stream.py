@@ -721,8 +721,8 @@ def test_calibration_inputs_are_gathered_batch_by_batch_in_calibration_order():
     got = _CalibrationInputs(rows)
     for s in range(0, 10, 4):  # batches of 4, 4, 2
         got.add(x[s : s + 4])
-    assert torch.equal(got.rows(4), x[rows].reshape(-1, 4))
+    assert torch.equal(got.rows(), x[rows].reshape(-1, 4))
     short = _CalibrationInputs(rows)
     short.add(x[:8])  # row 9 never seen
     with pytest.raises(TransformError, match="not all captured"):
-        short.rows(4)
+        short.rows()
